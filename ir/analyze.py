@@ -1,0 +1,606 @@
+"""Structure analysis: recognise embeddings, blocks, residual sites, norms, attention and MLPs.
+
+Blocks come from `nn_module_stack` (the outermost integer-indexed module container); everything
+inside a block comes from dataflow:
+
+* the **stream input** is the block input that reaches a residual add directly;
+* the **trunk** is the chain of dominators of the block output from the stream input: every
+  path from input to output passes through it (networkx's dominator algorithm);
+* each trunk **add** whose operand tree holds the incoming trunk node is a residual site; its
+  other operands are the branches (two or more: a parallel site);
+* norms are recognised by their arithmetic (a LayerNorm/RMSNorm op, or a mean-of-squares and
+  rsqrt), attention by its kernel (SDPA, or a softmax over q·kᵀ), MLPs as the remaining
+  branches with projections. No module, class or parameter names are consulted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict, deque
+
+import networkx as nx
+import torch
+from torch import fx
+
+from .errors import AnalysisError
+from .ops import (
+    ACTIVATIONS,
+    ADD,
+    ATTENTION_OPS,
+    MATMUL,
+    NORM_OPS,
+    SOFTMAX,
+    Linear,
+    aten,
+    as_linear,
+    is_assert,
+    is_call,
+    is_float,
+    is_heavy,
+    is_identity,
+    last_dim,
+    param_target,
+    shape,
+    strip,
+)
+from .structure import MLP, Attention, Block, Embedding, Head, Norm, Residual, Stack, Structure
+
+_INDEX = re.compile(r"^\d+$")
+_MAX_TOKEN_TYPES = 16
+
+
+def analyze(graph) -> Structure:
+    """The Structure of a captured `Graph` (cached on the graph as `graph.structure`)."""
+    return _Analyzer(graph).run()
+
+
+class _Analyzer:
+    def __init__(self, graph):
+        self.graph = graph
+        self.nodes = list(graph.gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.params = {n.target: graph.tensor(n.target) for n in self.nodes if n.op == "get_attr"}
+        self.remarks: list[str] = []
+        self._linear_cache: dict = {}
+
+    # helpers ---------------------------------------------------------------------------------
+
+    def linear(self, node) -> Linear | None:
+        if node not in self._linear_cache:
+            self._linear_cache[node] = as_linear(node, self.params)
+        return self._linear_cache[node]
+
+    def ancestors(self, node: fx.Node, within: set) -> set:
+        seen, todo = set(), [node]
+        while todo:
+            n = todo.pop()
+            for a in n.all_input_nodes:
+                if a in within and a not in seen:
+                    seen.add(a)
+                    todo.append(a)
+        return seen
+
+    def descendants(self, node: fx.Node, within: set) -> set:
+        seen, todo = set(), [node]
+        while todo:
+            n = todo.pop()
+            for u in n.users:
+                if u in within and u not in seen:
+                    seen.add(u)
+                    todo.append(u)
+        return seen
+
+    def sorted(self, nodes) -> list[fx.Node]:
+        return sorted(nodes, key=self.order.__getitem__)
+
+    # driver ------------------------------------------------------------------------------------
+
+    def run(self) -> Structure:
+        groups = self._group_blocks()
+        in_blocks = set().union(*groups.values()) if groups else set()
+        outside = set(self.nodes) - in_blocks
+        stacks: OrderedDict[str, list[Block]] = OrderedDict()
+        prev: dict[str, fx.Node] = {}
+        for (stack, idx), bnodes in groups.items():
+            block = self._block(stack, idx, bnodes, prev.get(stack))
+            if block is None:
+                continue
+            prev[stack] = block.output
+            stacks.setdefault(stack, []).append(block)
+        if not stacks:
+            raise AnalysisError(
+                "no Transformer blocks found: archfx looks for repeated modules in an nn.ModuleList "
+                "(or Sequential) whose forward adds a branch back onto its input"
+            )
+        stack_objs = []
+        for path, blocks in stacks.items():
+            last = blocks[-1].output
+            final = self._norm_from(last, outside)
+            stack_objs.append(Stack(path, blocks, final, final.output if final else last))
+        stack_objs.sort(key=lambda s: self.order[s.blocks[0].input])
+        embeddings = self._embeddings(outside)
+        head = self._head(stack_objs[-1].output, outside, embeddings)
+        d = last_dim(stack_objs[0].blocks[0].input)
+        return Structure(d, embeddings, stack_objs, head, self.remarks)
+
+    def _group_blocks(self) -> OrderedDict:
+        """Nodes per (stack path, block index), from the outermost integer-indexed module path."""
+        groups: OrderedDict = OrderedDict()
+        for n in self.nodes:
+            stack = n.meta.get("nn_module_stack")
+            if n.op != "call_function" or not stack:
+                continue
+            path = list(stack.values())[-1][0]
+            parts = [p.split("@")[0] for p in path.split(".")]
+            for i, part in enumerate(parts):
+                if _INDEX.match(part) and i > 0:
+                    groups.setdefault((".".join(parts[:i]), int(part)), []).append(n)
+                    break
+        return groups
+
+    # blocks -------------------------------------------------------------------------------------
+
+    def _block(self, stack: str, idx: int, bnodes: list, prev_out: fx.Node | None) -> Block | None:
+        path = f"{stack}.{idx}"
+        bset = set(bnodes)
+        inputs = []
+        for n in bnodes:
+            for a in n.all_input_nodes:
+                if a not in bset and a.op != "get_attr" and a not in inputs:
+                    inputs.append(a)
+        adds = [n for n in bnodes if is_call(n, ADD)]
+        operands = {c for a in adds for o in a.args[:2] if isinstance(o, fx.Node) for c in _identity_chain(o)}
+        cands = [x for x in inputs if is_float(x) and x in operands]
+        if not cands:
+            self.remarks.append(f"{path}: skipped, no input reaches a residual add")
+            return None
+        x = prev_out if prev_out in cands else cands[0]
+        d, rank = last_dim(x), len(shape(x))
+        outs = [
+            n
+            for n in bnodes
+            if any(u not in bset for u in n.users) and is_float(n) and last_dim(n) == d and len(shape(n)) == rank
+        ]
+        desc = self.descendants(x, bset)
+        outs = [n for n in outs if n in desc]
+        if not outs:
+            self.remarks.append(f"{path}: skipped, no block output depends on its stream input")
+            return None
+        y = self.sorted(outs)[-1]
+        trunk = self._trunk(x, y, desc)
+        residuals = []
+        trunk_set = set(trunk)
+        for t in trunk[1:]:
+            site = self._site(t, trunk_set, bset, desc, path)
+            if site is not None:
+                residuals.append(site)
+        if not residuals:
+            self.remarks.append(f"{path}: skipped, no residual add on the stream")
+            return None
+        return Block(idx, stack, path, x, y, residuals, bset)
+
+    def _trunk(self, x: fx.Node, y: fx.Node, desc: set) -> list[fx.Node]:
+        g = nx.DiGraph()
+        g.add_node(x)
+        for n in [x, *desc]:
+            for u in n.users:
+                if u in desc:
+                    g.add_edge(n, u)
+        idom = nx.immediate_dominators(g, x)
+        chain = [y]
+        while chain[-1] is not x:
+            chain.append(idom[chain[-1]])
+        return chain[::-1]
+
+    def _site(self, add: fx.Node, trunk: set, bset: set, desc: set, path: str) -> Residual | None:
+        if not is_call(add, ADD):
+            return None
+        leaves = self._add_leaves(add, trunk, desc)
+        carries = [leaf for leaf in leaves if leaf in trunk or strip(leaf) in trunk]
+        if len(carries) != 1 or len(leaves) < 2:
+            return None
+        carry = carries[0]
+        branches = [leaf for leaf in leaves if leaf is not carry]
+        before = self.ancestors(carry, bset) | {carry}
+        carry_desc = self.descendants(carry, bset)
+        parts = []
+        all_nodes = set()
+        for h in branches:
+            nodes = (self.ancestors(h, bset) | {h}) - before
+            all_nodes |= nodes
+            parts.append(self._classify(h, nodes, carry_desc, path))
+        site = Residual(kind="other", placement="none", add=add, carry=carry, branches=branches, nodes=all_nodes)
+        for kind, obj in parts:
+            if kind in ("attention", "cross_attention") and site.attention is None:
+                site.attention = obj
+            elif kind == "mlp" and site.mlp is None:
+                site.mlp = obj
+        site.kind = "parallel" if len(parts) > 1 else parts[0][0]
+        site.pre_norm = self._norm_from(carry, all_nodes)
+        if len(branches) == 1:
+            site.output_norm = self._norm_ending_at(branches[0], all_nodes)
+        site.post_norm = self._norm_from(add, bset, on=trunk)
+        if site.kind == "parallel":
+            site.placement = "parallel"
+        elif site.post_norm:
+            site.placement = "post"
+        elif site.pre_norm and site.output_norm:
+            site.placement = "sandwich"
+        elif site.pre_norm:
+            site.placement = "pre"
+        elif site.output_norm:
+            site.placement = "output"
+        return site
+
+    def _add_leaves(self, add: fx.Node, trunk: set, desc: set) -> list:
+        leaves = []
+        for o in add.args[:2]:
+            if not isinstance(o, fx.Node):
+                return []
+            if (
+                is_call(o, ADD)
+                and o not in trunk
+                and len(o.users) == 1
+                and all(isinstance(a, fx.Node) and (a in desc or strip(a) in trunk) for a in o.args[:2])
+            ):
+                sub = self._add_leaves(o, trunk, desc)
+                if sub:
+                    leaves.extend(sub)
+                    continue
+            leaves.append(o)
+        return leaves
+
+    def _classify(self, h: fx.Node, nodes: set, carry_desc: set, path: str):
+        ordered = self.sorted(nodes)
+        cores = [n for n in ordered if is_call(n, ATTENTION_OPS) or self._is_softmax_attention(n)]
+        if cores:
+            if len(cores) > 1:
+                self.remarks.append(f"{path}: branch with {len(cores)} attention kernels; using the first")
+            att = self._attention(cores[0], nodes, carry_desc)
+            if att is not None:
+                return ("cross_attention" if att.cross else "attention"), att
+            self.remarks.append(f"{path}: attention kernel {cores[0].name} without recognisable q/k/v projections")
+            return "other", None
+        mlp = self._mlp(h, ordered)
+        if mlp is not None:
+            return "mlp", mlp
+        return "other", None
+
+    # attention --------------------------------------------------------------------------------
+
+    def _is_softmax_attention(self, n: fx.Node) -> bool:
+        return is_call(n, SOFTMAX) and self._scores_matmul(n) is not None
+
+    def _scores_matmul(self, softmax: fx.Node) -> fx.Node | None:
+        n = softmax.args[0]
+        passthrough = {
+            aten.mul.Tensor,
+            aten.div.Tensor,
+            aten.add.Tensor,
+            aten.masked_fill.Scalar,
+            aten.masked_fill.Tensor,
+            aten.where.self,
+            aten.to.dtype,
+            aten._to_copy.default,
+        }
+        for _ in range(8):
+            if not isinstance(n, fx.Node):
+                return None
+            if is_call(n, MATMUL) and all(isinstance(a, fx.Node) and param_target(a) is None for a in n.args[:2]):
+                return n
+            if is_call(n, passthrough):
+                n = next((a for a in n.args if isinstance(a, fx.Node) and len(shape(a)) >= 3), None)
+                continue
+            if n.op == "call_function" and n.target == aten.where.self:
+                n = n.args[1]
+                continue
+            return None
+        return None
+
+    def _attention(self, core: fx.Node, nodes: set, carry_desc: set) -> Attention | None:
+        if is_call(core, ATTENTION_OPS):
+            q, k, v = core.args[:3]
+            out = core
+            gqa = bool(core.kwargs.get("enable_gqa", False))
+        else:
+            mm = self._scores_matmul(core)
+            q, k = mm.args[:2]
+            out = next(
+                (u for u in self._through(core, nodes) if is_call(u, MATMUL) and u.args[0] in self._chain(core, nodes)),
+                None,
+            )
+            if out is None:
+                return None
+            v = out.args[1]
+            gqa = False
+        qs = shape(q)
+        if len(qs) != 4 or not isinstance(qs[1], int) or not isinstance(qs[3], int):
+            return None
+        heads, head_dim = qs[1], qs[3]
+        lq, lk, lv = (self._linear_above(t, nodes) for t in (q, k, v))
+        if lq is None or lk is None or lv is None:
+            return None
+        q_path = self._between(lq.node, q, nodes)
+        k_path = self._between(lk.node, k, nodes)
+        n_rep = 1
+        if gqa:
+            n_rep = heads // shape(k)[1]
+        else:
+            for n in k_path:
+                if is_call(n, {aten.expand.default}):
+                    n_rep *= _int_numel(shape(n)) // max(1, _int_numel(shape(n.args[0])))
+                elif is_call(n, {aten.repeat_interleave.self_int}):
+                    n_rep *= int(n.args[1])
+        rope_cats = [n for n in q_path if is_call(n, {aten.cat.default, aten.stack.default}) and any(is_call(a, {aten.neg.default}) for a in n.args[0])]
+        rotary = None
+        if rope_cats:
+            c = rope_cats[0]
+            rotary = last_dim(c) if is_call(c, {aten.cat.default}) else 2 * (last_dim(c.args[0][0]) or 0) * 1
+            if is_call(c, {aten.stack.default}):
+                rotary = 2 * _int_numel(shape(c.args[0][0])[3:]) if len(shape(c.args[0][0])) > 3 else last_dim(c.args[0][0]) * 2
+        qk_norm = any(is_call(n, NORM_OPS | {aten.rsqrt.default}) for n in q_path)
+        o = next((self.linear(n) for n in self.sorted(self.descendants(out, nodes)) if self.linear(n)), None)
+        return Attention(
+            core=core,
+            heads=heads,
+            kv_heads=heads // n_rep if n_rep else heads,
+            head_dim=head_dim,
+            q=lq,
+            k=lk,
+            v=lv,
+            o=o,
+            cross=k not in carry_desc,
+            rope=bool(rope_cats),
+            rotary_dim=rotary,
+            qk_norm=qk_norm,
+        )
+
+    def _through(self, n: fx.Node, nodes: set) -> list[fx.Node]:
+        """Users of n, looking through identity ops (dropout, casts)."""
+        out = []
+        for u in n.users:
+            if u in nodes and is_identity(u):
+                out.extend(self._through(u, nodes))
+            elif u in nodes and not is_assert(u):
+                out.append(u)
+        return out
+
+    def _chain(self, n: fx.Node, nodes: set) -> set:
+        chain = {n}
+        for u in n.users:
+            if u in nodes and is_identity(u):
+                chain |= self._chain(u, nodes)
+        return chain
+
+    def _linear_above(self, node: fx.Node, nodes: set) -> Linear | None:
+        seen, todo = {node}, deque([node])
+        while todo:
+            n = todo.popleft()
+            lin = self.linear(n)
+            if lin is not None:
+                return lin
+            for a in n.all_input_nodes:
+                if a not in seen and a in nodes:
+                    seen.add(a)
+                    todo.append(a)
+        return None
+
+    def _between(self, src: fx.Node, dst: fx.Node, nodes: set) -> list[fx.Node]:
+        return self.sorted((self.descendants(src, nodes) & (self.ancestors(dst, nodes) | {dst})))
+
+    # mlp ------------------------------------------------------------------------------------------
+
+    def _mlp(self, h: fx.Node, ordered: list) -> MLP | None:
+        nodes = set(ordered)
+        lins = [self.linear(n) for n in ordered if self.linear(n)]
+        if len(lins) < 2:
+            return None
+        lin_nodes = {lin.node for lin in lins}
+        down = lins[-1]
+        ups = [lin for lin in lins if not (self.ancestors(lin.node, nodes) & lin_nodes)]
+        if not ups or down in ups:
+            return None
+        hidden = down.in_features
+        between = set()
+        for up in ups:
+            between |= self.descendants(up.node, nodes)
+        between &= self.ancestors(down.node, nodes)
+        gated = False
+        if len(ups) >= 2:
+            for n in between:
+                if is_call(n, {aten.mul.Tensor}) and all(isinstance(a, fx.Node) for a in n.args[:2]):
+                    srcs = [self.ancestors(a, nodes) | {a} for a in n.args[:2]]
+                    hit = [{u.node for u in ups} & s for s in srcs]
+                    if hit[0] and hit[1] and hit[0] != hit[1]:
+                        gated = True
+        elif ups[0].out_features == 2 * hidden:
+            gated = True
+        return MLP(hidden=hidden, gated=gated, activation=_activation(between), up=ups, down=down)
+
+    # norms ----------------------------------------------------------------------------------------
+
+    def _norm_from(self, start: fx.Node, allowed: set, on: set | None = None) -> Norm | None:
+        """A norm applied to `start` (its output inside `on`, when given)."""
+        for u in self._through(start, allowed):
+            if is_call(u, NORM_OPS):
+                norm = self._norm_op(start, u)
+                return norm if on is None or norm.output in on else None
+        region, todo = set(), deque([(start, 0)])
+        while todo:
+            n, depth = todo.popleft()
+            for u in n.users:
+                if u in allowed and u not in region and not is_heavy(u, self.params) and depth < 12:
+                    region.add(u)
+                    todo.append((u, depth + 1))
+        roots = self.sorted(n for n in region if is_call(n, {aten.rsqrt.default, aten.sqrt.default}))
+        for r in roots:
+            stats = self.ancestors(r, region)
+            if not any(is_call(n, {aten.mean.dim, aten.var.correction, aten.var_mean.correction}) for n in stats):
+                continue
+            scaled = [u for u in self._through(r, region) if is_call(u, {aten.mul.Tensor, aten.div.Tensor})]
+            if not scaled:
+                continue
+            out = scaled[0]
+            centered = any(is_call(n, {aten.sub.Tensor, aten.var_mean.correction, aten.var.correction}) for n in self.ancestors(out, region))
+            norm = Norm("layernorm" if centered else "rmsnorm", start, out)
+            eps_add = next((n for n in stats if is_call(n, ADD) and not isinstance(n.args[1], fx.Node)), None)
+            norm.eps = float(eps_add.args[1]) if eps_add is not None else None
+            self._affine(norm, region | allowed)
+            norm.nodes = (self.ancestors(norm.output, region) | {norm.output}) & region
+            if on is not None and norm.output not in on:
+                return None
+            return norm
+        return None
+
+    def _norm_op(self, start: fx.Node, op: fx.Node) -> Norm:
+        if op.target == aten.rms_norm.default:
+            w = op.args[2] if len(op.args) > 2 else op.kwargs.get("weight")
+            eps = op.args[3] if len(op.args) > 3 else op.kwargs.get("eps")
+            return Norm("rmsnorm", start, op, param_target(w), None, eps, nodes={op})
+        w = op.args[2] if len(op.args) > 2 else None
+        b = op.args[3] if len(op.args) > 3 else None
+        eps = op.args[4] if len(op.args) > 4 else 1e-5
+        out = op
+        if op.target == aten.native_layer_norm.default:
+            out = next(iter(op.users))
+        return Norm("layernorm", start, out, param_target(w), param_target(b), eps, nodes={op, out})
+
+    def _affine(self, norm: Norm, allowed: set) -> None:
+        """Extend a norm's output over its gain (w or 1 + w) and bias."""
+        out = norm.output
+        while True:
+            users = self._through(out, allowed)
+            if len(users) != 1:
+                break
+            u = users[0]
+            other = next((a for a in u.args[:2] if a is not out and not (isinstance(a, fx.Node) and strip(a) is strip(out))), None)
+            chain_out = u
+            if is_call(u, {aten.mul.Tensor}) and norm.weight is None and isinstance(other, fx.Node):
+                target = param_target(other)
+                if target is None and is_call(other, ADD):
+                    inner = [param_target(a) for a in other.args[:2] if isinstance(a, fx.Node)]
+                    consts = [a for a in other.args[:2] if not isinstance(a, fx.Node)]
+                    if inner and inner[0] and consts == [1] or consts == [1.0]:
+                        target, norm.unit_offset = inner[0], True
+                if target is None or self.params[target].dim() != 1:
+                    break
+                norm.weight = target
+            elif is_call(u, ADD) and norm.bias is None and isinstance(other, fx.Node):
+                target = param_target(other)
+                if target is None or self.params[target].dim() != 1:
+                    break
+                norm.bias = target
+            else:
+                break
+            norm.output = chain_out
+            out = chain_out
+            if norm.bias is not None:
+                break
+        while len(self._through(norm.output, allowed)) == 1 and any(is_identity(u) for u in norm.output.users):
+            norm.output = next(u for u in norm.output.users if is_identity(u))
+
+    def _norm_ending_at(self, h: fx.Node, allowed: set) -> Norm | None:
+        end = strip(h)
+        if is_call(end, NORM_OPS):
+            return self._norm_op(end.args[0], end)
+        seen, todo = set(), deque([(end, 0)])
+        while todo:
+            n, depth = todo.popleft()
+            for a in n.all_input_nodes:
+                if a in allowed and a not in seen and depth < 10:
+                    seen.add(a)
+                    if is_heavy(a, self.params) or self.linear(a):
+                        norm = self._norm_from(self.linear(a).output if self.linear(a) else a, allowed)
+                        if norm is not None and strip(norm.output) is end or (norm and norm.output is end):
+                            return norm
+                    else:
+                        todo.append((a, depth + 1))
+        return None
+
+    # embeddings and head ----------------------------------------------------------------------------
+
+    def _value_ancestors(self, node: fx.Node) -> set:
+        seen, todo = set(), [node]
+        while todo:
+            n = todo.pop()
+            for a in n.all_input_nodes:
+                if a not in seen and (isinstance(a.meta.get("val"), torch.Tensor) or a.op in ("get_attr", "placeholder")):
+                    seen.add(a)
+                    todo.append(a)
+        return seen
+
+    def _embeddings(self, outside: set) -> list[Embedding]:
+        out = []
+        for n in self.nodes:
+            if n not in outside:
+                continue
+            if is_call(n, {aten.embedding.default}):
+                w = param_target(n.args[0])
+                if w is None:
+                    continue
+                anc = self._value_ancestors(n.args[1]) | {n.args[1]}
+                kind = "other"
+                if any(a.op == "placeholder" for a in anc):
+                    kind = "token"
+                elif any(is_call(a, {aten.arange.default, aten.arange.start, aten.cumsum.default}) for a in anc):
+                    kind = "position"
+                num, dim = self.params[w].shape
+                if kind != "token" and num <= _MAX_TOKEN_TYPES:
+                    kind = "token_type"  # a position table covers every position; a type table a few ids
+                elif kind == "other" and any(a.op == "get_attr" for a in anc):
+                    kind = "position"  # indices read from a buffer (registered position ids)
+                out.append(Embedding(kind, n, w, num, dim))
+            elif is_call(n, {aten.conv2d.default, aten.convolution.default}):
+                if any(a.op == "placeholder" for a in self._value_ancestors(n)):
+                    w = param_target(n.args[1])
+                    out.append(Embedding("patch", n, w, self.params[w].shape[0], self.params[w].shape[0]))
+        return out
+
+    def _head(self, stream: fx.Node, outside: set, embeddings: list[Embedding]) -> Head | None:
+        seen, todo = set(), deque([stream])
+        while todo:
+            n = todo.popleft()
+            for u in self.sorted(n.users):
+                if u in seen or u not in outside:
+                    continue
+                seen.add(u)
+                lin = self.linear(u)
+                if lin is not None:
+                    w = self.params[lin.weight]
+                    tied = any(
+                        e.kind == "token" and (self.params[e.weight] is w or self.params[e.weight].data_ptr() == w.data_ptr())
+                        for e in embeddings
+                    )
+                    return Head(lin, tied)
+                todo.append(u)
+        return None
+
+
+def _identity_chain(node: fx.Node) -> list[fx.Node]:
+    chain = [node]
+    while is_identity(chain[-1]):
+        chain.append(chain[-1].args[0])
+    return chain
+
+
+def _int_numel(s) -> int:
+    total = 1
+    for d in s:
+        if isinstance(d, int):
+            total *= d
+    return total
+
+
+def _activation(nodes: set) -> str | None:
+    targets = {n.target for n in nodes if n.op == "call_function"}
+    found = [name for op, name in ACTIVATIONS.items() if op in targets]
+    if "gelu" in found:
+        g = next(n for n in nodes if n.op == "call_function" and n.target == aten.gelu.default)
+        return "gelu_tanh" if g.kwargs.get("approximate", "none") == "tanh" else "gelu"
+    if "tanh" in found and aten.pow.Tensor_Scalar in targets:
+        return "gelu_tanh"
+    if "erf" in found:
+        return "gelu"
+    if "sigmoid" in found:
+        return "silu" if aten.mul.Tensor in targets else "sigmoid"
+    return found[0] if found else None

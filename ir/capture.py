@@ -1,0 +1,147 @@
+"""Capture a PyTorch model as an archfx `Graph`.
+
+torch.export (non-strict) by default: the ATen-level training IR keeps `aten.linear` and
+`scaled_dot_product_attention` whole and records each node's `nn_module_stack`. On request,
+torch.fx symbolic tracing checks a hand-written model's Python, then the same ATen tracing
+gives the graph the analyses expect. The input model is never mutated: it is captured in eval
+mode (its own mode is restored) and the graph owns copies of every parameter and buffer.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from . import inputs as _inputs
+from .errors import CaptureError
+from .graph import Graph
+
+METHODS = ("export", "fx")
+
+
+def capture(model: nn.Module, example_inputs=None, *, method: str = "export", dynamic: bool = True) -> Graph:
+    """Capture `model` on `example_inputs` (derived from the model when None) as a `Graph`."""
+    if method not in METHODS:
+        raise CaptureError(f"unknown capture method {method!r}; choose one of {', '.join(METHODS)}")
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    ins = _inputs.derive(model) if example_inputs is None else _inputs.from_user(model, example_inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "fx":
+            _check_fx_traceable(model)
+        ep = _export(model, ins, dynamic)
+    finally:
+        model.train(was_training)
+    gm, out_spec = _flatten(ep.module())
+    _own_tensors(gm)
+    return Graph(
+        gm=gm,
+        inputs=ins,
+        output_names=_output_names(out_spec),
+        provenance={"model_class": f"{type(model).__module__}.{type(model).__qualname__}", "method": method},
+        range_constraints=dict(ep.range_constraints),
+    )
+
+
+def _export(model: nn.Module, ins: _inputs.Inputs, dynamic: bool) -> torch.export.ExportedProgram:
+    args, kwargs = ins.as_call()
+    shapes = ins.dynamic_shapes() if dynamic else None
+    if shapes is not None and not ins.positional:
+        shapes = {k: shapes[k] for k in kwargs}
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:  # torch.export raises many types; all become one clear error
+        raise CaptureError(_explain(model, exc)) from exc
+
+
+def _check_fx_traceable(model: nn.Module) -> None:
+    try:
+        fx.symbolic_trace(model)
+    except Exception as exc:
+        raise CaptureError(
+            f"torch.fx could not trace {type(model).__name__}: {_first_line(exc)}; "
+            "use method='export' (the default), which handles Python control flow on shapes"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _explain(model: nn.Module, exc: BaseException) -> str:
+    """One line: what failed, where in the user's code, and what to try."""
+    msg = str(exc)
+    where = ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', msg)
+    if not frames:
+        frames = [(f.filename, str(f.lineno)) for f in traceback.extract_tb(exc.__traceback__)]
+    user = [f for f in frames if "/torch/" not in f[0] and "/archfx/" not in f[0] and "/ir/" not in f[0]]
+    if user:
+        where = f" at {user[-1][0]}:{user[-1][1]}"
+    hint = "check that the example inputs match the model's forward"
+    low = msg.lower()
+    if "data-dependent" in low or "guardondatadependent" in low or "could not guard" in low:
+        hint = "the model branches on tensor values; make that branch static or pass example inputs that avoid it"
+    elif "constraint" in low or "specializ" in low:
+        hint = "a dynamic dimension was fixed by the model; pass dynamic=False"
+    elif "unsupported" in low or "not supported" in low:
+        hint = "rewrite that construct, or try method='fx' for plain Python modules"
+    return f"cannot capture {type(model).__name__}: {type(exc).__name__}: {_first_line(exc)}{where}; {hint}"
+
+
+def _flatten(gm: fx.GraphModule) -> tuple[fx.GraphModule, pytree.TreeSpec]:
+    """Make the exported module take its tensors positionally and return a flat tuple."""
+    graph = gm.graph
+    out_spec = graph._codegen.pytree_info.out_spec
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and not isinstance(node.meta.get("val"), torch.Tensor):
+            if node.users:
+                raise CaptureError(f"input {node.name!r} is not a tensor but the graph uses it")
+            graph.erase_node(node)
+    graph._codegen = fx.graph.CodeGen()
+    out = graph.output_node()
+    flat = out.args[0]
+    out.args = (tuple(flat) if isinstance(flat, (list, tuple)) else (flat,),)
+    # a plain GraphModule: without the exported module's input-spec hooks and guards
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__.replace("Impl", "") or "GraphModule"), out_spec
+
+
+def _output_names(out_spec: pytree.TreeSpec) -> list[str]:
+    leaves = pytree.tree_unflatten(list(range(out_spec.num_leaves)), out_spec)
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(leaves)[0]:
+        names.append(pytree.keystr(path).strip("[]'.\"") or "output")
+    return names
+
+
+def _own_tensors(gm: fx.GraphModule) -> None:
+    """Replace every parameter, buffer and tensor constant by a copy (ties kept)."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in memo:
+            c = t.detach().clone()
+            memo[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+        return memo[id(t)]
+
+    for mod in gm.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[name] = own(p)
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = own(b)
+        for name, v in list(vars(mod).items()):
+            if isinstance(v, torch.Tensor) and not name.startswith("_"):
+                setattr(mod, name, own(v))

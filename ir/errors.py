@@ -1,0 +1,33 @@
+"""The errors archfx raises. Each carries a one-line message that says what to do."""
+
+
+class ArchfxError(Exception):
+    """Base class: a problem with the user's input or with a rewrite, explained in one line."""
+
+
+class CaptureError(ArchfxError):
+    """The model could not be captured as a graph."""
+
+
+class AnalysisError(ArchfxError):
+    """The captured graph does not have a structure archfx can recognise."""
+
+
+class PassError(ArchfxError):
+    """A pass could not run, or its options are invalid."""
+
+
+class VerificationError(ArchfxError):
+    """A rewrite that claims to preserve the function did not, or the graph is malformed."""
+
+
+class LoweringError(ArchfxError):
+    """torch.compile or ONNX export failed, or its result disagrees with PyTorch."""
+
+
+class ModelSpecError(ArchfxError):
+    """MODEL (a directory, built-in name or module:callable) could not be loaded."""
+
+
+class ArtifactError(ArchfxError):
+    """A saved archfx model directory is missing, corrupted or mismatched."""

@@ -1,0 +1,85 @@
+"""`Graph`: a captured model as a flat GraphModule, its example inputs, provenance and analyses.
+
+The GraphModule takes the example tensors positionally and returns a flat tuple of tensors
+(named by `output_names`). Passes edit a copy; analyses are cached until invalidated.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .inputs import Inputs, resized
+
+
+@dataclass
+class Graph:
+    gm: fx.GraphModule
+    inputs: Inputs
+    output_names: list[str]
+    provenance: dict = field(default_factory=dict)
+    range_constraints: dict = field(default_factory=dict)
+    _analyses: dict = field(default_factory=dict, repr=False)
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.gm(*tensors))
+
+    def run(self, inputs: Inputs | None = None) -> tuple[torch.Tensor, ...]:
+        inputs = inputs or self.inputs
+        with torch.no_grad():
+            return self(*inputs.tensors)
+
+    @property
+    def placeholders(self) -> list[fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+
+    def second_inputs(self) -> Inputs | None:
+        """The example inputs redrawn at another size of every dynamic dimension."""
+        shapes = [n.meta["val"].shape for n in self.placeholders]
+        return resized(self.inputs, shapes, self.range_constraints)
+
+    def copy(self) -> Graph:
+        """A deep copy: a new GraphModule whose parameters share nothing with this one."""
+        gm = copy.deepcopy(self.gm)
+        return Graph(gm, self.inputs, list(self.output_names), dict(self.provenance), dict(self.range_constraints))
+
+    # analyses -------------------------------------------------------------------------------
+
+    def analysis(self, name: str, compute):
+        """A cached analysis result, computed on first use."""
+        if name not in self._analyses:
+            self._analyses[name] = compute(self)
+        return self._analyses[name]
+
+    def invalidate(self) -> None:
+        self._analyses.clear()
+
+    @property
+    def structure(self):
+        from .analyze import analyze
+
+        return self.analysis("structure", analyze)
+
+    # bookkeeping ----------------------------------------------------------------------------
+
+    def num_parameters(self) -> int:
+        seen = set()
+        total = 0
+        for t in list(self.gm.parameters()) + list(self.gm.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel()
+        return total
+
+    def num_nodes(self) -> int:
+        return len(self.gm.graph.nodes)
+
+    def tensor(self, target: str) -> torch.Tensor:
+        """The parameter, buffer or constant behind a get_attr target."""
+        obj = self.gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj

@@ -1,0 +1,209 @@
+"""Op vocabulary of the ATen graphs torch.export produces: what each node *is* to the analyses.
+
+Everything here reads dataflow (ops, argument positions, parameter shapes), never module or
+parameter names.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+IDENTITY = {
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten.to.device,
+    aten._to_copy.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.type_as.default,
+}
+DROPOUT = {aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default}
+SHAPE = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.default,
+    aten.expand.default,
+    aten.slice.Tensor,
+    aten.flatten.using_ints,
+    aten.unflatten.int,
+    aten.t.default,
+    aten.select.int,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.chunk.default,
+    aten.unbind.int,
+    operator.getitem,
+}
+ADD = {aten.add.Tensor, aten.add_.Tensor}
+MATMUL = {aten.matmul.default, aten.bmm.default, aten.mm.default}
+LINEAR_OPS = {aten.linear.default, aten.addmm.default, *MATMUL}
+ATTENTION_OPS = {
+    aten.scaled_dot_product_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_efficient_attention.default,
+}
+SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
+ACTIVATIONS = {
+    aten.silu.default: "silu",
+    aten.gelu.default: "gelu",
+    aten.relu.default: "relu",
+    aten.sigmoid.default: "sigmoid",
+    aten.tanh.default: "tanh",
+    aten.erf.default: "erf",
+}
+
+
+def is_call(node, targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def is_assert(node) -> bool:
+    """Runtime checks torch.export leaves in the graph (no value, no users)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and "_assert" in str(node.target)
+
+
+def is_dropout_identity(node: fx.Node) -> bool:
+    """A dropout that does nothing (eval mode or p = 0)."""
+    if not is_call(node, DROPOUT):
+        return False
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    return p == 0 or train is False
+
+
+def is_identity(node) -> bool:
+    """Ops that return their first input unchanged in value (fp32 casts, copies, eval dropout)."""
+    if is_call(node, IDENTITY):
+        val, src = node.meta.get("val"), node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        return isinstance(val, torch.Tensor) and isinstance(src, torch.Tensor) and val.dtype == src.dtype
+    return is_dropout_identity(node)
+
+
+def strip(node: fx.Node) -> fx.Node:
+    """The node behind a chain of identity ops."""
+    while is_identity(node):
+        node = node.args[0]
+    return node
+
+
+def val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def shape(node) -> tuple:
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
+
+
+def last_dim(node) -> int | None:
+    s = shape(node)
+    return s[-1] if s and isinstance(s[-1], int) else None
+
+
+def is_float(node) -> bool:
+    v = val(node)
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if isinstance(val(a), torch.Tensor) or a.op == "get_attr"]
+
+
+def param_target(node) -> str | None:
+    """The get_attr target behind a node (through transposes, casts and views), if any."""
+    while isinstance(node, fx.Node):
+        if node.op == "get_attr":
+            return node.target
+        if node.op == "call_function" and (node.target in IDENTITY or node.target in SHAPE) and node.args:
+            node = node.args[0]
+            continue
+        return None
+    return None
+
+
+def is_param(node) -> bool:
+    return param_target(node) is not None
+
+
+@dataclass
+class Linear:
+    """A linear map y = x W^T + b found in the graph, whatever op expressed it."""
+
+    node: fx.Node  # the op
+    input: fx.Node  # x (before any flattening view)
+    weight: str  # get_attr target
+    bias: str | None
+    in_features: int
+    out_features: int
+    layout: str  # "out_in" (nn.Linear) or "in_out" (Conv1D / x @ W)
+    output: fx.Node  # the node carrying y at x's leading shape
+
+    @property
+    def op(self) -> str:
+        return "linear" if self.layout == "out_in" else "conv1d"
+
+
+def as_linear(node: fx.Node, params: dict[str, torch.Tensor]) -> Linear | None:
+    """Recognise aten.linear, addmm (GPT-2 Conv1D) and x @ W with a parameter W."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target == aten.linear.default:
+        w = param_target(node.args[1])
+        if w is None or params[w].dim() != 2:
+            return None
+        b = param_target(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
+        out_f, in_f = params[w].shape
+        return Linear(node, node.args[0], w, b, in_f, out_f, "out_in", node)
+    if node.target == aten.addmm.default:
+        b, x, wn = node.args[:3]
+        w = param_target(wn)
+        if w is None or params[w].dim() != 2 or wn.op != "get_attr":
+            return None
+        in_f, out_f = params[w].shape
+        src = x
+        while is_call(src, {aten.view.default, aten.reshape.default}):
+            src = src.args[0]
+        out = node
+        users = list(node.users)
+        if len(users) == 1 and is_call(users[0], {aten.view.default, aten.reshape.default}):
+            out = users[0]
+        return Linear(node, src, w, param_target(b), in_f, out_f, "in_out", out)
+    if node.target in MATMUL:
+        x, wn = node.args[:2]
+        w = param_target(wn)
+        if w is None or params[w].dim() != 2 or is_param(x):
+            return None
+        transposed = is_call(wn, {aten.t.default, aten.transpose.int, aten.permute.default})
+        if transposed:
+            out_f, in_f = params[w].shape
+            return Linear(node, x, w, None, in_f, out_f, "out_in", node)
+        in_f, out_f = params[w].shape
+        return Linear(node, x, w, None, in_f, out_f, "in_out", node)
+    return None
+
+
+def is_heavy(node, params) -> bool:
+    """Ops that end a norm region: projections, attention, convolutions, lookups."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target in ATTENTION_OPS or node.target in SOFTMAX or node.target in NORM_OPS:
+        return True
+    if node.target in (aten.embedding.default, aten.conv2d.default, aten.convolution.default):
+        return True
+    if node.target in LINEAR_OPS:
+        return True
+    return False
