@@ -77,6 +77,29 @@ class Graph:
     def num_nodes(self) -> int:
         return len(self.gm.graph.nodes)
 
+    def set_tensor(self, target: str, value: torch.Tensor) -> None:
+        """Replace (or create) the parameter or buffer behind a get_attr target."""
+        *path, leaf = target.split(".")
+        mod = self.gm
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        if isinstance(value, torch.nn.Parameter) or leaf in mod._parameters:
+            value = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value, value.requires_grad or value.is_floating_point())
+            if leaf in mod._buffers:
+                del mod._buffers[leaf]
+            mod._parameters[leaf] = value
+        else:
+            mod.register_buffer(leaf, value)
+
+    def delete_tensor(self, target: str) -> None:
+        *path, leaf = target.split(".")
+        mod = self.gm
+        for part in path:
+            mod = getattr(mod, part)
+        delattr(mod, leaf)
+
     def tensor(self, target: str) -> torch.Tensor:
         """The parameter, buffer or constant behind a get_attr target."""
         obj = self.gm

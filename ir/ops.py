@@ -174,9 +174,7 @@ def as_linear(node: fx.Node, params: dict[str, torch.Tensor]) -> Linear | None:
         if w is None or params[w].dim() != 2 or wn.op != "get_attr":
             return None
         in_f, out_f = params[w].shape
-        src = x
-        while is_call(src, {aten.view.default, aten.reshape.default}):
-            src = src.args[0]
+        src = x.args[0] if is_call(x, {aten.view.default, aten.reshape.default}) else x
         out = node
         users = list(node.users)
         if len(users) == 1 and is_call(users[0], {aten.view.default, aten.reshape.default}):

@@ -1,0 +1,69 @@
+"""A picture of a Structure: embeddings, each block's residual sites in order, final norms, head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ArchfxError
+from .structure import Structure
+
+COLORS = {
+    "attention": "#4C72B0",
+    "cross_attention": "#8172B3",
+    "mlp": "#55A868",
+    "parallel": "#C44E52",
+    "other": "#8C8C8C",
+}
+FORMATS = (".svg", ".png")
+
+
+def draw(structure: Structure, path: str | Path, title: str | None = None) -> Path:
+    """Draw the block structure to an SVG or PNG file (chosen by the suffix)."""
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise ArchfxError(f"cannot draw to {path.name}: use a .svg or .png file name")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    rows = []  # (label, [(text, color)])
+    rows.append(("embeddings", [(f"{e.kind} {e.num}×{e.dim}", "#DD8452") for e in structure.embeddings]))
+    for stack in structure.stacks:
+        for b in stack.blocks:
+            cells = []
+            for r in b.residuals:
+                text = r.kind.replace("_", "-")
+                if r.attention is not None:
+                    a = r.attention
+                    text += f"\n{a.heads}h/{a.kv_heads}kv×{a.head_dim}" + (" rope" if a.rope else "")
+                if r.mlp is not None and r.kind != "attention":
+                    text += f"\n{r.mlp.hidden}{' gated' if r.mlp.gated else ''} {r.mlp.activation or ''}"
+                norm = r.norm.kind if r.norm else "no norm"
+                text += f"\n{r.placement} {norm}"
+                cells.append((text, COLORS.get(r.kind, COLORS["other"])))
+            rows.append((b.path, cells))
+        if stack.final_norm is not None:
+            rows.append((f"{stack.path} final", [(stack.final_norm.kind, "#937860")]))
+    if structure.head is not None:
+        h = structure.head
+        rows.append(("head", [(f"{h.linear.in_features}→{h.linear.out_features}{' tied' if h.tied else ''}", "#DA8BC3")]))
+    width = max(len(c) for _, c in rows) or 1
+    fig_h = 0.75 * len(rows) + 0.8
+    fig, ax = plt.subplots(figsize=(3.0 + 2.6 * width, fig_h))
+    ax.set_xlim(0, 2.4 + 2.6 * width)
+    ax.set_ylim(0, len(rows))
+    ax.axis("off")
+    for i, (label, cells) in enumerate(rows):
+        y = len(rows) - i - 1
+        ax.text(2.2, y + 0.45, label, ha="right", va="center", fontsize=8, family="monospace")
+        for j, (text, color) in enumerate(cells):
+            x = 2.4 + 2.6 * j
+            ax.add_patch(FancyBboxPatch((x, y + 0.08), 2.4, 0.74, boxstyle="round,pad=0.02", fc=color, ec="none", alpha=0.85))
+            ax.text(x + 1.2, y + 0.45, text, ha="center", va="center", fontsize=6.5, color="white")
+    ax.set_title(title or f"{len(structure.blocks)} blocks, hidden {structure.hidden_size}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

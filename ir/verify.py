@@ -1,0 +1,117 @@
+"""Checks run after every pass: lint, shape propagation, and the numerical certificate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from .errors import VerificationError
+from .graph import Graph
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def tolerance_for(graph: Graph) -> float:
+    """The certificate's tolerance for a graph: by the dtype of its floating-point parameters."""
+    dtypes = {p.dtype for p in graph.gm.parameters() if p.is_floating_point()}
+    return max((TOLERANCE.get(d, 1e-5) for d in dtypes), default=1e-5)
+
+
+def lint(graph: Graph) -> None:
+    """Structural checks: well-formed fx graph, every get_attr resolves to a tensor."""
+    try:
+        graph.gm.graph.lint()
+    except Exception as exc:
+        raise VerificationError(f"malformed graph: {exc}") from exc
+    for node in graph.gm.graph.nodes:
+        if node.op == "get_attr":
+            try:
+                graph.tensor(node.target)
+            except AttributeError as exc:
+                raise VerificationError(f"node {node.name} reads {node.target!r}, which does not exist") from exc
+
+
+def refresh_shapes(graph: Graph) -> None:
+    """Re-propagate symbolic shapes through the graph (`meta['val']` of every node).
+
+    This is the shape check: a rewrite whose ops do not compose at the traced symbolic shapes
+    fails here with the node that broke.
+    """
+    vals = [n.meta["val"] for n in graph.placeholders]
+    mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
+    if mode is None:
+        return
+    try:
+        with mode:
+            FakeTensorProp(graph.gm, mode).propagate_dont_convert_inputs(*vals)
+    except Exception as exc:
+        node = getattr(exc, "node", None)
+        where = f" at node {node}" if node is not None else ""
+        raise VerificationError(f"shape check failed{where}: {str(exc).splitlines()[0]}") from exc
+
+
+@dataclass
+class Certificate:
+    """Max |Δ| of every output between two graphs, on the example inputs and a second shape."""
+
+    max_abs_diff: float
+    per_output: dict[str, float]
+    input_sets: list[str]
+    tolerance: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def to_json(self) -> dict:
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "per_output": self.per_output,
+            "inputs": self.input_sets,
+            "tolerance": self.tolerance,
+            "ok": self.ok,
+            "notes": self.notes,
+        }
+
+
+def compare(expected, actual, names: list[str]) -> dict[str, float]:
+    """Max |Δ| per output; a missing output or a shape mismatch is an infinite difference."""
+    if len(expected) != len(actual):
+        raise VerificationError(f"the rewritten graph returns {len(actual)} outputs, the original {len(expected)}")
+    out = {}
+    for name, e, a in zip(names, expected, actual, strict=True):
+        if e.shape != a.shape:
+            raise VerificationError(f"output {name!r} changed shape: {tuple(e.shape)} → {tuple(a.shape)}")
+        if e.numel() == 0:
+            out[name] = 0.0
+        elif e.is_floating_point():
+            out[name] = float((e.double() - a.double()).abs().max())
+        else:
+            out[name] = 0.0 if torch.equal(e, a) else float("inf")
+    return out
+
+
+def certify(reference: Graph, candidate: Graph, tolerance: float | None = None) -> Certificate:
+    """Run both graphs on the reference's example inputs and on a second input shape."""
+    tolerance = tolerance_for(reference) if tolerance is None else tolerance
+    sets = [("example " + _describe(reference.inputs.tensors), reference.inputs)]
+    notes = []
+    second = reference.second_inputs()
+    if second is not None:
+        sets.append(("second " + _describe(second.tensors), second))
+    else:
+        notes.append("the graph has static shapes: checked at the example shape only")
+    per: dict[str, float] = {}
+    for label, ins in sets:
+        diffs = compare(reference.run(ins), candidate.run(ins), reference.output_names)
+        for k, v in diffs.items():
+            per[k] = max(per.get(k, 0.0), v)
+        del label
+    return Certificate(max(per.values(), default=0.0), per, [s for s, _ in sets], tolerance, notes)
+
+
+def _describe(tensors) -> str:
+    return " ".join("x".join(str(d) for d in t.shape) for t in tensors)

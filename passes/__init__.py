@@ -1,0 +1,7 @@
+"""archfx.passes: rewrites, the pipeline that composes them, and the CLI driver."""
+
+from . import canonicalize  # noqa: F401  (registers the pass)
+from .base import REGISTRY, Option, Pass, PassResult, Remark, get, register
+from .pipeline import Pipeline, PipelineResult, PassRecord
+
+__all__ = ["REGISTRY", "Option", "Pass", "PassRecord", "PassResult", "Pipeline", "PipelineResult", "Remark", "get", "register"]

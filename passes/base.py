@@ -1,0 +1,160 @@
+"""The pass contract: a name, typed options, whether the function is preserved, and a result
+that says what changed and why each site that was not rewritten was left alone."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from archfx.ir import Graph, PassError
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Option:
+    """A declared pass option: parsed from pipeline text, checked, documented."""
+
+    name: str
+    type: type
+    default: Any
+    doc: str
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def parse(self, owner: str, text: str) -> Any:
+        """Convert pipeline text to this option's type (then `check`)."""
+        text = text.strip()
+        try:
+            if self.type is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = text.lower() in ("true", "1")
+            elif self.type is int:
+                value = int(text)
+            elif self.type is float:
+                value = float(text)
+            else:
+                value = text
+        except ValueError:
+            raise PassError(f"{owner}: option {self.name} expects {self.describe_type()}, got {text!r}") from None
+        return self.check(owner, value)
+
+    def check(self, owner: str, value: Any) -> Any:
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
+            raise PassError(f"{owner}: option {self.name} expects {self.describe_type()}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise PassError(f"{owner}: option {self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise PassError(f"{owner}: option {self.name} must be ≥ {self.minimum}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise PassError(f"{owner}: option {self.name} must be ≤ {self.maximum}, got {value!r}")
+        return value
+
+    def describe_type(self) -> str:
+        if self.choices:
+            return "one of " + "|".join(map(str, self.choices))
+        names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        return names.get(self.type, self.type.__name__)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "type": self.type.__name__,
+            "default": self.default,
+            "doc": self.doc,
+            "choices": list(self.choices) if self.choices else None,
+            "minimum": self.minimum,
+            "maximum": self.maximum,
+        }
+
+
+@dataclass
+class Remark:
+    """A site a pass looked at and did not rewrite, and why (a missed-optimisation remark)."""
+
+    site: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.site}: {self.reason}"
+
+
+@dataclass
+class PassResult:
+    changed: bool
+    remarks: list[Remark] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+
+class Pass:
+    """Base class of every rewrite. Subclasses declare `name`, `summary`, `options`, `preserves`
+    and implement `run(graph)`, which edits `graph` in place (the pipeline hands it a copy)."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    options: ClassVar[tuple[Option, ...]] = ()
+    preserves: ClassVar[bool] = True
+
+    def __init__(self, **values: Any):
+        declared = {o.name: o for o in self.options}
+        self.given: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in declared:
+                raise PassError(f"{self.name}: unknown option {key!r}{_suggest(key, declared)}")
+            self.given[key] = declared[key].check(self.name, value)
+        self.opts = {o.name: self.given.get(o.name, o.default) for o in self.options}
+
+    @classmethod
+    def from_text(cls, args: dict[str, str]) -> Pass:
+        declared = {o.name: o for o in cls.options}
+        values = {}
+        for key, text in args.items():
+            if key not in declared:
+                raise PassError(f"{cls.name}: unknown option {key!r}{_suggest(key, declared)}")
+            values[key] = declared[key].parse(cls.name, text)
+        return cls(**values)
+
+    def run(self, graph: Graph) -> PassResult:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        if not self.given:
+            return self.name
+        parts = [f"{o.name}={_fmt(self.given[o.name])}" for o in self.options if o.name in self.given]
+        return f"{self.name}({','.join(parts)})"
+
+    @classmethod
+    def to_json(cls) -> dict:
+        return {"name": cls.name, "summary": cls.summary, "preserves": cls.preserves, "options": [o.to_json() for o in cls.options]}
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    if cls.name in REGISTRY:
+        raise ValueError(f"pass {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> type[Pass]:
+    if name not in REGISTRY:
+        raise PassError(f"unknown pass {name!r}{_suggest(name, REGISTRY)}; `archfx passes` lists them")
+    return REGISTRY[name]
+
+
+def _suggest(word: str, known) -> str:
+    close = difflib.get_close_matches(word, list(known), n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(close)}?)" if close else f" (known: {', '.join(sorted(known)) or 'none'})"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

@@ -1,0 +1,268 @@
+"""The `archfx` command line: `passes`, `inspect`, `apply` (the contract of DESIGN.md).
+
+Human tables by default, one JSON object on stdout with --json; progress and the one-line
+reason for any failure go to stderr; exit status is non-zero on any error or failed check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from archfx.ir import ArchfxError, capture
+from archfx.ir.verify import certify
+
+from . import REGISTRY, Pipeline
+
+ONNX_TOLERANCE = 1e-4
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        sys.stderr.write(f"archfx: error: {message} (see `archfx {self.prog.split()[-1]} --help`)\n".replace("archfx archfx", "archfx"))
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="archfx", description="Capture, inspect and rewrite Transformer architectures.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("passes", help="list the registered passes and their options")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_passes)
+
+    def model_args(s):
+        s.add_argument("model", metavar="MODEL", help="checkpoint directory, built-in name, or package.module:callable")
+        s.add_argument("--method", choices=("export", "fx"), default="export", help="capture method (default export)")
+        s.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own model code to run")
+        s.add_argument("--json", action="store_true", help="print one JSON object")
+
+    s = sub.add_parser("inspect", help="show the recognised structure of MODEL")
+    model_args(s)
+    s.add_argument("--draw", metavar="FILE", help="draw the block structure to FILE (.svg or .png)")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("apply", help="run a pipeline of passes on MODEL")
+    model_args(s)
+    s.add_argument("--pipeline", required=True, metavar="TEXT", help="e.g. 'canonicalize' or 'altup(k=2),canonicalize'")
+    s.add_argument("--verify", action="store_true", help="certify every preserving pass and the whole pipeline numerically")
+    s.add_argument("--out", metavar="DIR", help="save the rewritten model (safetensors + recipe)")
+    s.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
+    s.add_argument("--onnx", metavar="FILE", help="export to ONNX, optimise for ONNX Runtime and check it")
+    s.add_argument("--dump-ir", metavar="DIR", help="write the graph before and after every pass")
+    s.set_defaults(func=cmd_apply)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return args.func(args, err)
+    except ArchfxError as exc:
+        if args.debug:
+            raise
+        _fail(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
+    except Exception as exc:  # a bug: still one line unless --debug
+        if args.debug:
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} (rerun with --debug for the traceback)")
+        return 3
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write("archfx: error: " + " ".join(message.split()) + "\n")
+
+
+@contextlib.contextmanager
+def _step(err: Console, what: str):
+    t0 = time.perf_counter()
+    with err.status(what + " …"):
+        yield
+    err.print(f"[green]✓[/green] {what} ({time.perf_counter() - t0:.1f}s)")
+
+
+def _load_and_capture(args, err: Console):
+    from .models import load
+
+    with _step(err, f"loading {args.model}"):
+        loaded = load(args.model, trust_remote_code=args.trust_remote_code)
+    with _step(err, f"capturing {type(loaded.model).__name__}"):
+        graph = capture(loaded.model, loaded.example_inputs, method=args.method)
+    return loaded, graph
+
+
+# passes ---------------------------------------------------------------------------------------
+
+
+def cmd_passes(args, err: Console) -> int:
+    entries = [cls.to_json() for cls in REGISTRY.values()]
+    if args.json:
+        print(json.dumps({"passes": entries}, indent=2))
+        return 0
+    table = Table(title="archfx passes")
+    table.add_column("pass")
+    table.add_column("preserves")
+    table.add_column("options")
+    table.add_column("summary")
+    for e in entries:
+        opts = "\n".join(f"{o['name']}={o['default']}  {o['doc']}" for o in e["options"]) or "—"
+        table.add_row(e["name"], "exact" if e["preserves"] else "changes", opts, e["summary"])
+    Console().print(table)
+    return 0
+
+
+# inspect --------------------------------------------------------------------------------------
+
+
+def cmd_inspect(args, err: Console) -> int:
+    loaded, graph = _load_and_capture(args, err)
+    with _step(err, "analysing structure"):
+        structure = graph.structure
+    if args.draw:
+        from archfx.ir.draw import draw
+
+        with _step(err, f"drawing {args.draw}"):
+            draw(structure, args.draw, title=f"{args.model}: {type(loaded.model).__name__}")
+    data = {"model": args.model, "class": type(loaded.model).__name__, "parameters": graph.num_parameters(), **structure.to_json()}
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    out = Console(highlight=False)
+    out.print(f"[bold]{args.model}[/bold]  {data['class']}  hidden {data['hidden_size']}  {data['parameters']:,} parameters")
+    out.print("embeddings: " + ", ".join(f"{e['kind']} {e['num']}×{e['dim']}" for e in data["embeddings"]))
+    table = Table()
+    for col in ("block", "residual sites", "norm", "attention (heads/kv×dim)", "mlp"):
+        table.add_column(col)
+    for b in data["blocks"]:
+        sites = " → ".join(f"{r['kind']}" for r in b["residuals"])
+        norms = ", ".join(sorted({f"{r['placement']} {r['norm']['kind']}{' (1+w)' if r['norm']['gain'] == '1+w' else ''}" if r["norm"] else r["placement"] for r in b["residuals"]}))
+        a = b["attention"]
+        att = "—"
+        if a:
+            att = f"{a['heads']}/{a['kv_heads']}×{a['head_dim']}"
+            flags = [f"rope {a['rotary_dim']}" if a["rope"] else "", "qk-norm" if a["qk_norm"] else "", "fused qkv" if a["fused_qkv"] else "", a["projection"] if a["projection"] != "linear" else ""]
+            att += " " + " ".join(f for f in flags if f)
+        if b["cross_attention"]:
+            att += " + cross"
+        m = b["mlp"]
+        mlp = f"{m['hidden']} {'gated ' if m['gated'] else ''}{m['activation'] or ''}" if m else "—"
+        table.add_row(b["path"], sites, norms, att, mlp)
+    out.print(table)
+    for s in data["stacks"]:
+        fn = s["final_norm"]
+        out.print(f"stack {s['path']}: {s['blocks']} blocks, final norm {fn['kind'] if fn else 'none'}")
+    if data["head"]:
+        out.print(f"head: {data['head']['out_features']} outputs{', tied to the token embedding' if data['head']['tied'] else ''}")
+    for r in data["remarks"]:
+        out.print(f"[yellow]remark[/yellow]: {r}")
+    return 0
+
+
+# apply ----------------------------------------------------------------------------------------
+
+
+def cmd_apply(args, err: Console) -> int:
+    pipeline = Pipeline.parse(args.pipeline)  # before loading: a typo fails fast
+    if args.out and not args.force:
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ArchfxError(f"{out} exists and is not empty; choose another directory or pass --force")
+    loaded, graph = _load_and_capture(args, err)
+    status = 0
+    progress = err.status("running passes …")
+    with progress:
+        result = pipeline.run(
+            graph,
+            verify=args.verify,
+            dump_dir=args.dump_ir,
+            on_pass=lambda i, p: progress.update(f"pass {i + 1}/{len(pipeline)}: {p} …"),
+        )
+    for r in result.records:
+        err.print(f"[green]✓[/green] {r.name} ({r.seconds:.2f}s)")
+    data: dict = {
+        "model": args.model,
+        "pipeline": str(pipeline),
+        "passes": [r.to_json() for r in result.records],
+        "params": {"before": graph.num_parameters(), "after": result.graph.num_parameters()},
+    }
+    if args.verify:
+        with _step(err, "verifying against the input model"):
+            cert = certify(graph, result.graph)
+        data["verify"] = {**cert.to_json(), "expected_equal": result.preserves}
+        if result.preserves and not cert.ok:
+            _fail(f"verification failed: max |Δ| = {cert.max_abs_diff:.3g} > {cert.tolerance:g}")
+            status = 1
+    if args.onnx:
+        from archfx.ir.lower import to_onnx
+
+        with _step(err, f"exporting ONNX to {args.onnx}"):
+            onnx = to_onnx(result.graph, args.onnx)
+        data["onnx"] = {
+            "path": str(onnx.path),
+            "max_abs_diff": onnx.max_abs_diff,
+            "tolerance": ONNX_TOLERANCE,
+            "providers": list(onnx.providers),
+        }
+        if onnx.max_abs_diff > ONNX_TOLERANCE:
+            _fail(f"ONNX Runtime disagrees with PyTorch: max |Δ| = {onnx.max_abs_diff:.3g} > {ONNX_TOLERANCE:g}")
+            status = 1
+    if args.out:
+        from .artifact import save
+
+        with _step(err, f"saving to {args.out}"):
+            save(result.graph, args.out, source=loaded.source, pipeline=str(pipeline), model=loaded.model, force=args.force)
+        data["out"] = str(args.out)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return status
+    _print_apply(data)
+    return status
+
+
+def _print_apply(data: dict) -> None:
+    out = Console(highlight=False)
+    table = Table(title=f"{data['model']}: {data['pipeline']}")
+    for col in ("pass", "changed", "nodes", "parameters", "seconds", "max |Δ|"):
+        table.add_column(col)
+    for p in data["passes"]:
+        cert = p["certificate"]
+        table.add_row(
+            p["name"],
+            "yes" if p["changed"] else "no",
+            f"{p['nodes']['before']} → {p['nodes']['after']}",
+            f"{p['params']['before']:,} → {p['params']['after']:,}",
+            f"{p['seconds']:.2f}",
+            f"{cert['max_abs_diff']:.2e}" if cert else ("—" if p["preserves"] else "changes"),
+        )
+    out.print(table)
+    for p in data["passes"]:
+        for r in p["remarks"]:
+            out.print(f"[yellow]remark[/yellow] {p['name']}: {r}")
+    if "verify" in data:
+        v = data["verify"]
+        verdict = "equal" if v["ok"] else ("differs (expected: the pipeline changes the function)" if not v["expected_equal"] else "DIFFERS")
+        out.print(f"verify: max |Δ| = {v['max_abs_diff']:.3e} on {', '.join(v['inputs'])}: {verdict}")
+        for note in v["notes"]:
+            out.print(f"  note: {note}")
+    if "onnx" in data:
+        o = data["onnx"]
+        out.print(f"onnx: {o['path']} max |Δ| = {o['max_abs_diff']:.3e} ({', '.join(o['providers'])})")
+    if "out" in data:
+        out.print(f"saved: {data['out']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""`Pipeline`: passes in order, parsed from and printed to a round-trippable text.
+
+    altup(k=2),expand-mlp(factor=2)
+
+After each pass: lint, shape propagation, and for passes that preserve the function a
+numerical certificate against the pass's input. Instrumentation records time, nodes and
+parameters changed per pass; `dump_dir` writes the IR before and after each pass; a failing
+pass leaves a reproducer (pipeline text, the IR it received, the error) in `dump_dir` or a
+temporary directory named in the error.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from archfx.ir import ArchfxError, Graph, PassError, VerificationError
+from archfx.ir.verify import Certificate, certify, lint, refresh_shapes
+
+from .base import Pass, Remark, get
+
+_NAME = re.compile(r"[a-z][a-z0-9_-]*")
+_VALUE = re.compile(r"[^,()=\s]+")
+
+
+@dataclass
+class PassRecord:
+    name: str
+    preserves: bool
+    changed: bool
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    params_before: int
+    params_after: int
+    remarks: list[Remark] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+    certificate: Certificate | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "preserves": self.preserves,
+            "changed": self.changed,
+            "seconds": round(self.seconds, 4),
+            "nodes": {"before": self.nodes_before, "after": self.nodes_after},
+            "params": {"before": self.params_before, "after": self.params_after},
+            "remarks": [str(r) for r in self.remarks],
+            "details": self.details,
+            "certificate": self.certificate.to_json() if self.certificate else None,
+        }
+
+
+@dataclass
+class PipelineResult:
+    graph: Graph
+    records: list[PassRecord]
+
+    @property
+    def preserves(self) -> bool:
+        return all(r.preserves for r in self.records)
+
+
+class Pipeline:
+    def __init__(self, passes: list[Pass]):
+        self.passes = list(passes)
+
+    @classmethod
+    def parse(cls, text: str) -> Pipeline:
+        """Parse `name(opt=value,...),name,...`; every error names the column and what was expected."""
+        if not isinstance(text, str) or not text.strip():
+            raise PassError("empty pipeline: give passes like 'canonicalize' or 'altup(k=2),canonicalize'")
+        passes, pos, n = [], 0, len(text)
+
+        def skip(p: int) -> int:
+            while p < n and text[p].isspace():
+                p += 1
+            return p
+
+        def fail(p: int, expected: str):
+            got = repr(text[p]) if p < n else "end of text"
+            raise PassError(f"malformed pipeline at column {p + 1}: expected {expected}, got {got} in {text!r}")
+
+        while True:
+            pos = skip(pos)
+            m = _NAME.match(text, pos)
+            if not m:
+                fail(pos, "a pass name")
+            name, pos = m.group(), m.end()
+            args: dict[str, str] = {}
+            pos = skip(pos)
+            if pos < n and text[pos] == "(":
+                pos = skip(pos + 1)
+                if pos < n and text[pos] == ")":
+                    pos += 1
+                else:
+                    while True:
+                        pos = skip(pos)
+                        k = _NAME.match(text, pos)
+                        if not k:
+                            fail(pos, "an option name")
+                        pos = skip(k.end())
+                        if pos >= n or text[pos] != "=":
+                            fail(pos, "'='")
+                        pos = skip(pos + 1)
+                        v = _VALUE.match(text, pos)
+                        if not v:
+                            fail(pos, "an option value")
+                        if k.group() in args:
+                            raise PassError(f"{name}: option {k.group()} given twice")
+                        args[k.group()] = v.group()
+                        pos = skip(v.end())
+                        if pos < n and text[pos] == ",":
+                            pos += 1
+                            continue
+                        if pos < n and text[pos] == ")":
+                            pos += 1
+                            break
+                        fail(pos, "',' or ')'")
+            passes.append(get(name).from_text(args))
+            pos = skip(pos)
+            if pos >= n:
+                break
+            if text[pos] != ",":
+                fail(pos, "',' between passes")
+            pos += 1
+        return cls(passes)
+
+    def __str__(self) -> str:
+        return ",".join(str(p) for p in self.passes)
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def run(
+        self,
+        graph: Graph,
+        *,
+        verify: bool = True,
+        dump_dir: str | Path | None = None,
+        on_pass: Callable[[int, Pass], None] | None = None,
+    ) -> PipelineResult:
+        """Run every pass on a copy of `graph` (which is never modified)."""
+        current = graph
+        records = []
+        for i, p in enumerate(self.passes):
+            if on_pass:
+                on_pass(i, p)
+            work = current.copy()
+            t0 = time.perf_counter()
+            try:
+                result = p.run(work)
+                work.invalidate()
+                refresh_shapes(work)
+                lint(work)
+            except ArchfxError as exc:
+                self._reproduce(i, p, current, exc, dump_dir)
+                raise
+            except Exception as exc:  # a bug in a pass: keep the reproducer, raise a clear error
+                where = self._reproduce(i, p, current, exc, dump_dir)
+                raise PassError(f"pass {p} failed: {type(exc).__name__}: {exc}; reproducer in {where}") from exc
+            seconds = time.perf_counter() - t0
+            record = PassRecord(
+                name=str(p),
+                preserves=p.preserves,
+                changed=result.changed,
+                seconds=seconds,
+                nodes_before=current.num_nodes(),
+                nodes_after=work.num_nodes(),
+                params_before=current.num_parameters(),
+                params_after=work.num_parameters(),
+                remarks=result.remarks,
+                details=result.details,
+            )
+            if verify and p.preserves:
+                record.certificate = certify(current, work)
+                if not record.certificate.ok:
+                    where = self._reproduce(i, p, current, None, dump_dir)
+                    raise VerificationError(
+                        f"pass {p} claims to preserve the function but changed it: max |Δ| = "
+                        f"{record.certificate.max_abs_diff:.3g} > {record.certificate.tolerance:g}; reproducer in {where}"
+                    )
+            if dump_dir is not None:
+                d = Path(dump_dir)
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"{i:02d}-{p.name}.before.py").write_text(current.gm.code)
+                (d / f"{i:02d}-{p.name}.after.py").write_text(work.gm.code)
+            records.append(record)
+            current = work
+        return PipelineResult(current, records)
+
+    def _reproduce(self, i: int, p: Pass, graph: Graph, exc: BaseException | None, dump_dir) -> str:
+        d = Path(dump_dir) if dump_dir is not None else Path(tempfile.mkdtemp(prefix="archfx-repro-"))
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "pipeline.txt").write_text(f"{self}\nfailed at pass {i}: {p}\nmodel: {graph.provenance}\n")
+        (d / "input-graph.py").write_text(graph.gm.code)
+        if exc is not None:
+            (d / "error.txt").write_text("".join(traceback.format_exception(exc)))
+        return str(d)
