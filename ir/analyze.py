@@ -29,6 +29,7 @@ from .ops import (
     ATTENTION_OPS,
     MATMUL,
     NORM_OPS,
+    SHAPE,
     SOFTMAX,
     Linear,
     aten,
@@ -47,6 +48,7 @@ from .structure import MLP, Attention, Block, Embedding, Head, Norm, Residual, S
 
 _INDEX = re.compile(r"^\d+$")
 _MAX_TOKEN_TYPES = 16
+_POSITION_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step, aten.cumsum.default}
 
 
 def analyze(graph) -> Structure:
@@ -233,17 +235,19 @@ class _Analyzer:
         return site
 
     def _add_leaves(self, add: fx.Node, trunk: set, desc: set) -> list:
+        """Operands of a tree of adds (through identity ops) hanging off the trunk."""
         leaves = []
         for o in add.args[:2]:
             if not isinstance(o, fx.Node):
                 return []
+            inner = strip(o)
             if (
-                is_call(o, ADD)
-                and o not in trunk
-                and len(o.users) == 1
-                and all(isinstance(a, fx.Node) and (a in desc or strip(a) in trunk) for a in o.args[:2])
+                is_call(inner, ADD)
+                and inner not in trunk
+                and len(inner.users) == 1
+                and all(isinstance(a, fx.Node) and (a in desc or strip(a) in trunk) for a in inner.args[:2])
             ):
-                sub = self._add_leaves(o, trunk, desc)
+                sub = self._add_leaves(inner, trunk, desc)
                 if sub:
                     leaves.extend(sub)
                     continue
@@ -280,6 +284,7 @@ class _Analyzer:
             aten.masked_fill.Scalar,
             aten.masked_fill.Tensor,
             aten.where.self,
+            aten.tanh.default,
             aten.to.dtype,
             aten._to_copy.default,
         }
@@ -288,6 +293,11 @@ class _Analyzer:
                 return None
             if is_call(n, MATMUL) and all(isinstance(a, fx.Node) and param_target(a) is None for a in n.args[:2]):
                 return n
+            if is_call(n, {aten.baddbmm.default}):  # bias (e.g. ALiBi) + q @ kᵀ
+                return n
+            if is_call(n, {aten.view.default, aten.reshape.default}):
+                n = n.args[0]
+                continue
             if is_call(n, passthrough):
                 n = next((a for a in n.args if isinstance(a, fx.Node) and len(shape(a)) >= 3), None)
                 continue
@@ -304,15 +314,17 @@ class _Analyzer:
             gqa = bool(core.kwargs.get("enable_gqa", False))
         else:
             mm = self._scores_matmul(core)
-            q, k = mm.args[:2]
-            out = next(
-                (u for u in self._through(core, nodes) if is_call(u, MATMUL) and u.args[0] in self._chain(core, nodes)),
-                None,
-            )
-            if out is None:
+            q, k = mm.args[1:3] if is_call(mm, {aten.baddbmm.default}) else mm.args[:2]
+            out = core
+            while len(out.users) == 1 and not is_call(out, MATMUL):
+                out = next(iter(out.users))
+                if not (is_identity(out) or is_call(out, MATMUL | {aten.view.default, aten.reshape.default})):
+                    return None
+            if not is_call(out, MATMUL):
                 return None
             v = out.args[1]
             gqa = False
+            q, k = _heads_view(q), _heads_view(k)
         qs = shape(q)
         if len(qs) != 4 or not isinstance(qs[1], int) or not isinstance(qs[3], int):
             return None
@@ -323,14 +335,14 @@ class _Analyzer:
         q_path = self._between(lq.node, q, nodes)
         k_path = self._between(lk.node, k, nodes)
         n_rep = 1
-        if gqa:
-            n_rep = heads // shape(k)[1]
-        else:
-            for n in k_path:
-                if is_call(n, {aten.expand.default}):
-                    n_rep *= _int_numel(shape(n)) // max(1, _int_numel(shape(n.args[0])))
-                elif is_call(n, {aten.repeat_interleave.self_int}):
-                    n_rep *= int(n.args[1])
+        k_heads = shape(k)[1] if len(shape(k)) == 4 else heads
+        if gqa or (isinstance(k_heads, int) and k_heads < heads):
+            n_rep = heads // k_heads  # the kernel broadcasts (or groups) the key heads itself
+        for n in k_path:
+            if is_call(n, {aten.expand.default, aten.broadcast_to.default}):
+                n_rep *= _int_numel(shape(n)) // max(1, _int_numel(shape(n.args[0])))
+            elif is_call(n, {aten.repeat_interleave.self_int}):
+                n_rep *= int(n.args[1])
         rope_cats = [n for n in q_path if is_call(n, {aten.cat.default, aten.stack.default}) and any(is_call(a, {aten.neg.default}) for a in n.args[0])]
         rotary = None
         if rope_cats:
@@ -538,17 +550,19 @@ class _Analyzer:
                 w = param_target(n.args[0])
                 if w is None:
                     continue
-                anc = self._value_ancestors(n.args[1]) | {n.args[1]}
-                kind = "other"
-                if any(a.op == "placeholder" for a in anc):
-                    kind = "token"
-                elif any(is_call(a, {aten.arange.default, aten.arange.start, aten.cumsum.default}) for a in anc):
-                    kind = "position"
                 num, dim = self.params[w].shape
-                if kind != "token" and num <= _MAX_TOKEN_TYPES:
+                idx = n.args[1]
+                while is_call(idx, SHAPE) or is_identity(idx):
+                    idx = idx.args[0]
+                anc = self._value_ancestors(n.args[1])
+                if idx.op == "placeholder":
+                    kind = "token"
+                elif num <= _MAX_TOKEN_TYPES:
                     kind = "token_type"  # a position table covers every position; a type table a few ids
-                elif kind == "other" and any(a.op == "get_attr" for a in anc):
-                    kind = "position"  # indices read from a buffer (registered position ids)
+                elif any(a.op == "get_attr" or is_call(a, _POSITION_OPS) for a in anc):
+                    kind = "position"  # arange / cumsum over the sequence, or registered position ids
+                else:
+                    kind = "other"
                 out.append(Embedding(kind, n, w, num, dim))
             elif is_call(n, {aten.conv2d.default, aten.convolution.default}):
                 if any(a.op == "placeholder" for a in self._value_ancestors(n)):
@@ -574,6 +588,18 @@ class _Analyzer:
                     return Head(lin, tied)
                 todo.append(u)
         return None
+
+
+def _heads_view(node: fx.Node) -> fx.Node:
+    """The 4-d (batch, heads, seq, dim) tensor behind a 3-d (batch·heads, seq, dim) one."""
+    n = node
+    for _ in range(4):
+        if len(shape(n)) == 4:
+            return n
+        if not is_call(n, {aten.view.default, aten.reshape.default, aten.transpose.int, aten._unsafe_view.default}):
+            break
+        n = n.args[0]
+    return node
 
 
 def _identity_chain(node: fx.Node) -> list[fx.Node]:

@@ -40,6 +40,8 @@ SHAPE = {
     aten.flatten.using_ints,
     aten.unflatten.int,
     aten.t.default,
+    aten.numpy_T.default,
+    aten.broadcast_to.default,
     aten.select.int,
     aten.split.Tensor,
     aten.split_with_sizes.default,
@@ -185,7 +187,7 @@ def as_linear(node: fx.Node, params: dict[str, torch.Tensor]) -> Linear | None:
         w = param_target(wn)
         if w is None or params[w].dim() != 2 or is_param(x):
             return None
-        transposed = is_call(wn, {aten.t.default, aten.transpose.int, aten.permute.default})
+        transposed = is_call(wn, {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default})
         if transposed:
             out_f, in_f = params[w].shape
             return Linear(node, x, w, None, in_f, out_f, "out_in", node)

@@ -1,0 +1,123 @@
+"""The pass contract and the pipeline text: parsing, printing, options, errors."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from archfx.ir import PassError
+from archfx.passes import REGISTRY, Option, Pass, PassResult, Pipeline, register
+
+
+@pytest.fixture
+def toy_pass():
+    """A pass with one option of every kind (registered for the test only)."""
+
+    class Toy(Pass):
+        name = "toy-pass"
+        summary = "test-only"
+        preserves = True
+        options = (
+            Option("k", int, 2, "an integer ≥ 1", minimum=1),
+            Option("beta", float, 1.0, "in (0, 2]", minimum=0.0, maximum=2.0),
+            Option("flag", bool, False, "a switch"),
+            Option("mode", str, "static", "a choice", choices=("static", "router")),
+        )
+
+        def run(self, graph):
+            return PassResult(changed=False)
+
+    register(Toy)
+    yield Toy
+    del REGISTRY["toy-pass"]
+
+
+def test_canonicalize_is_registered_and_documented():
+    cls = REGISTRY["canonicalize"]
+    assert cls.preserves
+    import archfx.passes.canonicalize as module
+
+    assert "Exactness" in module.__doc__ and "Rewrite" in module.__doc__
+
+
+def test_round_trip(toy_pass):
+    for text in ["canonicalize", "toy-pass(k=3)", "toy-pass(k=3,mode=router),canonicalize", "toy-pass(beta=0.5,flag=true)"]:
+        assert str(Pipeline.parse(text)) == text
+
+
+def test_whitespace_and_empty_parens(toy_pass):
+    assert str(Pipeline.parse(" toy-pass ( k = 4 ) , canonicalize() ")) == "toy-pass(k=4),canonicalize"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "k": st.integers(1, 64),
+                "beta": st.floats(0.0, 2.0, allow_nan=False).map(lambda x: round(x, 3)),
+                "flag": st.booleans(),
+                "mode": st.sampled_from(["static", "router"]),
+            },
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_round_trip_property(opts_list):
+    class Toy(Pass):
+        name = "toy-prop"
+        summary = "test-only"
+        options = (
+            Option("k", int, 2, "", minimum=1),
+            Option("beta", float, 1.0, "", minimum=0.0, maximum=2.0),
+            Option("flag", bool, False, ""),
+            Option("mode", str, "static", "", choices=("static", "router")),
+        )
+
+        def run(self, graph):
+            return PassResult(changed=False)
+
+    REGISTRY["toy-prop"] = Toy
+    try:
+        pipeline = Pipeline([Toy(**o) for o in opts_list])
+        text = str(pipeline)
+        again = Pipeline.parse(text)
+        assert str(again) == text
+        assert [p.opts for p in again.passes] == [p.opts for p in pipeline.passes]
+    finally:
+        del REGISTRY["toy-prop"]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "empty pipeline"),
+        ("canonicalise", "did you mean canonicalize"),
+        ("toy-pass(k=0)", "must be ≥ 1"),
+        ("toy-pass(k=two)", "expects an integer"),
+        ("toy-pass(beta=3)", "must be ≤ 2"),
+        ("toy-pass(flag=maybe)", "true or false"),
+        ("toy-pass(mode=dynamic)", "must be one of static, router"),
+        ("toy-pass(kk=2)", "unknown option 'kk' (did you mean k"),
+        ("toy-pass(k=2,k=3)", "given twice"),
+        ("toy-pass(k=2", "column 13: expected ',' or ')'"),
+        ("toy-pass(k 2)", "expected '='"),
+        ("toy-pass,,canonicalize", "column 10: expected a pass name"),
+        ("toy-pass canonicalize", "expected ',' between passes"),
+        ("toy-pass(=2)", "expected an option name"),
+    ],
+)
+def test_bad_pipelines_say_why(toy_pass, text, fragment):
+    with pytest.raises(PassError) as info:
+        Pipeline.parse(text)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_options_checked_when_built_from_python(toy_pass):
+    with pytest.raises(PassError, match="must be ≥ 1"):
+        toy_pass(k=0)
+    with pytest.raises(PassError, match="unknown option"):
+        toy_pass(q=1)
+    assert toy_pass(k=5).opts == {"k": 5, "beta": 1.0, "flag": False, "mode": "static"}
