@@ -316,12 +316,13 @@ class _Analyzer:
             mm = self._scores_matmul(core)
             q, k = mm.args[1:3] if is_call(mm, {aten.baddbmm.default}) else mm.args[:2]
             out = core
-            while len(out.users) == 1 and not is_call(out, MATMUL):
-                out = next(iter(out.users))
+            while not is_call(out, MATMUL):
+                users = [u for u in out.users if not is_assert(u)]
+                if len(users) != 1:
+                    return None
+                out = users[0]
                 if not (is_identity(out) or is_call(out, MATMUL | {aten.view.default, aten.reshape.default})):
                     return None
-            if not is_call(out, MATMUL):
-                return None
             v = out.args[1]
             gqa = False
             q, k = _heads_view(q), _heads_view(k)
@@ -623,8 +624,8 @@ def _activation(nodes: set) -> str | None:
     if "gelu" in found:
         g = next(n for n in nodes if n.op == "call_function" and n.target == aten.gelu.default)
         return "gelu_tanh" if g.kwargs.get("approximate", "none") == "tanh" else "gelu"
-    if "tanh" in found and aten.pow.Tensor_Scalar in targets:
-        return "gelu_tanh"
+    if "tanh" in found and (aten.pow.Tensor_Scalar in targets or any(0.044715 in n.args for n in nodes if n.op == "call_function")):
+        return "gelu_tanh"  # 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
     if "erf" in found:
         return "gelu"
     if "sigmoid" in found:

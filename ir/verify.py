@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .errors import VerificationError
@@ -44,7 +45,7 @@ def refresh_shapes(graph: Graph) -> None:
     if mode is None:
         return
     try:
-        with mode:
+        with mode, enable_python_dispatcher():
             FakeTensorProp(graph.gm, mode).propagate_dont_convert_inputs(*vals)
     except Exception as exc:
         node = getattr(exc, "node", None)
