@@ -32,8 +32,8 @@ from .ops import (
     SHAPE,
     SOFTMAX,
     Linear,
-    aten,
     as_linear,
+    aten,
     is_assert,
     is_call,
     is_float,
@@ -48,7 +48,12 @@ from .structure import MLP, Attention, Block, Embedding, Head, Norm, Residual, S
 
 _INDEX = re.compile(r"^\d+$")
 _MAX_TOKEN_TYPES = 16
-_POSITION_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step, aten.cumsum.default}
+_POSITION_OPS = {
+    aten.arange.default,
+    aten.arange.start,
+    aten.arange.start_step,
+    aten.cumsum.default,
+}
 
 
 def analyze(graph) -> Structure:
@@ -151,7 +156,13 @@ class _Analyzer:
                 if a not in bset and a.op != "get_attr" and a not in inputs:
                     inputs.append(a)
         adds = [n for n in bnodes if is_call(n, ADD)]
-        operands = {c for a in adds for o in a.args[:2] if isinstance(o, fx.Node) for c in _identity_chain(o)}
+        operands = {
+            c
+            for a in adds
+            for o in a.args[:2]
+            if isinstance(o, fx.Node)
+            for c in _identity_chain(o)
+        }
         cands = [x for x in inputs if is_float(x) and x in operands]
         if not cands:
             self.remarks.append(f"{path}: skipped, no input reaches a residual add")
@@ -161,7 +172,10 @@ class _Analyzer:
         outs = [
             n
             for n in bnodes
-            if any(u not in bset for u in n.users) and is_float(n) and last_dim(n) == d and len(shape(n)) == rank
+            if any(u not in bset for u in n.users)
+            and is_float(n)
+            and last_dim(n) == d
+            and len(shape(n)) == rank
         ]
         desc = self.descendants(x, bset)
         outs = [n for n in outs if n in desc]
@@ -211,7 +225,9 @@ class _Analyzer:
             nodes = (self.ancestors(h, bset) | {h}) - before
             all_nodes |= nodes
             parts.append(self._classify(h, nodes, carry_desc, path))
-        site = Residual(kind="other", placement="none", add=add, carry=carry, branches=branches, nodes=all_nodes)
+        site = Residual(
+            kind="other", placement="none", add=add, carry=carry, branches=branches, nodes=all_nodes
+        )
         for kind, obj in parts:
             if kind in ("attention", "cross_attention") and site.attention is None:
                 site.attention = obj
@@ -245,7 +261,10 @@ class _Analyzer:
                 is_call(inner, ADD)
                 and inner not in trunk
                 and len(inner.users) == 1
-                and all(isinstance(a, fx.Node) and (a in desc or strip(a) in trunk) for a in inner.args[:2])
+                and all(
+                    isinstance(a, fx.Node) and (a in desc or strip(a) in trunk)
+                    for a in inner.args[:2]
+                )
             ):
                 sub = self._add_leaves(inner, trunk, desc)
                 if sub:
@@ -259,11 +278,15 @@ class _Analyzer:
         cores = [n for n in ordered if is_call(n, ATTENTION_OPS) or self._is_softmax_attention(n)]
         if cores:
             if len(cores) > 1:
-                self.remarks.append(f"{path}: branch with {len(cores)} attention kernels; using the first")
+                self.remarks.append(
+                    f"{path}: branch with {len(cores)} attention kernels; using the first"
+                )
             att = self._attention(cores[0], nodes, carry_desc)
             if att is not None:
                 return ("cross_attention" if att.cross else "attention"), att
-            self.remarks.append(f"{path}: attention kernel {cores[0].name} without recognisable q/k/v projections")
+            self.remarks.append(
+                f"{path}: attention kernel {cores[0].name} without recognisable q/k/v projections"
+            )
             return "other", None
         mlp = self._mlp(h, ordered)
         if mlp is not None:
@@ -291,7 +314,9 @@ class _Analyzer:
         for _ in range(8):
             if not isinstance(n, fx.Node):
                 return None
-            if is_call(n, MATMUL) and all(isinstance(a, fx.Node) and param_target(a) is None for a in n.args[:2]):
+            if is_call(n, MATMUL) and all(
+                isinstance(a, fx.Node) and param_target(a) is None for a in n.args[:2]
+            ):
                 return n
             if is_call(n, {aten.baddbmm.default}):  # bias (e.g. ALiBi) + q @ kᵀ
                 return n
@@ -321,7 +346,10 @@ class _Analyzer:
                 if len(users) != 1:
                     return None
                 out = users[0]
-                if not (is_identity(out) or is_call(out, MATMUL | {aten.view.default, aten.reshape.default})):
+                if not (
+                    is_identity(out)
+                    or is_call(out, MATMUL | {aten.view.default, aten.reshape.default})
+                ):
                     return None
             v = out.args[1]
             gqa = False
@@ -344,15 +372,31 @@ class _Analyzer:
                 n_rep *= _int_numel(shape(n)) // max(1, _int_numel(shape(n.args[0])))
             elif is_call(n, {aten.repeat_interleave.self_int}):
                 n_rep *= int(n.args[1])
-        rope_cats = [n for n in q_path if is_call(n, {aten.cat.default, aten.stack.default}) and any(is_call(a, {aten.neg.default}) for a in n.args[0])]
+        rope_cats = [
+            n
+            for n in q_path
+            if is_call(n, {aten.cat.default, aten.stack.default})
+            and any(is_call(a, {aten.neg.default}) for a in n.args[0])
+        ]
         rotary = None
         if rope_cats:
             c = rope_cats[0]
-            rotary = last_dim(c) if is_call(c, {aten.cat.default}) else 2 * (last_dim(c.args[0][0]) or 0) * 1
+            rotary = (
+                last_dim(c)
+                if is_call(c, {aten.cat.default})
+                else 2 * (last_dim(c.args[0][0]) or 0) * 1
+            )
             if is_call(c, {aten.stack.default}):
-                rotary = 2 * _int_numel(shape(c.args[0][0])[3:]) if len(shape(c.args[0][0])) > 3 else last_dim(c.args[0][0]) * 2
+                rotary = (
+                    2 * _int_numel(shape(c.args[0][0])[3:])
+                    if len(shape(c.args[0][0])) > 3
+                    else last_dim(c.args[0][0]) * 2
+                )
         qk_norm = any(is_call(n, NORM_OPS | {aten.rsqrt.default}) for n in q_path)
-        o = next((self.linear(n) for n in self.sorted(self.descendants(out, nodes)) if self.linear(n)), None)
+        o = next(
+            (self.linear(n) for n in self.sorted(self.descendants(out, nodes)) if self.linear(n)),
+            None,
+        )
         return Attention(
             core=core,
             heads=heads,
@@ -399,7 +443,7 @@ class _Analyzer:
         return None
 
     def _between(self, src: fx.Node, dst: fx.Node, nodes: set) -> list[fx.Node]:
-        return self.sorted((self.descendants(src, nodes) & (self.ancestors(dst, nodes) | {dst})))
+        return self.sorted(self.descendants(src, nodes) & (self.ancestors(dst, nodes) | {dst}))
 
     # mlp ------------------------------------------------------------------------------------------
 
@@ -421,7 +465,9 @@ class _Analyzer:
         gated = False
         if len(ups) >= 2:
             for n in between:
-                if is_call(n, {aten.mul.Tensor}) and all(isinstance(a, fx.Node) for a in n.args[:2]):
+                if is_call(n, {aten.mul.Tensor}) and all(
+                    isinstance(a, fx.Node) for a in n.args[:2]
+                ):
                     srcs = [self.ancestors(a, nodes) | {a} for a in n.args[:2]]
                     hit = [{u.node for u in ups} & s for s in srcs]
                     if hit[0] and hit[1] and hit[0] != hit[1]:
@@ -442,21 +488,35 @@ class _Analyzer:
         while todo:
             n, depth = todo.popleft()
             for u in n.users:
-                if u in allowed and u not in region and not is_heavy(u, self.params) and depth < 12:
+                if u in allowed and u not in region and not is_heavy(u) and depth < 12:
                     region.add(u)
                     todo.append((u, depth + 1))
-        roots = self.sorted(n for n in region if is_call(n, {aten.rsqrt.default, aten.sqrt.default}))
+        roots = self.sorted(
+            n for n in region if is_call(n, {aten.rsqrt.default, aten.sqrt.default})
+        )
         for r in roots:
             stats = self.ancestors(r, region)
-            if not any(is_call(n, {aten.mean.dim, aten.var.correction, aten.var_mean.correction}) for n in stats):
+            if not any(
+                is_call(n, {aten.mean.dim, aten.var.correction, aten.var_mean.correction})
+                for n in stats
+            ):
                 continue
-            scaled = [u for u in self._through(r, region) if is_call(u, {aten.mul.Tensor, aten.div.Tensor})]
+            scaled = [
+                u
+                for u in self._through(r, region)
+                if is_call(u, {aten.mul.Tensor, aten.div.Tensor})
+            ]
             if not scaled:
                 continue
             out = scaled[0]
-            centered = any(is_call(n, {aten.sub.Tensor, aten.var_mean.correction, aten.var.correction}) for n in self.ancestors(out, region))
+            centered = any(
+                is_call(n, {aten.sub.Tensor, aten.var_mean.correction, aten.var.correction})
+                for n in self.ancestors(out, region)
+            )
             norm = Norm("layernorm" if centered else "rmsnorm", start, out)
-            eps_add = next((n for n in stats if is_call(n, ADD) and not isinstance(n.args[1], fx.Node)), None)
+            eps_add = next(
+                (n for n in stats if is_call(n, ADD) and not isinstance(n.args[1], fx.Node)), None
+            )
             norm.eps = float(eps_add.args[1]) if eps_add is not None else None
             self._affine(norm, region | allowed)
             norm.nodes = (self.ancestors(norm.output, region) | {norm.output}) & region
@@ -486,7 +546,14 @@ class _Analyzer:
             if len(users) != 1:
                 break
             u = users[0]
-            other = next((a for a in u.args[:2] if a is not out and not (isinstance(a, fx.Node) and strip(a) is strip(out))), None)
+            other = next(
+                (
+                    a
+                    for a in u.args[:2]
+                    if a is not out and not (isinstance(a, fx.Node) and strip(a) is strip(out))
+                ),
+                None,
+            )
             chain_out = u
             if is_call(u, {aten.mul.Tensor}) and norm.weight is None and isinstance(other, fx.Node):
                 target = param_target(other)
@@ -509,7 +576,9 @@ class _Analyzer:
             out = chain_out
             if norm.bias is not None:
                 break
-        while len(self._through(norm.output, allowed)) == 1 and any(is_identity(u) for u in norm.output.users):
+        while len(self._through(norm.output, allowed)) == 1 and any(
+            is_identity(u) for u in norm.output.users
+        ):
             norm.output = next(u for u in norm.output.users if is_identity(u))
 
     def _norm_ending_at(self, h: fx.Node, allowed: set) -> Norm | None:
@@ -522,9 +591,15 @@ class _Analyzer:
             for a in n.all_input_nodes:
                 if a in allowed and a not in seen and depth < 10:
                     seen.add(a)
-                    if is_heavy(a, self.params) or self.linear(a):
-                        norm = self._norm_from(self.linear(a).output if self.linear(a) else a, allowed)
-                        if norm is not None and strip(norm.output) is end or (norm and norm.output is end):
+                    if is_heavy(a) or self.linear(a):
+                        norm = self._norm_from(
+                            self.linear(a).output if self.linear(a) else a, allowed
+                        )
+                        if (
+                            norm is not None
+                            and strip(norm.output) is end
+                            or (norm and norm.output is end)
+                        ):
                             return norm
                     else:
                         todo.append((a, depth + 1))
@@ -537,7 +612,10 @@ class _Analyzer:
         while todo:
             n = todo.pop()
             for a in n.all_input_nodes:
-                if a not in seen and (isinstance(a.meta.get("val"), torch.Tensor) or a.op in ("get_attr", "placeholder")):
+                if a not in seen and (
+                    isinstance(a.meta.get("val"), torch.Tensor)
+                    or a.op in ("get_attr", "placeholder")
+                ):
                     seen.add(a)
                     todo.append(a)
         return seen
@@ -561,14 +639,17 @@ class _Analyzer:
                 elif num <= _MAX_TOKEN_TYPES:
                     kind = "token_type"  # a position table covers every position; a type table a few ids
                 elif any(a.op == "get_attr" or is_call(a, _POSITION_OPS) for a in anc):
-                    kind = "position"  # arange / cumsum over the sequence, or registered position ids
+                    kind = "position"  # arange / cumsum over the sequence, or position-id buffers
                 else:
                     kind = "other"
                 out.append(Embedding(kind, n, w, num, dim))
-            elif is_call(n, {aten.conv2d.default, aten.convolution.default}):
-                if any(a.op == "placeholder" for a in self._value_ancestors(n)):
-                    w = param_target(n.args[1])
-                    out.append(Embedding("patch", n, w, self.params[w].shape[0], self.params[w].shape[0]))
+            elif is_call(n, {aten.conv2d.default, aten.convolution.default}) and any(
+                a.op == "placeholder" for a in self._value_ancestors(n)
+            ):
+                w = param_target(n.args[1])
+                out.append(
+                    Embedding("patch", n, w, self.params[w].shape[0], self.params[w].shape[0])
+                )
         return out
 
     def _head(self, stream: fx.Node, outside: set, embeddings: list[Embedding]) -> Head | None:
@@ -583,7 +664,11 @@ class _Analyzer:
                 if lin is not None:
                     w = self.params[lin.weight]
                     tied = any(
-                        e.kind == "token" and (self.params[e.weight] is w or self.params[e.weight].data_ptr() == w.data_ptr())
+                        e.kind == "token"
+                        and (
+                            self.params[e.weight] is w
+                            or self.params[e.weight].data_ptr() == w.data_ptr()
+                        )
                         for e in embeddings
                     )
                     return Head(lin, tied)
@@ -597,7 +682,15 @@ def _heads_view(node: fx.Node) -> fx.Node:
     for _ in range(4):
         if len(shape(n)) == 4:
             return n
-        if not is_call(n, {aten.view.default, aten.reshape.default, aten.transpose.int, aten._unsafe_view.default}):
+        if not is_call(
+            n,
+            {
+                aten.view.default,
+                aten.reshape.default,
+                aten.transpose.int,
+                aten._unsafe_view.default,
+            },
+        ):
             break
         n = n.args[0]
     return node
@@ -624,7 +717,10 @@ def _activation(nodes: set) -> str | None:
     if "gelu" in found:
         g = next(n for n in nodes if n.op == "call_function" and n.target == aten.gelu.default)
         return "gelu_tanh" if g.kwargs.get("approximate", "none") == "tanh" else "gelu"
-    if "tanh" in found and (aten.pow.Tensor_Scalar in targets or any(0.044715 in n.args for n in nodes if n.op == "call_function")):
+    if "tanh" in found and (
+        aten.pow.Tensor_Scalar in targets
+        or any(0.044715 in n.args for n in nodes if n.op == "call_function")
+    ):
         return "gelu_tanh"  # 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
     if "erf" in found:
         return "gelu"

@@ -23,13 +23,19 @@ from .graph import Graph
 METHODS = ("export", "fx")
 
 
-def capture(model: nn.Module, example_inputs=None, *, method: str = "export", dynamic: bool = True) -> Graph:
+def capture(
+    model: nn.Module, example_inputs=None, *, method: str = "export", dynamic: bool = True
+) -> Graph:
     """Capture `model` on `example_inputs` (derived from the model when None) as a `Graph`."""
     if method not in METHODS:
         raise CaptureError(f"unknown capture method {method!r}; choose one of {', '.join(METHODS)}")
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    ins = _inputs.derive(model) if example_inputs is None else _inputs.from_user(model, example_inputs)
+    ins = (
+        _inputs.derive(model)
+        if example_inputs is None
+        else _inputs.from_user(model, example_inputs)
+    )
     was_training = model.training
     model.eval()
     try:
@@ -44,7 +50,10 @@ def capture(model: nn.Module, example_inputs=None, *, method: str = "export", dy
         gm=gm,
         inputs=ins,
         output_names=_output_names(out_spec),
-        provenance={"model_class": f"{type(model).__module__}.{type(model).__qualname__}", "method": method},
+        provenance={
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "method": method,
+        },
         range_constraints=dict(ep.range_constraints),
     )
 
@@ -83,7 +92,9 @@ def _explain(model: nn.Module, exc: BaseException) -> str:
     frames = re.findall(r'File "([^"]+)", line (\d+)', msg)
     if not frames:
         frames = [(f.filename, str(f.lineno)) for f in traceback.extract_tb(exc.__traceback__)]
-    user = [f for f in frames if "/torch/" not in f[0] and "/archfx/" not in f[0] and "/ir/" not in f[0]]
+    user = [
+        f for f in frames if "/torch/" not in f[0] and "/archfx/" not in f[0] and "/ir/" not in f[0]
+    ]
     if user:
         where = f" at {user[-1][0]}:{user[-1][1]}"
     hint = "check that the example inputs match the model's forward"
@@ -114,7 +125,9 @@ def _flatten(gm: fx.GraphModule) -> tuple[fx.GraphModule, pytree.TreeSpec]:
     flat = out.args[0]
     out.args = (tuple(flat) if isinstance(flat, (list, tuple)) else (flat,),)
     # a plain GraphModule: without the exported module's input-spec hooks and guards
-    return fx.GraphModule(gm, graph, class_name=type(gm).__name__.replace("Impl", "") or "GraphModule"), out_spec
+    return fx.GraphModule(
+        gm, graph, class_name=type(gm).__name__.replace("Impl", "") or "GraphModule"
+    ), out_spec
 
 
 def _output_names(out_spec: pytree.TreeSpec) -> list[str]:
@@ -132,7 +145,9 @@ def _own_tensors(gm: fx.GraphModule) -> None:
     def own(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in memo:
             c = t.detach().clone()
-            memo[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+            memo[id(t)] = (
+                nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+            )
         return memo[id(t)]
 
     for mod in gm.modules():

@@ -17,11 +17,17 @@ COLORS = {
 FORMATS = (".svg", ".png")
 
 
-def draw(structure: Structure, path: str | Path, title: str | None = None) -> Path:
-    """Draw the block structure to an SVG or PNG file (chosen by the suffix)."""
+def check_path(path: str | Path) -> Path:
+    """The picture's path, if its suffix names a format archfx draws."""
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise ArchfxError(f"cannot draw to {path.name}: use a .svg or .png file name")
+    return path
+
+
+def draw(structure: Structure, path: str | Path, title: str | None = None) -> Path:
+    """Draw the block structure to an SVG or PNG file (chosen by the suffix)."""
+    path = check_path(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,7 +35,9 @@ def draw(structure: Structure, path: str | Path, title: str | None = None) -> Pa
     from matplotlib.patches import FancyBboxPatch
 
     rows = []  # (label, [(text, color)])
-    rows.append(("embeddings", [(f"{e.kind} {e.num}×{e.dim}", "#DD8452") for e in structure.embeddings]))
+    rows.append(
+        ("embeddings", [(f"{e.kind} {e.num}×{e.dim}", "#DD8452") for e in structure.embeddings])
+    )
     for stack in structure.stacks:
         for b in stack.blocks:
             cells = []
@@ -37,7 +45,9 @@ def draw(structure: Structure, path: str | Path, title: str | None = None) -> Pa
                 text = r.kind.replace("_", "-")
                 if r.attention is not None:
                     a = r.attention
-                    text += f"\n{a.heads}h/{a.kv_heads}kv×{a.head_dim}" + (" rope" if a.rope else "")
+                    text += f"\n{a.heads}h/{a.kv_heads}kv×{a.head_dim}" + (
+                        " rope" if a.rope else ""
+                    )
                 if r.mlp is not None and r.kind != "attention":
                     text += f"\n{r.mlp.hidden}{' gated' if r.mlp.gated else ''} {r.mlp.activation or ''}"
                 norm = r.norm.kind if r.norm else "no norm"
@@ -48,7 +58,17 @@ def draw(structure: Structure, path: str | Path, title: str | None = None) -> Pa
             rows.append((f"{stack.path} final", [(stack.final_norm.kind, "#937860")]))
     if structure.head is not None:
         h = structure.head
-        rows.append(("head", [(f"{h.linear.in_features}→{h.linear.out_features}{' tied' if h.tied else ''}", "#DA8BC3")]))
+        rows.append(
+            (
+                "head",
+                [
+                    (
+                        f"{h.linear.in_features}→{h.linear.out_features}{' tied' if h.tied else ''}",
+                        "#DA8BC3",
+                    )
+                ],
+            )
+        )
     width = max(len(c) for _, c in rows) or 1
     fig_h = 0.75 * len(rows) + 0.8
     fig, ax = plt.subplots(figsize=(3.0 + 2.6 * width, fig_h))
@@ -60,9 +80,21 @@ def draw(structure: Structure, path: str | Path, title: str | None = None) -> Pa
         ax.text(2.2, y + 0.45, label, ha="right", va="center", fontsize=8, family="monospace")
         for j, (text, color) in enumerate(cells):
             x = 2.4 + 2.6 * j
-            ax.add_patch(FancyBboxPatch((x, y + 0.08), 2.4, 0.74, boxstyle="round,pad=0.02", fc=color, ec="none", alpha=0.85))
+            ax.add_patch(
+                FancyBboxPatch(
+                    (x, y + 0.08),
+                    2.4,
+                    0.74,
+                    boxstyle="round,pad=0.02",
+                    fc=color,
+                    ec="none",
+                    alpha=0.85,
+                )
+            )
             ax.text(x + 1.2, y + 0.45, text, ha="center", va="center", fontsize=6.5, color="white")
-    ax.set_title(title or f"{len(structure.blocks)} blocks, hidden {structure.hidden_size}", fontsize=10)
+    ax.set_title(
+        title or f"{len(structure.blocks)} blocks, hidden {structure.hidden_size}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -44,7 +44,13 @@ class Graph:
     def copy(self) -> Graph:
         """A deep copy: a new GraphModule whose parameters share nothing with this one."""
         gm = copy.deepcopy(self.gm)
-        return Graph(gm, self.inputs, list(self.output_names), dict(self.provenance), dict(self.range_constraints))
+        return Graph(
+            gm,
+            self.inputs,
+            list(self.output_names),
+            dict(self.provenance),
+            dict(self.range_constraints),
+        )
 
     # analyses -------------------------------------------------------------------------------
 
@@ -86,7 +92,11 @@ class Graph:
                 mod.add_module(part, torch.nn.Module())
             mod = getattr(mod, part)
         if isinstance(value, torch.nn.Parameter) or leaf in mod._parameters:
-            value = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value, value.requires_grad or value.is_floating_point())
+            value = (
+                value
+                if isinstance(value, torch.nn.Parameter)
+                else torch.nn.Parameter(value, value.requires_grad or value.is_floating_point())
+            )
             if leaf in mod._buffers:
                 del mod._buffers[leaf]
             mod._parameters[leaf] = value

@@ -67,14 +67,22 @@ def from_user(model: nn.Module, example) -> Inputs:
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
         if not all(isinstance(t, torch.Tensor) for t in example):
-            raise CaptureError("positional example inputs must all be tensors; pass a dict of keyword inputs for other values")
-        names = params[: len(example)] if len(params) >= len(example) else [f"arg{i}" for i in range(len(example))]
+            raise CaptureError(
+                "positional example inputs must all be tensors; pass a dict of keyword inputs for other values"
+            )
+        names = (
+            params[: len(example)]
+            if len(params) >= len(example)
+            else [f"arg{i}" for i in range(len(example))]
+        )
         return Inputs(list(names), list(example), positional=True)
     if isinstance(example, dict):
         tensors = {k: v for k, v in example.items() if isinstance(v, torch.Tensor)}
         fixed = {k: v for k, v in example.items() if not isinstance(v, torch.Tensor)}
         return Inputs(list(tensors), list(tensors.values()), positional=False, fixed=fixed)
-    raise CaptureError(f"example inputs must be a tensor, tuple or dict, not {type(example).__name__}")
+    raise CaptureError(
+        f"example inputs must be a tensor, tuple or dict, not {type(example).__name__}"
+    )
 
 
 def derive(model: nn.Module, seed: int = 0) -> Inputs:
@@ -95,14 +103,22 @@ def derive(model: nn.Module, seed: int = 0) -> Inputs:
         if main == "input_ids":
             vocab = getattr(cfg, "vocab_size", None)
             if not vocab:
-                raise CaptureError(f"{type(model).__name__}: config has no vocab_size; pass example inputs")
-            limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or SEQ
+                raise CaptureError(
+                    f"{type(model).__name__}: config has no vocab_size; pass example inputs"
+                )
+            limit = (
+                getattr(cfg, "max_position_embeddings", None)
+                or getattr(cfg, "n_positions", None)
+                or SEQ
+            )
             seq = min(SEQ, limit)
             names = ["input_ids"]
             tensors = [torch.randint(0, vocab, (BATCH, seq), generator=gen)]
             if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in sig:
                 names.append("decoder_input_ids")
-                tensors.append(torch.randint(0, vocab, (BATCH, min(DECODER_SEQ, seq)), generator=gen))
+                tensors.append(
+                    torch.randint(0, vocab, (BATCH, min(DECODER_SEQ, seq)), generator=gen)
+                )
             return Inputs(names, tensors, positional=False, fixed=fixed)
         if main == "pixel_values":
             size = getattr(config, "image_size", 224)
@@ -113,11 +129,15 @@ def derive(model: nn.Module, seed: int = 0) -> Inputs:
         raise CaptureError(
             f"{type(model).__name__} takes {main!r}, which archfx cannot invent; pass example inputs"
         )
-    first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.Conv2d, nn.Linear))), None)
+    first = next(
+        (m for m in model.modules() if isinstance(m, (nn.Embedding, nn.Conv2d, nn.Linear))), None
+    )
     name = next(iter(sig), "x")
     if isinstance(first, nn.Embedding):
         seq = SEQ
-        block_size = getattr(getattr(model, "config", None), "block_size", None) or getattr(model, "block_size", None)
+        block_size = getattr(getattr(model, "config", None), "block_size", None) or getattr(
+            model, "block_size", None
+        )
         if block_size:
             seq = min(seq, block_size)
         t = torch.randint(0, first.num_embeddings, (BATCH, seq), generator=gen)
@@ -132,7 +152,9 @@ def derive(model: nn.Module, seed: int = 0) -> Inputs:
     )
 
 
-def resized(graph_inputs: Inputs, placeholder_shapes: list, range_constraints: dict, seed: int = 1) -> Inputs | None:
+def resized(
+    graph_inputs: Inputs, placeholder_shapes: list, range_constraints: dict, seed: int = 1
+) -> Inputs | None:
     """Inputs at a second shape: every dynamic dim moved to another value within its range.
 
     Values are drawn like the examples: integers within the observed range (constant

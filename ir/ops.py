@@ -75,7 +75,9 @@ def is_call(node, targets) -> bool:
 
 def is_assert(node) -> bool:
     """Runtime checks torch.export leaves in the graph (no value, no users)."""
-    return isinstance(node, fx.Node) and node.op == "call_function" and "_assert" in str(node.target)
+    return (
+        isinstance(node, fx.Node) and node.op == "call_function" and "_assert" in str(node.target)
+    )
 
 
 def is_dropout_identity(node: fx.Node) -> bool:
@@ -90,8 +92,15 @@ def is_dropout_identity(node: fx.Node) -> bool:
 def is_identity(node) -> bool:
     """Ops that return their first input unchanged in value (fp32 casts, copies, eval dropout)."""
     if is_call(node, IDENTITY):
-        val, src = node.meta.get("val"), node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-        return isinstance(val, torch.Tensor) and isinstance(src, torch.Tensor) and val.dtype == src.dtype
+        val, src = (
+            node.meta.get("val"),
+            node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None,
+        )
+        return (
+            isinstance(val, torch.Tensor)
+            and isinstance(src, torch.Tensor)
+            and val.dtype == src.dtype
+        )
     return is_dropout_identity(node)
 
 
@@ -122,7 +131,9 @@ def is_float(node) -> bool:
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if isinstance(val(a), torch.Tensor) or a.op == "get_attr"]
+    return [
+        a for a in node.all_input_nodes if isinstance(val(a), torch.Tensor) or a.op == "get_attr"
+    ]
 
 
 def param_target(node) -> str | None:
@@ -130,7 +141,11 @@ def param_target(node) -> str | None:
     while isinstance(node, fx.Node):
         if node.op == "get_attr":
             return node.target
-        if node.op == "call_function" and (node.target in IDENTITY or node.target in SHAPE) and node.args:
+        if (
+            node.op == "call_function"
+            and (node.target in IDENTITY or node.target in SHAPE)
+            and node.args
+        ):
             node = node.args[0]
             continue
         return None
@@ -187,7 +202,9 @@ def as_linear(node: fx.Node, params: dict[str, torch.Tensor]) -> Linear | None:
         w = param_target(wn)
         if w is None or params[w].dim() != 2 or is_param(x):
             return None
-        transposed = is_call(wn, {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default})
+        transposed = is_call(
+            wn, {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
+        )
         if transposed:
             out_f, in_f = params[w].shape
             return Linear(node, x, w, None, in_f, out_f, "out_in", node)
@@ -196,14 +213,13 @@ def as_linear(node: fx.Node, params: dict[str, torch.Tensor]) -> Linear | None:
     return None
 
 
-def is_heavy(node, params) -> bool:
+def is_heavy(node) -> bool:
     """Ops that end a norm region: projections, attention, convolutions, lookups."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return False
     if node.target in ATTENTION_OPS or node.target in SOFTMAX or node.target in NORM_OPS:
         return True
-    if node.target in (aten.embedding.default, aten.conv2d.default, aten.convolution.default):
-        return True
-    if node.target in LINEAR_OPS:
-        return True
-    return False
+    return (
+        node.target in (aten.embedding.default, aten.conv2d.default, aten.convolution.default)
+        or node.target in LINEAR_OPS
+    )

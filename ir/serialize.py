@@ -23,7 +23,9 @@ def state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[int, str] = {}
-    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    named = list(module.named_parameters(remove_duplicate=False)) + list(
+        module.named_buffers(remove_duplicate=False)
+    )
     for name, t in named:
         if id(t) in seen:
             aliases[name] = seen[id(t)]
@@ -41,7 +43,9 @@ def write_dir(out: str | Path, fill: Callable[[Path], None], *, force: bool = Fa
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ArtifactError(f"{out} exists and is not empty; choose another directory or pass --force")
+        raise ArtifactError(
+            f"{out} exists and is not empty; choose another directory or pass --force"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -69,7 +73,9 @@ def load_tensors(path: Path, expected_sha: str | None = None) -> dict[str, torch
     if not path.exists():
         raise ArtifactError(f"{path} is missing")
     if expected_sha is not None and sha256(path) != expected_sha:
-        raise ArtifactError(f"{path} does not match its recipe (checksum differs): the file was changed or truncated")
+        raise ArtifactError(
+            f"{path} does not match its recipe (checksum differs): the file was changed or truncated"
+        )
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

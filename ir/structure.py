@@ -25,7 +25,12 @@ class Norm:
     nodes: set = field(default_factory=set, repr=False)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "gain": "1+w" if self.unit_offset else ("w" if self.weight else None), "bias": self.bias is not None, "eps": self.eps}
+        return {
+            "kind": self.kind,
+            "gain": "1+w" if self.unit_offset else ("w" if self.weight else None),
+            "bias": self.bias is not None,
+            "eps": self.eps,
+        }
 
 
 @dataclass
@@ -70,7 +75,12 @@ class MLP:
     down: Linear
 
     def to_json(self) -> dict:
-        return {"hidden": self.hidden, "gated": self.gated, "activation": self.activation, "projection": self.down.op}
+        return {
+            "hidden": self.hidden,
+            "gated": self.gated,
+            "activation": self.activation,
+            "projection": self.down.op,
+        }
 
 
 @dataclass
@@ -94,7 +104,11 @@ class Residual:
         return self.pre_norm or self.post_norm or self.output_norm
 
     def to_json(self) -> dict:
-        out = {"kind": self.kind, "placement": self.placement, "norm": self.norm.to_json() if self.norm else None}
+        out = {
+            "kind": self.kind,
+            "placement": self.placement,
+            "norm": self.norm.to_json() if self.norm else None,
+        }
         if self.attention:
             out["attention"] = self.attention.to_json()
         if self.mlp:
@@ -170,7 +184,11 @@ class Stack:
     output: fx.Node  # the stream after the final norm (or the last block)
 
     def to_json(self) -> dict:
-        return {"path": self.path, "blocks": len(self.blocks), "final_norm": self.final_norm.to_json() if self.final_norm else None}
+        return {
+            "path": self.path,
+            "blocks": len(self.blocks),
+            "final_norm": self.final_norm.to_json() if self.final_norm else None,
+        }
 
 
 @dataclass
@@ -179,7 +197,11 @@ class Head:
     tied: bool
 
     def to_json(self) -> dict:
-        return {"out_features": self.linear.out_features, "tied": self.tied, "bias": self.linear.bias is not None}
+        return {
+            "out_features": self.linear.out_features,
+            "tied": self.tied,
+            "bias": self.linear.bias is not None,
+        }
 
 
 @dataclass

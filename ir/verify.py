@@ -31,7 +31,9 @@ def lint(graph: Graph) -> None:
             try:
                 graph.tensor(node.target)
             except AttributeError as exc:
-                raise VerificationError(f"node {node.name} reads {node.target!r}, which does not exist") from exc
+                raise VerificationError(
+                    f"node {node.name} reads {node.target!r}, which does not exist"
+                ) from exc
 
 
 def refresh_shapes(graph: Graph) -> None:
@@ -81,11 +83,15 @@ class Certificate:
 def compare(expected, actual, names: list[str]) -> dict[str, float]:
     """Max |Δ| per output; a missing output or a shape mismatch is an infinite difference."""
     if len(expected) != len(actual):
-        raise VerificationError(f"the rewritten graph returns {len(actual)} outputs, the original {len(expected)}")
+        raise VerificationError(
+            f"the rewritten graph returns {len(actual)} outputs, the original {len(expected)}"
+        )
     out = {}
     for name, e, a in zip(names, expected, actual, strict=True):
         if e.shape != a.shape:
-            raise VerificationError(f"output {name!r} changed shape: {tuple(e.shape)} → {tuple(a.shape)}")
+            raise VerificationError(
+                f"output {name!r} changed shape: {tuple(e.shape)} → {tuple(a.shape)}"
+            )
         if e.numel() == 0:
             out[name] = 0.0
         elif e.is_floating_point():

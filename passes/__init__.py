@@ -2,6 +2,17 @@
 
 from . import canonicalize  # noqa: F401  (registers the pass)
 from .base import REGISTRY, Option, Pass, PassResult, Remark, get, register
-from .pipeline import Pipeline, PipelineResult, PassRecord
+from .pipeline import PassRecord, Pipeline, PipelineResult
 
-__all__ = ["REGISTRY", "Option", "Pass", "PassRecord", "PassResult", "Pipeline", "PipelineResult", "Remark", "get", "register"]
+__all__ = [
+    "REGISTRY",
+    "Option",
+    "Pass",
+    "PassRecord",
+    "PassResult",
+    "Pipeline",
+    "PipelineResult",
+    "Remark",
+    "get",
+    "register",
+]

@@ -20,7 +20,15 @@ FORMAT = "archfx-model"
 FORMAT_VERSION = 1
 
 
-def save(graph: Graph, out: str | Path, *, source: dict, pipeline: str, model: torch.nn.Module | None = None, force: bool = False) -> Path:
+def save(
+    graph: Graph,
+    out: str | Path,
+    *,
+    source: dict,
+    pipeline: str,
+    model: torch.nn.Module | None = None,
+    force: bool = False,
+) -> Path:
     """Write `graph` (the result of `pipeline` on the model described by `source`) to `out`.
 
     For Hugging Face models pass the source `model` too: its config is stored beside the
@@ -28,10 +36,17 @@ def save(graph: Graph, out: str | Path, *, source: dict, pipeline: str, model: t
     """
     for key, value in graph.inputs.fixed.items():
         if not isinstance(value, (bool, int, float, str, type(None))):
-            raise ArtifactError(f"cannot record the fixed input {key}={value!r}: only JSON scalars are supported")
+            raise ArtifactError(
+                f"cannot record the fixed input {key}={value!r}: only JSON scalars are supported"
+            )
     config = getattr(model, "config", None)
     if isinstance(model, transformers.PreTrainedModel) and config is not None:
-        source = {"kind": "hf-config", "class": type(model).__name__, "config": "config.json", "origin": source}
+        source = {
+            "kind": "hf-config",
+            "class": type(model).__name__,
+            "config": "config.json",
+            "origin": source,
+        }
 
     def fill(tmp: Path) -> None:
         tensors, aliases = state(graph.gm)
@@ -71,9 +86,13 @@ def load(path: str | Path) -> Graph:
         raise ArtifactError(f"{path} is not a directory saved by archfx (`archfx apply --out`)")
     recipe = read_json(path / "recipe.json")
     if recipe.get("format") != FORMAT:
-        raise ArtifactError(f"{path}/recipe.json is not an archfx recipe (format {recipe.get('format')!r})")
+        raise ArtifactError(
+            f"{path}/recipe.json is not an archfx recipe (format {recipe.get('format')!r})"
+        )
     if recipe.get("version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path} was saved in recipe version {recipe.get('version')}; this archfx reads {FORMAT_VERSION}")
+        raise ArtifactError(
+            f"{path} was saved in recipe version {recipe.get('version')}; this archfx reads {FORMAT_VERSION}"
+        )
     try:
         cap, weights, ex = recipe["capture"], recipe["weights"], recipe["example_inputs"]
         source, text = recipe["source"], recipe["pipeline"]
@@ -89,7 +108,12 @@ def load(path: str | Path) -> Graph:
     if not isinstance(dtype, torch.dtype):
         raise ArtifactError(f"{path}/recipe.json names an unknown dtype {recipe.get('dtype')!r}")
     model = model.to(dtype)
-    ins = Inputs(list(cap["inputs"]), [inputs[n] for n in cap["inputs"]], bool(cap["positional"]), dict(cap["fixed"]))
+    ins = Inputs(
+        list(cap["inputs"]),
+        [inputs[n] for n in cap["inputs"]],
+        bool(cap["positional"]),
+        dict(cap["fixed"]),
+    )
     graph = capture(model, ins, method=cap.get("method", "export"))
     if text:
         graph = Pipeline.parse(text).run(graph, verify=False).graph
@@ -103,7 +127,9 @@ def _rebuild(source: dict, path: Path) -> torch.nn.Module:
         cls_name = source.get("class", "")
         cls = getattr(transformers, cls_name, None)
         if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
-            raise ArtifactError(f"{path}/recipe.json names {cls_name!r}, which is not a transformers model class")
+            raise ArtifactError(
+                f"{path}/recipe.json names {cls_name!r}, which is not a transformers model class"
+            )
         config_path = path / source.get("config", "config.json")
         if not config_path.exists():
             raise ArtifactError(f"{config_path} is missing")
@@ -127,14 +153,20 @@ def _load_weights(graph: Graph, tensors: dict, aliases: dict, path: Path) -> Non
             f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}"
         )
     if own_aliases != aliases:
-        raise ArtifactError(f"{path}: tied weights differ from the rebuilt model ({aliases} vs {own_aliases})")
+        raise ArtifactError(
+            f"{path}: tied weights differ from the rebuilt model ({aliases} vs {own_aliases})"
+        )
     with torch.no_grad():
         for name, t in tensors.items():
             target = graph.tensor(name)
             if target.shape != t.shape:
-                raise ArtifactError(f"{path}: {name} has shape {tuple(t.shape)}, the rebuilt model {tuple(target.shape)}")
+                raise ArtifactError(
+                    f"{path}: {name} has shape {tuple(t.shape)}, the rebuilt model {tuple(target.shape)}"
+                )
             if target.dtype != t.dtype:
-                raise ArtifactError(f"{path}: {name} is {t.dtype}, the rebuilt model {target.dtype}")
+                raise ArtifactError(
+                    f"{path}: {name} is {t.dtype}, the rebuilt model {target.dtype}"
+                )
             target.copy_(t)
 
 

@@ -39,16 +39,22 @@ class Option:
             else:
                 value = text
         except ValueError:
-            raise PassError(f"{owner}: option {self.name} expects {self.describe_type()}, got {text!r}") from None
+            raise PassError(
+                f"{owner}: option {self.name} expects {self.describe_type()}, got {text!r}"
+            ) from None
         return self.check(owner, value)
 
     def check(self, owner: str, value: Any) -> Any:
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
-            raise PassError(f"{owner}: option {self.name} expects {self.describe_type()}, got {value!r}")
+            raise PassError(
+                f"{owner}: option {self.name} expects {self.describe_type()}, got {value!r}"
+            )
         if self.choices is not None and value not in self.choices:
-            raise PassError(f"{owner}: option {self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+            raise PassError(
+                f"{owner}: option {self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+            )
         if self.minimum is not None and value < self.minimum:
             raise PassError(f"{owner}: option {self.name} must be ≥ {self.minimum}, got {value!r}")
         if self.maximum is not None and value > self.maximum:
@@ -125,12 +131,19 @@ class Pass:
     def __str__(self) -> str:
         if not self.given:
             return self.name
-        parts = [f"{o.name}={_fmt(self.given[o.name])}" for o in self.options if o.name in self.given]
+        parts = [
+            f"{o.name}={_fmt(self.given[o.name])}" for o in self.options if o.name in self.given
+        ]
         return f"{self.name}({','.join(parts)})"
 
     @classmethod
     def to_json(cls) -> dict:
-        return {"name": cls.name, "summary": cls.summary, "preserves": cls.preserves, "options": [o.to_json() for o in cls.options]}
+        return {
+            "name": cls.name,
+            "summary": cls.summary,
+            "preserves": cls.preserves,
+            "options": [o.to_json() for o in cls.options],
+        }
 
 
 REGISTRY: dict[str, type[Pass]] = {}
@@ -145,13 +158,19 @@ def register(cls: type[Pass]) -> type[Pass]:
 
 def get(name: str) -> type[Pass]:
     if name not in REGISTRY:
-        raise PassError(f"unknown pass {name!r}{_suggest(name, REGISTRY)}; `archfx passes` lists them")
+        raise PassError(
+            f"unknown pass {name!r}{_suggest(name, REGISTRY)}; `archfx passes` lists them"
+        )
     return REGISTRY[name]
 
 
 def _suggest(word: str, known) -> str:
     close = difflib.get_close_matches(word, list(known), n=3, cutoff=0.5)
-    return f" (did you mean {' or '.join(close)}?)" if close else f" (known: {', '.join(sorted(known)) or 'none'})"
+    return (
+        f" (did you mean {' or '.join(close)}?)"
+        if close
+        else f" (known: {', '.join(sorted(known)) or 'none'})"
+    )
 
 
 def _fmt(value: Any) -> str:

@@ -19,7 +19,7 @@ from collections import Counter
 import torch
 from torch import fx
 
-from archfx.ir.ops import aten, as_linear, is_assert, is_call, is_dropout_identity
+from archfx.ir.ops import as_linear, aten, is_assert, is_call, is_dropout_identity
 
 from .base import Pass, PassResult, Remark, register
 
@@ -52,16 +52,31 @@ class Canonicalize(Pass):
             if lin is None or not isinstance(lin.input, fx.Node):
                 continue
             if lin.node.target == aten.addmm.default and not _restores_leading_shape(lin):
-                remarks.append(Remark(n.name, "addmm whose output is not reshaped back to its input's leading dims"))
+                remarks.append(
+                    Remark(
+                        n.name,
+                        "addmm whose output is not reshaped back to its input's leading dims",
+                    )
+                )
                 continue
             weight = lin.weight
             if lin.layout == "in_out":
-                weight = transposed.get(lin.weight) or self._transpose(graph, lin.weight, params, transposed)
+                weight = transposed.get(lin.weight) or self._transpose(
+                    graph, lin.weight, params, transposed
+                )
             with g.inserting_before(n):
                 w = g.get_attr(weight)
                 b = g.get_attr(lin.bias) if lin.bias else None
-                new = g.call_function(aten.linear.default, (lin.input, w, b) if b is not None else (lin.input, w))
-            new.meta.update({k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+                new = g.call_function(
+                    aten.linear.default, (lin.input, w, b) if b is not None else (lin.input, w)
+                )
+            new.meta.update(
+                {
+                    k: v
+                    for k, v in n.meta.items()
+                    if k in ("nn_module_stack", "stack_trace", "source_fn_stack")
+                }
+            )
             lin.output.replace_all_uses_with(new)
             counts["linear"] += 1
         g.eliminate_dead_code()
@@ -70,7 +85,9 @@ class Canonicalize(Pass):
             if n.op == "get_attr" and not n.users:
                 g.erase_node(n)
         used = {n.target for n in g.nodes if n.op == "get_attr"}
-        for name, _ in list(graph.gm.named_parameters(remove_duplicate=False)) + list(graph.gm.named_buffers(remove_duplicate=False)):
+        for name, _ in list(graph.gm.named_parameters(remove_duplicate=False)) + list(
+            graph.gm.named_buffers(remove_duplicate=False)
+        ):
             if name not in used:
                 graph.delete_tensor(name)
                 counts["unused tensors"] += 1
@@ -80,8 +97,16 @@ class Canonicalize(Pass):
 
     def _transpose(self, graph, target: str, params, transposed: dict) -> str:
         """Store W (in, out) as Wᵀ (out, in) under the same name, or a new one if W is read elsewhere."""
-        readers = [u for n in graph.gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users]
-        only_here = all(as_linear(u, params) is not None and as_linear(u, params).layout == "in_out" for u in readers)
+        readers = [
+            u
+            for n in graph.gm.graph.nodes
+            if n.op == "get_attr" and n.target == target
+            for u in n.users
+        ]
+        only_here = all(
+            as_linear(u, params) is not None and as_linear(u, params).layout == "in_out"
+            for u in readers
+        )
         w = params[target]
         new = torch.nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
         name = target if only_here else target + "_t"
@@ -99,7 +124,12 @@ def _is_noop(n: fx.Node) -> bool:
     if not is_call(n, _NOOP_CASTS) or not isinstance(n.args[0], fx.Node):
         return False
     a, b = n.args[0].meta.get("val"), n.meta.get("val")
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
 
 
 def _restores_leading_shape(lin) -> bool:

@@ -26,12 +26,18 @@ ONNX_TOLERANCE = 1e-4
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
-        sys.stderr.write(f"archfx: error: {message} (see `archfx {self.prog.split()[-1]} --help`)\n".replace("archfx archfx", "archfx"))
+        sys.stderr.write(
+            f"archfx: error: {message} (see `archfx {self.prog.split()[-1]} --help`)\n".replace(
+                "archfx archfx", "archfx"
+            )
+        )
         sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="archfx", description="Capture, inspect and rewrite Transformer architectures.")
+    p = _Parser(
+        prog="archfx", description="Capture, inspect and rewrite Transformer architectures."
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -40,9 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_passes)
 
     def model_args(s):
-        s.add_argument("model", metavar="MODEL", help="checkpoint directory, built-in name, or package.module:callable")
-        s.add_argument("--method", choices=("export", "fx"), default="export", help="capture method (default export)")
-        s.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own model code to run")
+        s.add_argument(
+            "model",
+            metavar="MODEL",
+            help="checkpoint directory, built-in name, or package.module:callable",
+        )
+        s.add_argument(
+            "--method",
+            choices=("export", "fx"),
+            default="export",
+            help="capture method (default export)",
+        )
+        s.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="allow a checkpoint's own model code to run",
+        )
         s.add_argument("--json", action="store_true", help="print one JSON object")
 
     s = sub.add_parser("inspect", help="show the recognised structure of MODEL")
@@ -52,11 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("apply", help="run a pipeline of passes on MODEL")
     model_args(s)
-    s.add_argument("--pipeline", required=True, metavar="TEXT", help="e.g. 'canonicalize' or 'altup(k=2),canonicalize'")
-    s.add_argument("--verify", action="store_true", help="certify every preserving pass and the whole pipeline numerically")
+    s.add_argument(
+        "--pipeline",
+        required=True,
+        metavar="TEXT",
+        help="e.g. 'canonicalize' or 'altup(k=2),canonicalize'",
+    )
+    s.add_argument(
+        "--verify",
+        action="store_true",
+        help="certify every preserving pass and the whole pipeline numerically",
+    )
     s.add_argument("--out", metavar="DIR", help="save the rewritten model (safetensors + recipe)")
     s.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
-    s.add_argument("--onnx", metavar="FILE", help="export to ONNX, optimise for ONNX Runtime and check it")
+    s.add_argument(
+        "--onnx", metavar="FILE", help="export to ONNX, optimise for ONNX Runtime and check it"
+    )
     s.add_argument("--dump-ir", metavar="DIR", help="write the graph before and after every pass")
     s.set_defaults(func=cmd_apply)
     return p
@@ -78,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line unless --debug
         if args.debug:
             raise
-        _fail(f"internal error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} (rerun with --debug for the traceback)")
+        _fail(
+            f"internal error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} (rerun with --debug for the traceback)"
+        )
         return 3
 
 
@@ -128,6 +160,10 @@ def cmd_passes(args, err: Console) -> int:
 
 
 def cmd_inspect(args, err: Console) -> int:
+    if args.draw:
+        from archfx.ir.draw import check_path
+
+        check_path(args.draw)
     loaded, graph = _load_and_capture(args, err)
     with _step(err, "analysing structure"):
         structure = graph.structure
@@ -136,24 +172,47 @@ def cmd_inspect(args, err: Console) -> int:
 
         with _step(err, f"drawing {args.draw}"):
             draw(structure, args.draw, title=f"{args.model}: {type(loaded.model).__name__}")
-    data = {"model": args.model, "class": type(loaded.model).__name__, "parameters": graph.num_parameters(), **structure.to_json()}
+    data = {
+        "model": args.model,
+        "class": type(loaded.model).__name__,
+        "parameters": graph.num_parameters(),
+        **structure.to_json(),
+    }
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
     out = Console(highlight=False)
-    out.print(f"[bold]{args.model}[/bold]  {data['class']}  hidden {data['hidden_size']}  {data['parameters']:,} parameters")
-    out.print("embeddings: " + ", ".join(f"{e['kind']} {e['num']}×{e['dim']}" for e in data["embeddings"]))
+    out.print(
+        f"[bold]{args.model}[/bold]  {data['class']}  hidden {data['hidden_size']}  {data['parameters']:,} parameters"
+    )
+    out.print(
+        "embeddings: " + ", ".join(f"{e['kind']} {e['num']}×{e['dim']}" for e in data["embeddings"])
+    )
     table = Table()
     for col in ("block", "residual sites", "norm", "attention (heads/kv×dim)", "mlp"):
         table.add_column(col)
     for b in data["blocks"]:
         sites = " → ".join(f"{r['kind']}" for r in b["residuals"])
-        norms = ", ".join(sorted({f"{r['placement']} {r['norm']['kind']}{' (1+w)' if r['norm']['gain'] == '1+w' else ''}" if r["norm"] else r["placement"] for r in b["residuals"]}))
+        norms = ", ".join(
+            sorted(
+                {
+                    f"{r['placement']} {r['norm']['kind']}{' (1+w)' if r['norm']['gain'] == '1+w' else ''}"
+                    if r["norm"]
+                    else r["placement"]
+                    for r in b["residuals"]
+                }
+            )
+        )
         a = b["attention"]
         att = "—"
         if a:
             att = f"{a['heads']}/{a['kv_heads']}×{a['head_dim']}"
-            flags = [f"rope {a['rotary_dim']}" if a["rope"] else "", "qk-norm" if a["qk_norm"] else "", "fused qkv" if a["fused_qkv"] else "", a["projection"] if a["projection"] != "linear" else ""]
+            flags = [
+                f"rope {a['rotary_dim']}" if a["rope"] else "",
+                "qk-norm" if a["qk_norm"] else "",
+                "fused qkv" if a["fused_qkv"] else "",
+                a["projection"] if a["projection"] != "linear" else "",
+            ]
             att += " " + " ".join(f for f in flags if f)
         if b["cross_attention"]:
             att += " + cross"
@@ -163,9 +222,13 @@ def cmd_inspect(args, err: Console) -> int:
     out.print(table)
     for s in data["stacks"]:
         fn = s["final_norm"]
-        out.print(f"stack {s['path']}: {s['blocks']} blocks, final norm {fn['kind'] if fn else 'none'}")
+        out.print(
+            f"stack {s['path']}: {s['blocks']} blocks, final norm {fn['kind'] if fn else 'none'}"
+        )
     if data["head"]:
-        out.print(f"head: {data['head']['out_features']} outputs{', tied to the token embedding' if data['head']['tied'] else ''}")
+        out.print(
+            f"head: {data['head']['out_features']} outputs{', tied to the token embedding' if data['head']['tied'] else ''}"
+        )
     for r in data["remarks"]:
         out.print(f"[yellow]remark[/yellow]: {r}")
     return 0
@@ -179,7 +242,9 @@ def cmd_apply(args, err: Console) -> int:
     if args.out and not args.force:
         out = Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ArchfxError(f"{out} exists and is not empty; choose another directory or pass --force")
+            raise ArchfxError(
+                f"{out} exists and is not empty; choose another directory or pass --force"
+            )
     loaded, graph = _load_and_capture(args, err)
     status = 0
     progress = err.status("running passes …")
@@ -217,13 +282,22 @@ def cmd_apply(args, err: Console) -> int:
             "providers": list(onnx.providers),
         }
         if onnx.max_abs_diff > ONNX_TOLERANCE:
-            _fail(f"ONNX Runtime disagrees with PyTorch: max |Δ| = {onnx.max_abs_diff:.3g} > {ONNX_TOLERANCE:g}")
+            _fail(
+                f"ONNX Runtime disagrees with PyTorch: max |Δ| = {onnx.max_abs_diff:.3g} > {ONNX_TOLERANCE:g}"
+            )
             status = 1
     if args.out:
         from .artifact import save
 
         with _step(err, f"saving to {args.out}"):
-            save(result.graph, args.out, source=loaded.source, pipeline=str(pipeline), model=loaded.model, force=args.force)
+            save(
+                result.graph,
+                args.out,
+                source=loaded.source,
+                pipeline=str(pipeline),
+                model=loaded.model,
+                force=args.force,
+            )
         data["out"] = str(args.out)
     if args.json:
         print(json.dumps(data, indent=2))
@@ -253,13 +327,25 @@ def _print_apply(data: dict) -> None:
             out.print(f"[yellow]remark[/yellow] {p['name']}: {r}")
     if "verify" in data:
         v = data["verify"]
-        verdict = "equal" if v["ok"] else ("differs (expected: the pipeline changes the function)" if not v["expected_equal"] else "DIFFERS")
-        out.print(f"verify: max |Δ| = {v['max_abs_diff']:.3e} on {', '.join(v['inputs'])}: {verdict}")
+        verdict = (
+            "equal"
+            if v["ok"]
+            else (
+                "differs (expected: the pipeline changes the function)"
+                if not v["expected_equal"]
+                else "DIFFERS"
+            )
+        )
+        out.print(
+            f"verify: max |Δ| = {v['max_abs_diff']:.3e} on {', '.join(v['inputs'])}: {verdict}"
+        )
         for note in v["notes"]:
             out.print(f"  note: {note}")
     if "onnx" in data:
         o = data["onnx"]
-        out.print(f"onnx: {o['path']} max |Δ| = {o['max_abs_diff']:.3e} ({', '.join(o['providers'])})")
+        out.print(
+            f"onnx: {o['path']} max |Δ| = {o['max_abs_diff']:.3e} ({', '.join(o['providers'])})"
+        )
     if "out" in data:
         out.print(f"saved: {data['out']}")
 

@@ -74,7 +74,9 @@ class Pipeline:
     def parse(cls, text: str) -> Pipeline:
         """Parse `name(opt=value,...),name,...`; every error names the column and what was expected."""
         if not isinstance(text, str) or not text.strip():
-            raise PassError("empty pipeline: give passes like 'canonicalize' or 'altup(k=2),canonicalize'")
+            raise PassError(
+                "empty pipeline: give passes like 'canonicalize' or 'altup(k=2),canonicalize'"
+            )
         passes, pos, n = [], 0, len(text)
 
         def skip(p: int) -> int:
@@ -84,7 +86,9 @@ class Pipeline:
 
         def fail(p: int, expected: str):
             got = repr(text[p]) if p < n else "end of text"
-            raise PassError(f"malformed pipeline at column {p + 1}: expected {expected}, got {got} in {text!r}")
+            raise PassError(
+                f"malformed pipeline at column {p + 1}: expected {expected}, got {got} in {text!r}"
+            )
 
         while True:
             pos = skip(pos)
@@ -163,7 +167,9 @@ class Pipeline:
                 raise
             except Exception as exc:  # a bug in a pass: keep the reproducer, raise a clear error
                 where = self._reproduce(i, p, current, exc, dump_dir)
-                raise PassError(f"pass {p} failed: {type(exc).__name__}: {exc}; reproducer in {where}") from exc
+                raise PassError(
+                    f"pass {p} failed: {type(exc).__name__}: {exc}; reproducer in {where}"
+                ) from exc
             seconds = time.perf_counter() - t0
             record = PassRecord(
                 name=str(p),
@@ -195,9 +201,15 @@ class Pipeline:
         return PipelineResult(current, records)
 
     def _reproduce(self, i: int, p: Pass, graph: Graph, exc: BaseException | None, dump_dir) -> str:
-        d = Path(dump_dir) if dump_dir is not None else Path(tempfile.mkdtemp(prefix="archfx-repro-"))
+        d = (
+            Path(dump_dir)
+            if dump_dir is not None
+            else Path(tempfile.mkdtemp(prefix="archfx-repro-"))
+        )
         d.mkdir(parents=True, exist_ok=True)
-        (d / "pipeline.txt").write_text(f"{self}\nfailed at pass {i}: {p}\nmodel: {graph.provenance}\n")
+        (d / "pipeline.txt").write_text(
+            f"{self}\nfailed at pass {i}: {p}\nmodel: {graph.provenance}\n"
+        )
         (d / "input-graph.py").write_text(graph.gm.code)
         if exc is not None:
             (d / "error.txt").write_text("".join(traceback.format_exception(exc)))

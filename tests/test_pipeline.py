@@ -40,12 +40,19 @@ def test_canonicalize_is_registered_and_documented():
 
 
 def test_round_trip(toy_pass):
-    for text in ["canonicalize", "toy-pass(k=3)", "toy-pass(k=3,mode=router),canonicalize", "toy-pass(beta=0.5,flag=true)"]:
+    for text in [
+        "canonicalize",
+        "toy-pass(k=3)",
+        "toy-pass(k=3,mode=router),canonicalize",
+        "toy-pass(beta=0.5,flag=true)",
+    ]:
         assert str(Pipeline.parse(text)) == text
 
 
 def test_whitespace_and_empty_parens(toy_pass):
-    assert str(Pipeline.parse(" toy-pass ( k = 4 ) , canonicalize() ")) == "toy-pass(k=4),canonicalize"
+    assert (
+        str(Pipeline.parse(" toy-pass ( k = 4 ) , canonicalize() ")) == "toy-pass(k=4),canonicalize"
+    )
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,0 +1,192 @@
+"""The CLI contract of DESIGN.md: passes / inspect / apply, JSON shapes, errors in one line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from archfx.passes import REGISTRY, Option, Pass, PassResult, register
+from archfx.passes.cli import main
+from archfx.passes.zoo import BUILTINS
+
+ZOO = [name for name, b in BUILTINS.items() if not b.real]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv):
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_passes_lists_the_registry(capsys):
+    data = run_json(capsys, "passes")
+    names = [p["name"] for p in data["passes"]]
+    assert "canonicalize" in names
+    canon = data["passes"][names.index("canonicalize")]
+    assert canon["preserves"] is True and canon["summary"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_inspect_json(capsys, name):
+    data = run_json(capsys, "inspect", name)
+    assert data["blocks"] and all(b["residuals"] for b in data["blocks"])
+    for b in data["blocks"]:
+        assert {"heads", "kv_heads", "head_dim"} <= set(b["attention"])
+        assert {"hidden", "gated"} <= set(b["mlp"])
+        assert all("kind" in r for r in b["residuals"])
+
+
+@pytest.mark.parametrize("name", [*ZOO, "minilm"])
+def test_apply_canonicalize_verify_onnx(capsys, tmp_path, name):
+    data = run_json(
+        capsys,
+        "apply",
+        name,
+        "--pipeline",
+        "canonicalize",
+        "--verify",
+        "--onnx",
+        str(tmp_path / "m.onnx"),
+    )
+    assert data["verify"]["max_abs_diff"] <= 1e-5
+    assert data["onnx"]["max_abs_diff"] <= 1e-4
+    assert data["passes"][0]["name"] == "canonicalize" and data["passes"][0]["changed"]
+    assert data["params"]["before"] >= data["params"]["after"] > 0
+
+
+@pytest.mark.slow
+def test_apply_smollm2(capsys, tmp_path):
+    data = run_json(
+        capsys,
+        "apply",
+        "smollm2",
+        "--pipeline",
+        "canonicalize",
+        "--verify",
+        "--onnx",
+        str(tmp_path / "m.onnx"),
+    )
+    assert data["verify"]["max_abs_diff"] <= 1e-5
+    assert data["onnx"]["max_abs_diff"] <= 1e-4
+
+
+def test_human_output_and_draw(capsys, tmp_path):
+    code, out, _ = run(capsys, "inspect", "tiny-llama", "--draw", str(tmp_path / "s.svg"))
+    assert (
+        code == 0
+        and "model.layers.0" in out
+        and (tmp_path / "s.svg").read_text().startswith("<?xml")
+    )
+    code, out, _ = run(capsys, "apply", "tiny-gpt2", "--pipeline", "canonicalize", "--verify")
+    assert code == 0 and "canonicalize" in out and "verify: max |Δ|" in out
+
+
+@pytest.fixture
+def ranged_pass():
+    class Ranged(Pass):
+        name = "ranged-test"
+        summary = "test-only pass with a bounded option"
+        options = (Option("k", int, 2, "≥ 1", minimum=1),)
+
+        def run(self, graph):
+            return PassResult(changed=False)
+
+    register(Ranged)
+    yield
+    del REGISTRY["ranged-test"]
+
+
+def _truncated_checkpoint(tmp_path):
+    import transformers as tf
+
+    d = tmp_path / "ckpt"
+    tf.GPT2LMHeadModel(
+        tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    ).save_pretrained(d)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    return d
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["inspect", "/no/such/path"], "does not exist"),
+        (["inspect", "{notamodel}"], "config.json"),
+        (["inspect", "{truncated}"], ""),
+        (["inspect", "no_such_module_xyz:make"], "no_such_module_xyz"),
+        (["apply", "tiny-gpt2", "--pipeline", "canonicalise"], "did you mean canonicalize"),
+        (["apply", "tiny-gpt2", "--pipeline", "ranged-test(q=1)"], "unknown option 'q'"),
+        (["apply", "tiny-gpt2", "--pipeline", "ranged-test(k=2"], "malformed pipeline"),
+        (["apply", "tiny-gpt2", "--pipeline", "ranged-test(k=0)"], "must be ≥ 1"),
+        (["apply", "tiny-gpt2", "--pipeline", "canonicalize", "--out", "{nonempty}"], "--force"),
+        (["apply", "tiny-gpt2"], "--pipeline"),
+        (["inspect", "tiny-gpt2", "--draw", "{tmp}/x.gif"], ".svg or .png"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line(capsys, tmp_path, ranged_pass, argv, fragment):
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "nonempty").mkdir()
+    (tmp_path / "nonempty" / "keep.txt").write_text("precious")
+    paths = {
+        "notamodel": tmp_path / "notamodel",
+        "nonempty": tmp_path / "nonempty",
+        "tmp": tmp_path,
+    }
+    paths["truncated"] = _truncated_checkpoint(tmp_path)
+    try:
+        code = main([a.format(**paths) for a in argv])
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    _, err = capsys.readouterr()
+    assert code != 0
+    assert (
+        err.count("archfx: error:") == 1
+        and len(err.split("archfx: error:")[1].strip().splitlines()) == 1
+    ), err
+    assert "Traceback" not in err
+    assert fragment in err
+    assert (tmp_path / "nonempty" / "keep.txt").read_text() == "precious"
+
+
+def test_console_script_and_debug_flag(tmp_path):
+    exe = [sys.executable, "-m", "archfx.passes.cli"]
+    proc = subprocess.run(
+        [*exe, "apply", "tiny-gpt2", "--pipeline", "nope"], capture_output=True, text=True
+    )
+    assert (
+        proc.returncode != 0
+        and proc.stderr.strip().count("\n") == 0
+        and "unknown pass 'nope'" in proc.stderr
+    )
+    proc = subprocess.run(
+        [*exe, "--debug", "apply", "tiny-gpt2", "--pipeline", "nope"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_out_saves_and_force_replaces(capsys, tmp_path):
+    out = tmp_path / "saved"
+    data = run_json(capsys, "apply", "tiny-llama", "--pipeline", "canonicalize", "--out", str(out))
+    assert (
+        (out / "recipe.json").exists()
+        and (out / "model.safetensors").exists()
+        and data["out"] == str(out)
+    )
+    code, _, err = run(
+        capsys, "apply", "tiny-llama", "--pipeline", "canonicalize", "--out", str(out)
+    )
+    assert code != 0 and "--force" in err
+    code, _, _ = run(
+        capsys, "apply", "tiny-llama", "--pipeline", "canonicalize", "--out", str(out), "--force"
+    )
+    assert code == 0 and not [p for p in tmp_path.iterdir() if p.name.startswith(".saved")]
