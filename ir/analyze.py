@@ -105,7 +105,9 @@ class _Analyzer:
     def run(self) -> Structure:
         groups = self._group_blocks()
         in_blocks = set().union(*groups.values()) if groups else set()
-        outside = set(self.nodes) - in_blocks
+        scheme = {n for n in self.nodes if "archfx_scheme" in n.meta}  # residual-scheme nodes
+        outside = set(self.nodes) - in_blocks - scheme
+        readouts = {n.meta["archfx_readout"]: n for n in self.nodes if "archfx_readout" in n.meta}
         stacks: OrderedDict[str, list[Block]] = OrderedDict()
         prev: dict[str, fx.Node] = {}
         for (stack, idx), bnodes in groups.items():
@@ -121,7 +123,9 @@ class _Analyzer:
             )
         stack_objs = []
         for path, blocks in stacks.items():
-            last = blocks[-1].output
+            last = readouts.get(
+                path, blocks[-1].output
+            )  # a rethreaded stream continues at its readout
             final = self._norm_from(last, outside)
             stack_objs.append(Stack(path, blocks, final, final.output if final else last))
         stack_objs.sort(key=lambda s: self.order[s.blocks[0].input])

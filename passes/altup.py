@@ -1,0 +1,205 @@
+"""altup: Alternating Updates (Baykal et al., NeurIPS 2023), Recycled-AltUp by default.
+
+Rewrite: each stack's d-wide residual stream x becomes K blocks S = (x_1 … x_K), initialised by
+replicating x (no wider embedding). Each Transformer layer L, whole (its own norms and residual
+adds included), runs on one block only:
+
+    predict   x̂_i = Σ_j p_ij x_j                 P ∈ R^{K×K} per layer
+    compute   x̃  = L(x̂_j*)                       j* = l mod K (alternating) or `active` (same)
+    correct   x_i ← x̂_i + g_i (x̃ − x̂_j*)         g ∈ R^K per layer
+
+and the model reads the mean of the K blocks (or their sum, absorbed exactly by the final
+norm's eps). `coefficients=router` is Gemma 3n's input-dependent form: P = I + reshape(W_p m),
+g = 1 + W_c m', m = tanh(W_r RMSNorm(x) / d), with W_p = W_c = 0 and W_r ≠ 0 at init; no
+in-place clamping (clip coefficients in the optimiser if wanted).
+
+Exactness: at init S is replicated, P = I, g = 1 and the readout weights sum to 1, so every
+block equals the original stream at every layer and the output is unchanged, for any
+schedule and any K (K = 1 is the identity rewrite). `readout=sum` is exact only when a final
+LayerNorm/RMSNorm reads the stream: its eps is scaled by K² (LN(Ky; K²ε) = LN(y; ε)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from archfx.ir import PassError
+from archfx.ir.ops import NORM_OPS, aten, is_call
+
+from .base import Option, Pass, PassResult, register
+from .residual import Emitter, Scheme, rethread
+
+OWNER = "altup"
+
+
+class AltUpScheme(Scheme):
+    granularity = "block"
+
+    def __init__(self, opts: dict, d: int, rank: int, dtype: torch.dtype):
+        self.k, self.schedule, self.active = opts["k"], opts["schedule"], opts["active"]
+        self.router = opts["coefficients"] == "router"
+        self.readout_kind = opts["readout"]
+        self.d, self.rank, self.dtype = d, rank, dtype
+        self.tok = rank - 1  # token dims of the d-wide stream (batch, sequence, …)
+        self.gen = torch.Generator().manual_seed(opts["seed"])
+        self.routers: dict[str, str] = {}
+
+    def _j(self, unit: int) -> int:
+        return unit % self.k if self.schedule == "alternating" else self.active
+
+    def init(self, em, x, stack):
+        s = em.op(aten.unsqueeze.default, x, 0)
+        return em.op(aten.expand.default, s, [self.k] + [-1] * self.rank)
+
+    def read(self, em, state, unit, stack):
+        k, name = self.k, f"s{stack}.l{unit}"
+        if not self.router:
+            p = em.param(f"{name}.predict", torch.eye(k, dtype=self.dtype))
+            coef = em.op(aten.view.default, p, [k, k] + [1] * self.rank)
+        else:  # P = I + reshape(W_p m): the I is the `state +` below
+            m = self._route(em, em.op(aten.select.int, state, 0, self._j(unit)), name)
+            w = em.param(f"{name}.predict", torch.zeros(k * k, k, dtype=self.dtype))
+            c = em.op(
+                aten.unflatten.int, em.op(aten.linear.default, m, w), -1, [k, k]
+            )  # [*tok, K, K]
+            c = em.op(aten.permute.default, c, [self.tok, self.tok + 1, *range(self.tok)])
+            coef = em.op(aten.unsqueeze.default, c, -1)  # [K, K, *tok, 1]
+        mixed = em.op(aten.mul.Tensor, coef, em.op(aten.unsqueeze.default, state, 0))
+        xhat = em.op(aten.sum.dim_IntList, mixed, [1])
+        if self.router:
+            xhat = em.op(aten.add.Tensor, state, xhat)
+        return xhat, em.op(aten.select.int, xhat, 0, self._j(unit))
+
+    def write(self, em, state, unit_in, unit_out, unit, stack):
+        """x_i ← x̂_i + g_i (x̃ − x̂_j*), evaluated as g_i x̃ + (x̂_i − g_i x̂_j*): the same sum,
+        bit-exact at init (x̂_i = x̂_j*, g = 1), where x̂ + (x̃ − x̂) would round."""
+        k, name = self.k, f"s{stack}.l{unit}"
+        if not self.router:
+            g = em.param(f"{name}.correct", torch.ones(k, dtype=self.dtype))
+            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)
+        else:  # g = 1 + W_c m'
+            m = self._route(em, unit_out, name)
+            w = em.param(f"{name}.correct", torch.zeros(k, k, dtype=self.dtype))
+            c = em.op(aten.add.Tensor, em.op(aten.linear.default, m, w), 1.0)  # [*tok, K]
+            gain = em.op(
+                aten.unsqueeze.default,
+                em.op(aten.permute.default, c, [self.tok, *range(self.tok)]),
+                -1,
+            )
+        new = em.op(aten.mul.Tensor, gain, em.op(aten.unsqueeze.default, unit_out, 0))
+        old = em.op(
+            aten.sub.Tensor,
+            state,
+            em.op(aten.mul.Tensor, gain, em.op(aten.unsqueeze.default, unit_in, 0)),
+        )
+        return em.op(aten.add.Tensor, new, old)
+
+    def readout(self, em, state, stack):
+        op = aten.mean.dim if self.readout_kind == "mean" else aten.sum.dim_IntList
+        return em.op(op, state, [0])
+
+    def _route(self, em: Emitter, x: fx.Node, name: str) -> fx.Node:
+        """m = tanh(W_r · RMSNorm(x) / d), one W_r per layer shared by predict and correct."""
+        if name in self.routers:
+            w = em.get(self.routers[name])
+        else:
+            init = torch.randn(self.k, self.d, generator=self.gen) / self.d**0.5
+            w = em.param(f"{name}.router", init.to(self.dtype))
+            self.routers[name] = w.target
+        n = em.op(
+            aten.mul.Tensor, em.op(aten.rms_norm.default, x, [self.d], None, 1e-6), 1.0 / self.d
+        )
+        return em.op(aten.tanh.default, em.op(aten.linear.default, n, w))
+
+
+@register
+class AltUp(Pass):
+    name = "altup"
+    summary = (
+        "widen the residual stream K× (Recycled-AltUp): each layer updates one block, P/g mix them"
+    )
+    preserves = True
+    options = (
+        Option("k", int, 2, "number of stream blocks K", minimum=1, maximum=64),
+        Option(
+            "schedule",
+            str,
+            "alternating",
+            "which block a layer computes on",
+            choices=("alternating", "same"),
+        ),
+        Option("active", int, 0, "the block every layer computes on with schedule=same", minimum=0),
+        Option(
+            "coefficients",
+            str,
+            "static",
+            "P, g as parameters, or Gemma 3n's router",
+            choices=("static", "router"),
+        ),
+        Option("readout", str, "mean", "how the model reads the K blocks", choices=("mean", "sum")),
+        Option("seed", int, 0, "seed of the router's initial weights", minimum=0),
+    )
+
+    def run(self, graph) -> PassResult:
+        o = self.opts
+        if o["active"] >= o["k"]:
+            raise PassError(f"altup: active={o['active']} must be < k={o['k']}")
+        if any(n.meta.get("archfx_scheme") for n in graph.gm.graph.nodes):
+            raise PassError(
+                "altup: the residual stream is already rethreaded by a residual scheme; apply altup once, first"
+            )
+        structure = graph.structure
+        x = structure.blocks[0].input.meta["val"]
+        scheme = AltUpScheme(o, structure.hidden_size, x.dim(), x.dtype)
+        finals = [s.final_norm for s in structure.stacks]
+        if o["readout"] == "sum":
+            missing = [s.path for s, f in zip(structure.stacks, finals, strict=True) if f is None]
+            if missing and o["k"] > 1:
+                raise PassError(
+                    f"altup: readout=sum is exact only before a final norm, and {', '.join(missing)} has none; use readout=mean"
+                )
+        threads, remarks = rethread(graph, scheme, OWNER)
+        if o["readout"] == "sum" and o["k"] > 1:
+            for norm in finals:
+                _scale_eps(norm, o["k"] ** 2)
+        graph.gm.recompile()
+        added = sum(p.numel() for n, p in graph.gm.named_parameters() if n.startswith(OWNER + "."))
+        return PassResult(
+            changed=True,
+            remarks=remarks,
+            details={
+                "stacks": len(threads),
+                "layers": sum(len(t.states) for t in threads),
+                "parameters_added": added,
+            },
+        )
+
+
+def _scale_eps(norm, factor: int) -> None:
+    """Multiply a norm's eps by `factor` (in the op's arguments or in its `+ eps` node)."""
+    for n in norm.nodes:
+        if is_call(n, NORM_OPS):
+            idx = 4 if n.target != aten.rms_norm.default else 3
+            args = list(n.args) + [None] * (idx + 1 - len(n.args))
+            eps = (
+                args[idx]
+                if args[idx] is not None
+                else (1e-5 if n.target != aten.rms_norm.default else None)
+            )
+            if eps is None:
+                raise PassError(
+                    "altup: readout=sum needs the final norm's eps, which this rms_norm leaves to the dtype"
+                )
+            args[idx] = eps * factor
+            n.args = tuple(args)
+            return
+        if (
+            is_call(n, {aten.add.Tensor})
+            and not isinstance(n.args[1], fx.Node)
+            and norm.eps is not None
+            and n.args[1] == norm.eps
+        ):
+            n.args = (n.args[0], n.args[1] * factor)
+            return
+    raise PassError("altup: readout=sum could not find the final norm's eps to rescale")
