@@ -6,6 +6,8 @@ Rewrite:
     are replaced by their input;
   * GPT-2's Conv1D (`view → addmm(b, x, W) → view`) and `x @ W` with a parameter W become
     `aten.linear(x, Wᵀ, b)`, the parameter stored transposed (nn.Linear's (out, in) layout);
+  * a `reshape` of a transposed or permuted tensor reads an explicit contiguous copy, the
+    copy reshape makes anyway (`ir.layout.explicit_reshape_copies`);
   * dead nodes, unused get_attr nodes and the parameters no node reads are removed.
 
 Exactness: every rewrite computes the same values (linear and addmm perform the same
@@ -19,6 +21,7 @@ from collections import Counter
 import torch
 from torch import fx
 
+from archfx.ir.layout import explicit_reshape_copies
 from archfx.ir.ops import as_linear, aten, is_assert, is_call, is_dropout_identity
 
 from .base import Pass, PassResult, Remark, register
@@ -79,8 +82,10 @@ class Canonicalize(Pass):
             )
             lin.output.replace_all_uses_with(new)
             counts["linear"] += 1
+        copies = explicit_reshape_copies(g)
+        if copies:
+            counts["explicit contiguous copies"] = copies
         g.eliminate_dead_code()
-        used = {n.target for n in g.nodes if n.op == "get_attr"}
         for n in list(g.nodes):
             if n.op == "get_attr" and not n.users:
                 g.erase_node(n)

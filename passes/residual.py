@@ -141,6 +141,7 @@ def _thread_stack(
         _rewire_input(block, unit_in, em.created)
         y = block.output
         state = scheme.write(em.at(y), state, unit_in, y, u, s_idx)
+        state.meta["archfx_state"] = (stack.path, u)  # the stream state after unit u (for probes)
         states.append(state)
         last = u == len(stack.blocks) - 1
         nxt = None if last else stack.blocks[u + 1]

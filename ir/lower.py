@@ -1,0 +1,233 @@
+"""Lowering, each path checked against PyTorch: torch.compile, and ONNX (dynamo exporter) with
+ONNX Runtime's graph optimisation. The CUDA paths are taken automatically when present."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import LoweringError
+from .graph import Graph
+from .inputs import Inputs
+from .layout import explicit_reshape_copies
+from .verify import compare
+
+
+def device() -> str:
+    """'cuda' when a GPU is usable, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def providers() -> list[str]:
+    """ONNX Runtime execution providers, CUDA first when both it and a GPU are present."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def ort_session(
+    path: str | Path,
+    *,
+    threads: int | None = None,
+    providers_: list[str] | None = None,
+    level: str = "all",
+):
+    """An InferenceSession on `path` with full graph optimisation (or `level`)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _LEVELS(ort)[level]
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers_ or providers())
+    except Exception as exc:
+        raise LoweringError(f"ONNX Runtime cannot load {path}: {_first(exc)}") from exc
+
+
+def _LEVELS(ort) -> dict:
+    g = ort.GraphOptimizationLevel
+    return {
+        "none": g.ORT_DISABLE_ALL,
+        "basic": g.ORT_ENABLE_BASIC,
+        "extended": g.ORT_ENABLE_EXTENDED,
+        "all": g.ORT_ENABLE_ALL,
+    }
+
+
+def run_onnx(session, inputs: Inputs) -> list[np.ndarray]:
+    """Run an ORT session on named example inputs."""
+    feed = {
+        i.name: t.detach().cpu().numpy()
+        for i, t in zip(session.get_inputs(), inputs.tensors, strict=True)
+    }
+    return session.run(None, feed)
+
+
+@dataclass
+class OnnxResult:
+    path: Path  # the ORT-optimised model
+    raw_path: Path  # the exporter's model
+    max_abs_diff: float
+    providers: list[str]
+    export_seconds: float
+    optimize_seconds: float
+    nodes: dict = field(default_factory=dict)  # {"raw": n, "optimized": n}
+
+
+def to_onnx(
+    graph: Graph, path: str | Path, *, optimize: bool = True, opset: int | None = None
+) -> OnnxResult:
+    """Export `graph` with the dynamo exporter at its dynamic shapes, optimise it with ONNX
+    Runtime (saved to `path`; the exporter's model beside it as `*.raw.onnx`), and check both
+    input sets against PyTorch."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = path.with_suffix(".raw.onnx") if optimize else path
+    t0 = time.perf_counter()
+    shapes = _dynamic_shapes(graph)
+    gm = graph.gm
+    if any(n.target is torch.ops.aten.reshape.default for n in gm.graph.nodes):
+        gm = copy.deepcopy(gm)  # the exported copy gets explicit layouts; `graph` is untouched
+        if explicit_reshape_copies(gm.graph):
+            gm.recompile()
+    sink = io.StringIO()
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),
+            _quiet(),
+        ):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                gm,
+                tuple(graph.inputs.tensors),
+                dynamo=True,
+                dynamic_shapes=shapes,
+                input_names=list(graph.inputs.names),
+                output_names=list(graph.output_names),
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+            program.save(str(raw))
+    except Exception as exc:
+        raise LoweringError(
+            f"ONNX export failed: {_first(exc)}; try canonicalize first, or report the op it names"
+        ) from exc
+    export_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if optimize:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        )  # portable across providers
+        so.optimized_model_filepath = str(path)
+        so.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise LoweringError(
+                f"ONNX Runtime cannot optimise the exported model: {_first(exc)}"
+            ) from exc
+    optimize_s = time.perf_counter() - t1
+    session = ort_session(path)
+    diff = 0.0
+    for ins in [graph.inputs, graph.second_inputs()]:
+        if ins is None:
+            continue
+        expected = graph.run(ins)
+        actual = [torch.from_numpy(np.asarray(a)) for a in run_onnx(session, ins)]
+        try:
+            diffs = compare(expected, actual, graph.output_names)
+        except Exception as exc:
+            raise LoweringError(f"ONNX Runtime's outputs do not match PyTorch's: {exc}") from exc
+        diff = max(diff, *diffs.values())
+    nodes = {"raw": len(onnx.load(str(raw), load_external_data=False).graph.node)}
+    if optimize:
+        nodes["optimized"] = len(onnx.load(str(path), load_external_data=False).graph.node)
+    return OnnxResult(path, raw, diff, list(session.get_providers()), export_s, optimize_s, nodes)
+
+
+def _dynamic_shapes(graph: Graph):
+    """Dim.AUTO wherever the captured graph is symbolic."""
+    specs = []
+    for node in graph.placeholders:
+        val = node.meta["val"]
+        specs.append(
+            {
+                i: torch.export.Dim.AUTO
+                for i, d in enumerate(val.shape)
+                if isinstance(d, torch.SymInt)
+            }
+        )
+    return tuple(specs)
+
+
+@contextlib.contextmanager
+def _quiet():
+    loggers = [
+        logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+
+
+@dataclass
+class CompileResult:
+    compiled: object  # the torch.compile'd callable
+    max_abs_diff: float
+    seconds: float  # first call (compilation included)
+
+
+def compile_graph(
+    graph: Graph, *, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = None
+) -> CompileResult:
+    """torch.compile the graph and check it against eager on both input sets."""
+    try:
+        compiled = torch.compile(graph.gm, backend=backend, mode=mode, dynamic=dynamic)
+        t0 = time.perf_counter()
+        diff = 0.0
+        for ins in [graph.inputs, graph.second_inputs()]:
+            if ins is None:
+                continue
+            with torch.no_grad():
+                got = compiled(*ins.tensors)
+            diff = max(diff, *compare(graph.run(ins), tuple(got), graph.output_names).values())
+            if ins is graph.inputs:
+                seconds = time.perf_counter() - t0
+    except LoweringError:
+        raise
+    except Exception as exc:
+        raise LoweringError(f"torch.compile failed: {_first(exc)}") from exc
+    return CompileResult(compiled, diff, seconds)
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

