@@ -4,7 +4,7 @@ capture → inspect (table + picture) → pipeline with certificates → ONNX ex
 optimisation and check → save (safetensors + recipe) and load back → sentence embeddings of
 real text (Shakespeare) from PyTorch, the rewritten graph and ONNX Runtime → a report.
 
-    python examples/demo.py --out out/ [--model minilm] [--pipeline canonicalize]
+    python examples/demo.py --out out/ [--model minilm] [--pipeline 'canonicalize,altup(k=2)']
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--model", default="minilm", help="built-in model (default: the real pretrained MiniLM)"
     )
-    ap.add_argument("--pipeline", default="canonicalize")
+    ap.add_argument("--pipeline", default="canonicalize,altup(k=2)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

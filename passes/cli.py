@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
+def _out() -> Console:
+    """Stdout console; wide when not a terminal so piped tables keep whole paths."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
 def _fail(message: str) -> None:
     sys.stderr.write("archfx: error: " + " ".join(message.split()) + "\n")
 
@@ -152,7 +157,7 @@ def cmd_passes(args, err: Console) -> int:
     for e in entries:
         opts = "\n".join(f"{o['name']}={o['default']}  {o['doc']}" for o in e["options"]) or "—"
         table.add_row(e["name"], "exact" if e["preserves"] else "changes", opts, e["summary"])
-    Console().print(table)
+    _out().print(table)
     return 0
 
 
@@ -181,7 +186,7 @@ def cmd_inspect(args, err: Console) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    out = Console(highlight=False)
+    out = _out()
     out.print(
         f"[bold]{args.model}[/bold]  {data['class']}  hidden {data['hidden_size']}  {data['parameters']:,} parameters"
     )
@@ -307,7 +312,7 @@ def cmd_apply(args, err: Console) -> int:
 
 
 def _print_apply(data: dict) -> None:
-    out = Console(highlight=False)
+    out = _out()
     table = Table(title=f"{data['model']}: {data['pipeline']}")
     for col in ("pass", "changed", "nodes", "parameters", "seconds", "max |Δ|"):
         table.add_column(col)
