@@ -135,18 +135,46 @@ class _Analyzer:
         return Structure(d, embeddings, stack_objs, head, self.remarks)
 
     def _group_blocks(self) -> OrderedDict:
-        """Nodes per (stack path, block index), from the outermost integer-indexed module path."""
+        """Nodes per (stack path, block index), from the outermost integer-indexed module path.
+
+        A model whose blocks are containers without a forward of their own (a loop over
+        ModuleDicts) computes in the module that owns the stack: an op there joins the block
+        whose values it reads, when it reads values of exactly one block.
+        """
         groups: OrderedDict = OrderedDict()
+        owner: dict[fx.Node, tuple] = {}
+        loose: list[tuple[fx.Node, str]] = []
         for n in self.nodes:
             stack = n.meta.get("nn_module_stack")
-            if n.op != "call_function" or not stack:
+            if n.op != "call_function":
                 continue
-            path = list(stack.values())[-1][0]
-            parts = [p.split("@")[0] for p in path.split(".")]
-            for i, part in enumerate(parts):
-                if _INDEX.match(part) and i > 0:
-                    groups.setdefault((".".join(parts[:i]), int(part)), []).append(n)
-                    break
+            path = list(stack.values())[-1][0] if stack else ""
+            parts = [p.split("@")[0] for p in path.split(".")] if path else []
+            key = next(
+                (
+                    (".".join(parts[:i]), int(p))
+                    for i, p in enumerate(parts)
+                    if i > 0 and _INDEX.match(p)
+                ),
+                None,
+            )
+            if key is not None:
+                groups.setdefault(key, []).append(n)
+                owner[n] = key
+            else:
+                loose.append((n, path))
+        stacks = {stack for stack, _ in groups}
+        for n, path in loose:  # topological order: chains of adds inherit step by step
+            if not any(st == path or st.startswith(path + ".") or path == "" for st in stacks):
+                continue
+            keys = {owner[a] for a in n.all_input_nodes if a in owner}
+            if len(keys) == 1:
+                key = keys.pop()
+                if key[0] == path or key[0].startswith(path + ".") or path == "":
+                    groups[key].append(n)
+                    owner[n] = key
+        for key in groups:
+            groups[key].sort(key=self.order.__getitem__)
         return groups
 
     # blocks -------------------------------------------------------------------------------------
