@@ -78,24 +78,10 @@ class _Analyzer:
         return self._linear_cache[node]
 
     def ancestors(self, node: fx.Node, within: set) -> set:
-        seen, todo = set(), [node]
-        while todo:
-            n = todo.pop()
-            for a in n.all_input_nodes:
-                if a in within and a not in seen:
-                    seen.add(a)
-                    todo.append(a)
-        return seen
+        return _reach(node, within, lambda n: n.all_input_nodes)
 
     def descendants(self, node: fx.Node, within: set) -> set:
-        seen, todo = set(), [node]
-        while todo:
-            n = todo.pop()
-            for u in n.users:
-                if u in within and u not in seen:
-                    seen.add(u)
-                    todo.append(u)
-        return seen
+        return _reach(node, within, lambda n: n.users)
 
     def sorted(self, nodes) -> list[fx.Node]:
         return sorted(nodes, key=self.order.__getitem__)
@@ -706,6 +692,17 @@ class _Analyzer:
                     return Head(lin, tied)
                 todo.append(u)
         return None
+
+
+def _reach(node: fx.Node, within: set, step) -> set:
+    """Nodes of `within` reachable from `node` by repeated `step` (inputs or users)."""
+    seen, todo = set(), [node]
+    while todo:
+        for m in step(todo.pop()):
+            if m in within and m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
 
 
 def _heads_view(node: fx.Node) -> fx.Node:

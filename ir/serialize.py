@@ -94,13 +94,18 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: Path) -> dict:
+def read_json(
+    path: Path,
+    error: type[Exception] = ArtifactError,
+    missing: str = "not an archfx model directory",
+) -> dict:
+    """A JSON object from `path`; every problem raises `error` with a one-line reason."""
     if not path.exists():
-        raise ArtifactError(f"{path} is missing: not an archfx model directory")
+        raise error(f"{path} is missing: {missing}")
     try:
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
+        raise error(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
-        raise ArtifactError(f"{path} does not hold a JSON object")
+        raise error(f"{path} does not hold a JSON object")
     return obj

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from archfx.ir import ModelSpecError
+from archfx.ir.serialize import read_json
 
 from .zoo import BUILTINS, build
 
@@ -88,13 +89,9 @@ def _load_dir(path: Path, trust_remote_code: bool) -> Loaded:
         raise ModelSpecError(
             f"{path} is a file; give the checkpoint directory that holds config.json"
         )
-    cfg_path = path / "config.json"
-    if not cfg_path.exists():
+    if not (path / "config.json").exists():
         raise ModelSpecError(f"{path} is not a model directory: no config.json")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelSpecError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    raw = read_json(path / "config.json", ModelSpecError)
     if "auto_map" in raw and not trust_remote_code:
         raise ModelSpecError(
             f"{path} ships its own model code (auto_map); pass --trust-remote-code if you trust it"

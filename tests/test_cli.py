@@ -43,38 +43,14 @@ def test_inspect_json(capsys, name):
         assert all("kind" in r for r in b["residuals"])
 
 
-@pytest.mark.parametrize("name", [*ZOO, "minilm"])
+@pytest.mark.parametrize("name", [*ZOO, "minilm", pytest.param("smollm2", marks=pytest.mark.slow)])
 def test_apply_canonicalize_verify_onnx(capsys, tmp_path, name):
-    data = run_json(
-        capsys,
-        "apply",
-        name,
-        "--pipeline",
-        "canonicalize",
-        "--verify",
-        "--onnx",
-        str(tmp_path / "m.onnx"),
-    )
+    onnx = str(tmp_path / "m.onnx")
+    data = run_json(capsys, "apply", name, "--pipeline", "canonicalize", "--verify", "--onnx", onnx)
     assert data["verify"]["max_abs_diff"] <= 1e-5
     assert data["onnx"]["max_abs_diff"] <= 1e-4
     assert data["passes"][0]["name"] == "canonicalize" and data["passes"][0]["changed"]
     assert data["params"]["before"] >= data["params"]["after"] > 0
-
-
-@pytest.mark.slow
-def test_apply_smollm2(capsys, tmp_path):
-    data = run_json(
-        capsys,
-        "apply",
-        "smollm2",
-        "--pipeline",
-        "canonicalize",
-        "--verify",
-        "--onnx",
-        str(tmp_path / "m.onnx"),
-    )
-    assert data["verify"]["max_abs_diff"] <= 1e-5
-    assert data["onnx"]["max_abs_diff"] <= 1e-4
 
 
 def test_human_output_and_draw(capsys, tmp_path):

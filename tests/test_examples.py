@@ -37,3 +37,8 @@ def test_demo_on_the_real_model(tmp_path):
     assert report["verify"]["max_abs_diff"] <= 1e-5 and report["onnx"]["max_abs_diff"] <= 1e-4
     assert report["embeddings"]["max_abs_diff_rewritten"] <= 1e-5
     assert (tmp_path / "report.md").exists() and (tmp_path / "minilm-structure.png").exists()
+
+
+def test_train_shakespeare():
+    out = load("train_shakespeare").main(["--steps", "30", "--batch", "8"])
+    assert out["losses"][-1] < out["losses"][0] and all(d > 0 for d in out["drift"])
