@@ -46,6 +46,7 @@ def capture(
         model.train(was_training)
     gm, out_spec = _flatten(ep.module())
     _own_tensors(gm)
+    _out_of_place(gm)
     return Graph(
         gm=gm,
         inputs=ins,
@@ -136,6 +137,28 @@ def _output_names(out_spec: pytree.TreeSpec) -> list[str]:
     for path, _ in pytree.tree_flatten_with_path(leaves)[0]:
         names.append(pytree.keystr(path).strip("[]'.\"") or "output")
     return names
+
+
+_INPLACE = {
+    torch.ops.aten.add_.Tensor: torch.ops.aten.add.Tensor,
+    torch.ops.aten.mul_.Tensor: torch.ops.aten.mul.Tensor,
+    torch.ops.aten.sub_.Tensor: torch.ops.aten.sub.Tensor,
+    torch.ops.aten.div_.Tensor: torch.ops.aten.div.Tensor,
+}
+
+
+def _out_of_place(gm: fx.GraphModule) -> None:
+    """`x.add_(y)` where nothing else reads x becomes `x + y`: the same value, no mutation a
+    rewrite could trip over (e.g. Falcon's `mlp_output += attention_output`)."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _INPLACE:
+            x = node.args[0]
+            if isinstance(x, fx.Node) and len(x.users) == 1 and x.op == "call_function":
+                node.target = _INPLACE[node.target]
+                changed = True
+    if changed:
+        gm.recompile()
 
 
 def _own_tensors(gm: fx.GraphModule) -> None:

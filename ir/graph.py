@@ -34,14 +34,16 @@ class Graph:
 
     def probe(self, nodes: list[fx.Node], inputs: Inputs | None = None) -> list[torch.Tensor]:
         """The values of `nodes` when the graph runs on `inputs` (the example inputs by default)."""
-        wanted = {n: i for i, n in enumerate(nodes)}
+        wanted: dict[fx.Node, list[int]] = {}
+        for i, n in enumerate(nodes):
+            wanted.setdefault(n, []).append(i)
         found: list = [None] * len(nodes)
 
         class _Probe(fx.Interpreter):
             def run_node(self, n):
                 value = super().run_node(n)
-                if n in wanted:
-                    found[wanted[n]] = value
+                for i in wanted.get(n, ()):
+                    found[i] = value
                 return value
 
         with torch.no_grad():

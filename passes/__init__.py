@@ -1,6 +1,6 @@
 """archfx.passes: rewrites, the pipeline that composes them, and the CLI driver."""
 
-from . import altup, canonicalize  # noqa: F401  (registers the passes)
+from . import altup, canonicalize, ddl  # noqa: F401  (registers the passes)
 from .base import REGISTRY, Option, Pass, PassResult, Remark, get, register
 from .pipeline import PassRecord, Pipeline, PipelineResult
 

@@ -52,13 +52,13 @@ class AltUpScheme(Scheme):
         s = em.op(aten.unsqueeze.default, x, 0)
         return em.op(aten.expand.default, s, [self.k] + [-1] * self.rank)
 
-    def read(self, em, state, unit, stack):
-        k, name = self.k, f"s{stack}.l{unit}"
+    def read(self, em, state, unit):
+        k, name = self.k, unit.name
         if not self.router:
             p = em.param(f"{name}.predict", torch.eye(k, dtype=self.dtype))
             coef = em.op(aten.view.default, p, [k, k] + [1] * self.rank)
         else:  # P = I + reshape(W_p m): the I is the `state +` below
-            m = self._route(em, em.op(aten.select.int, state, 0, self._j(unit)), name)
+            m = self._route(em, em.op(aten.select.int, state, 0, self._j(unit.index)), name)
             w = em.param(f"{name}.predict", torch.zeros(k * k, k, dtype=self.dtype))
             c = em.op(
                 aten.unflatten.int, em.op(aten.linear.default, m, w), -1, [k, k]
@@ -69,12 +69,12 @@ class AltUpScheme(Scheme):
         xhat = em.op(aten.sum.dim_IntList, mixed, [1])
         if self.router:
             xhat = em.op(aten.add.Tensor, state, xhat)
-        return xhat, em.op(aten.select.int, xhat, 0, self._j(unit))
+        return xhat, em.op(aten.select.int, xhat, 0, self._j(unit.index))
 
-    def write(self, em, state, unit_in, unit_out, unit, stack):
+    def write(self, em, state, unit_in, unit_out, unit):
         """x_i ← x̂_i + g_i (x̃ − x̂_j*), evaluated as g_i x̃ + (x̂_i − g_i x̂_j*): the same sum,
         bit-exact at init (x̂_i = x̂_j*, g = 1), where x̂ + (x̃ − x̂) would round."""
-        k, name = self.k, f"s{stack}.l{unit}"
+        k, name = self.k, unit.name
         if not self.router:
             g = em.param(f"{name}.correct", torch.ones(k, dtype=self.dtype))
             gain = em.op(aten.view.default, g, [k] + [1] * self.rank)
@@ -96,8 +96,13 @@ class AltUpScheme(Scheme):
         return em.op(aten.add.Tensor, new, old)
 
     def readout(self, em, state, stack):
-        op = aten.mean.dim if self.readout_kind == "mean" else aten.sum.dim_IntList
-        return em.op(op, state, [0])
+        """mean (or sum) of the K blocks, as x_0 + mean(x_i − x_0): exact while they are equal."""
+        x0 = em.op(aten.select.int, state, 0, 0)
+        spread = em.op(
+            aten.mean.dim, em.op(aten.sub.Tensor, state, em.op(aten.unsqueeze.default, x0, 0)), [0]
+        )
+        mean = em.op(aten.add.Tensor, x0, spread)
+        return mean if self.readout_kind == "mean" else em.op(aten.mul.Tensor, mean, float(self.k))
 
     def _route(self, em: Emitter, x: fx.Node, name: str) -> fx.Node:
         """m = tanh(W_r · RMSNorm(x) / d), one W_r per layer shared by predict and correct."""
@@ -159,7 +164,7 @@ class AltUp(Pass):
                 raise PassError(
                     f"altup: readout=sum is exact only before a final norm, and {', '.join(missing)} has none; use readout=mean"
                 )
-        threads, remarks = rethread(graph, scheme, OWNER)
+        threads = rethread(graph, scheme, OWNER)
         if o["readout"] == "sum" and o["k"] > 1:
             for norm in finals:
                 _scale_eps(norm, o["k"] ** 2)
@@ -167,7 +172,6 @@ class AltUp(Pass):
         added = sum(p.numel() for n, p in graph.gm.named_parameters() if n.startswith(OWNER + "."))
         return PassResult(
             changed=True,
-            remarks=remarks,
             details={
                 "stacks": len(threads),
                 "layers": sum(len(t.states) for t in threads),

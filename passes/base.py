@@ -105,6 +105,7 @@ class Pass:
     summary: ClassVar[str]
     options: ClassVar[tuple[Option, ...]] = ()
     preserves: ClassVar[bool] = True
+    exact_when: ClassVar[str | None] = None  # options under which `preserves` holds, if not always
 
     def __init__(self, **values: Any):
         declared = {o.name: o for o in self.options}
@@ -124,6 +125,10 @@ class Pass:
                 raise PassError(f"{cls.name}: unknown option {key!r}{_suggest(key, declared)}")
             values[key] = declared[key].parse(cls.name, text)
         return cls(**values)
+
+    def claims_exact(self) -> bool:
+        """Whether this instance (with its options) claims to preserve the function."""
+        return self.preserves
 
     def run(self, graph: Graph) -> PassResult:
         raise NotImplementedError

@@ -156,7 +156,12 @@ def cmd_passes(args, err: Console) -> int:
     table.add_column("summary")
     for e in entries:
         opts = "\n".join(f"{o['name']}={o['default']}  {o['doc']}" for o in e["options"]) or "—"
-        table.add_row(e["name"], "exact" if e["preserves"] else "changes", opts, e["summary"])
+        exact = (
+            ("exact" + (f" with {e['exact_when']}" if e["exact_when"] else ""))
+            if e["preserves"]
+            else "changes"
+        )
+        table.add_row(e["name"], exact, opts, e["summary"])
     _out().print(table)
     return 0
 

@@ -173,7 +173,7 @@ class Pipeline:
             seconds = time.perf_counter() - t0
             record = PassRecord(
                 name=str(p),
-                preserves=p.preserves,
+                preserves=p.claims_exact(),
                 changed=result.changed,
                 seconds=seconds,
                 nodes_before=current.num_nodes(),
@@ -183,7 +183,7 @@ class Pipeline:
                 remarks=result.remarks,
                 details=result.details,
             )
-            if verify and p.preserves:
+            if verify and p.claims_exact():
                 record.certificate = certify(current, work)
                 if not record.certificate.ok:
                     where = self._reproduce(i, p, current, None, dump_dir)

@@ -1,16 +1,17 @@
-"""The residual-scheme engine: re-thread a model's residual stream through a wider state.
+"""The residual-scheme engine: re-thread a model's residual stream through a scheme's state.
 
 Every residual scheme (SPEC.md, "A unifying view") is three maps over a stream state S:
 
-    read  (S → the d-wide input a unit sees)
-    write (the unit's output → S), including the scheme's carry
-    readout (S → the d-wide stream the rest of the model reads)
+    read     S → the d-wide input a unit sees (after the scheme's carry)
+    write    the unit's output → S
+    readout  S → the d-wide stream the rest of the model reads
 
-plus `init` (the model's d-wide stream → S, replicating it). A *unit* is a whole block (AltUp)
-or one residual site (DDL, hyper-connections). The engine does the graph surgery once for all
-schemes: it creates S after each stack's input, rewires every unit's stream input to `read`,
-feeds its output to `write`, and hands everything after the stack `readout`. A scheme only
-says what its four maps compute, through an `Emitter` that appends ATen nodes.
+plus `init` (the model's d-wide stream → S). A *unit* is a whole block (AltUp) or one
+residual site (DDL, hyper-connections): the engine finds the units in the Structure, creates S
+after each stack's input, rewires every unit's stream input to `read`, feeds its output to
+`write`, and hands everything after the stack (or between units, for schemes whose state is
+the stream itself) `readout`. A scheme only says what its maps compute, through an `Emitter`
+that appends ATen nodes.
 
 Exact at init when: S starts replicated, carries keep a replicated state replicated (rows
 summing to 1), writes have unit weight, and the readout's weights sum to 1.
@@ -24,10 +25,8 @@ import torch
 from torch import fx, nn
 
 from archfx.ir import Graph, PassError
-from archfx.ir.ops import is_identity, strip
-from archfx.ir.structure import Block, Stack
-
-from .base import Remark
+from archfx.ir.ops import aten, is_identity, strip
+from archfx.ir.structure import Block, Residual, Stack
 
 
 class Emitter:
@@ -67,26 +66,47 @@ class Emitter:
         return self.get(target)
 
 
+@dataclass
+class Unit:
+    """What a scheme rethreads: a block, or one residual site of a block."""
+
+    index: int  # position in its stack
+    stack: int  # stack number
+    block: Block
+    site: Residual | None  # None for block units
+    input: fx.Node  # the stream entering the unit
+    consumers: set  # nodes whose uses of `input` read the scheme's `read` instead
+    outputs: list[fx.Node]  # what the unit adds to the stream (the block output, or its branches)
+    replaces: fx.Node  # the node the rest of the graph reads as the stream after the unit
+
+    @property
+    def owned(self) -> set:
+        """The unit's nodes: its consumers and everything from its input to `replaces`."""
+        return self.consumers | _between(self.input, self.replaces)
+
+    @property
+    def name(self) -> str:
+        return f"s{self.stack}.l{self.block.index}" + (
+            f".r{self.block.residuals.index(self.site)}" if self.site else ""
+        )
+
+
 class Scheme:
     """A residual scheme: subclasses implement the four maps with an `Emitter`."""
 
     granularity = "block"  # or "site"
+    stream_shaped = False  # the state is the d-wide stream itself (it may pass through post-norms)
+    channels = 1  # otherwise the state is [channels, *stream]
 
     def init(self, em: Emitter, x: fx.Node, stack: int) -> fx.Node:
         raise NotImplementedError
 
-    def read(self, em: Emitter, state: fx.Node, unit: int, stack: int) -> tuple[fx.Node, fx.Node]:
+    def read(self, em: Emitter, state: fx.Node, unit: Unit) -> tuple[fx.Node, fx.Node]:
         """Returns (state after the carry, the d-wide input of the unit)."""
         raise NotImplementedError
 
     def write(
-        self,
-        em: Emitter,
-        state: fx.Node,
-        unit_in: fx.Node,
-        unit_out: fx.Node,
-        unit: int,
-        stack: int,
+        self, em: Emitter, state: fx.Node, unit_in: fx.Node, unit_out: fx.Node, unit: Unit
     ) -> fx.Node:
         raise NotImplementedError
 
@@ -99,79 +119,170 @@ class StackThreading:
     """Where the engine put a stack's state: one node per unit (after its write)."""
 
     stack: Stack
-    init: fx.Node
     states: list[fx.Node]
-    readout: fx.Node
 
 
-def rethread(graph: Graph, scheme: Scheme, owner: str) -> tuple[list[StackThreading], list[Remark]]:
-    """Thread every stack of `graph` through `scheme` (block granularity)."""
-    if scheme.granularity != "block":
-        raise PassError(f"the residual engine does not thread {scheme.granularity!r} units yet")
-    structure = graph.structure
+def units(stack: Stack, s_idx: int, granularity: str) -> list[Unit]:
+    out = []
+    for block in stack.blocks:
+        if granularity == "block":
+            out.append(
+                Unit(
+                    len(out),
+                    s_idx,
+                    block,
+                    None,
+                    block.input,
+                    block.nodes,
+                    [block.output],
+                    block.output,
+                )
+            )
+        else:
+            for r in block.residuals:
+                out.append(
+                    Unit(len(out), s_idx, block, r, r.carry, r.nodes, list(r.branches), r.add)
+                )
+    return out
+
+
+def rethread(graph: Graph, scheme: Scheme, owner: str) -> list[StackThreading]:
+    """Thread every stack of `graph` through `scheme`; the graph is edited in place."""
+    if any(n.meta.get("archfx_scheme") for n in graph.gm.graph.nodes):
+        raise PassError(
+            f"{owner}: the residual stream is already rethreaded by a residual scheme; apply one scheme, once"
+        )
     em = Emitter(graph, owner)
-    done, remarks = [], []
-    for s_idx, stack in enumerate(structure.stacks):
-        reason = _refuse(stack)
-        if reason:
-            raise PassError(f"{owner}: cannot rethread {stack.path}: {reason}")
-        done.append(_thread_stack(graph, em, scheme, stack, s_idx))
+    done = []
+    for s_idx, stack in enumerate(graph.structure.stacks):
+        done.append(
+            _thread_stack(em, scheme, units(stack, s_idx, scheme.granularity), stack, owner)
+        )
     graph.gm.graph.eliminate_dead_code()
     graph.gm.recompile()
-    return done, remarks
-
-
-def _refuse(stack: Stack) -> str | None:
-    for prev, nxt in zip(stack.blocks, stack.blocks[1:], strict=False):
-        if strip(nxt.input) is not prev.output:
-            return f"{nxt.path} does not read {prev.path}'s output directly (something runs between the blocks)"
-    return None
+    return done
 
 
 def _thread_stack(
-    graph: Graph, em: Emitter, scheme: Scheme, stack: Stack, s_idx: int
+    em: Emitter, scheme: Scheme, todo: list[Unit], stack: Stack, owner: str
 ) -> StackThreading:
-    first = stack.blocks[0]
-    x0 = first.input
-    state = scheme.init(em.at(x0), x0, s_idx)
-    init = state
+    state = scheme.init(em.at(todo[0].input), todo[0].input, todo[0].stack)
     states = []
-    for u, block in enumerate(stack.blocks):
-        state, unit_in = scheme.read(em.at(em.cursor), state, u, s_idx)
-        _rewire_input(block, unit_in, em.created)
-        y = block.output
-        state = scheme.write(em.at(y), state, unit_in, y, u, s_idx)
-        state.meta["archfx_state"] = (stack.path, u)  # the stream state after unit u (for probes)
+    for i, unit in enumerate(todo):
+        if i and strip(unit.input) is not todo[i - 1].replaces:
+            state = (
+                unit.input
+            )  # the stream went through trunk ops (a post-norm) that now act on the state
+            em.at(state)
+        state, unit_in = scheme.read(em, state, unit)
+        _rewire(unit, unit_in, em.created)
+        out, at = unit.outputs[0], unit.replaces
+        if len(unit.outputs) > 1:  # parallel branches add to the stream together
+            em.at(at)
+            for extra in unit.outputs[1:]:
+                out = em.op(aten.add.Tensor, out, extra)
+            at = em.cursor
+        state = scheme.write(em.at(at), state, unit_in, out, unit)
+        state.meta["archfx_state"] = (stack.path, unit.index)  # the stream state after the unit
         states.append(state)
-        last = u == len(stack.blocks) - 1
-        nxt = None if last else stack.blocks[u + 1]
-        outside = [
+        nxt = todo[i + 1] if i + 1 < len(todo) else None
+        lifted = _lift(unit, nxt, state, scheme, owner) if nxt is not None else set()
+        after = [
             n
-            for n in list(y.users)
+            for n in list(unit.replaces.users)
             if n not in em.created
-            and n not in block.nodes
-            and (nxt is None or (n not in nxt.nodes and not _feeds_only(n, nxt)))
+            and n not in unit.consumers
+            and n not in lifted
+            and not _next(n, nxt)
         ]
-        if outside:
-            out = scheme.readout(em.at(em.cursor), state, s_idx)
-            out.meta["archfx_readout"] = stack.path  # where the analysis finds the stream again
-            for n in outside:
-                n.replace_input_with(y, out)
-    return StackThreading(stack, init, states, out if outside else states[-1])
+        if after:
+            out = scheme.readout(em.at(em.cursor), state, unit.stack)
+            if nxt is None:
+                out.meta["archfx_readout"] = stack.path  # where the analysis finds the stream again
+            for n in after:
+                n.replace_input_with(unit.replaces, out)
+    return StackThreading(stack, states)
 
 
-def _feeds_only(n: fx.Node, block: Block) -> bool:
-    """An identity op between two blocks whose every user is in the next block."""
-    return is_identity(n) and all(u in block.nodes or _feeds_only(u, block) for u in n.users)
+_STREAM_LOCAL = {
+    aten.layer_norm.default,
+    aten.rms_norm.default,
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.mul.Tensor,
+    aten.div.Tensor,
+    aten.pow.Tensor_Scalar,
+    aten.mean.dim,
+    aten.rsqrt.default,
+    aten.sqrt.default,
+    aten.to.dtype,
+    aten.dropout.default,
+    aten.clone.default,
+}
 
 
-def _rewire_input(block: Block, new: fx.Node, created: set) -> None:
-    """Every use of the block's stream input (or of identity ops on it) inside the block → new."""
-    x = block.input
-    chain = [x]
-    while is_identity(chain[-1]) and chain[-1] not in block.nodes:
+_RESHAPES = {aten.view.default, aten.reshape.default}
+
+
+def _lift(unit: Unit, nxt: Unit, state: fx.Node, scheme: Scheme, owner: str) -> set:
+    """Trunk ops between two units (a post-norm) read the state instead of the d-wide stream.
+
+    For a stream-shaped state nothing changes. A wider state [n, *stream] passes through ops
+    that act on the last dimension and broadcast over the rest (norms, element-wise
+    arithmetic with scalars or d-vectors) and through reshapes that keep the last dimension
+    (the channel count is prepended to their shape): each channel goes where the stream went.
+    """
+    if strip(nxt.input) is unit.replaces or scheme.stream_shaped:
+        return set()
+    segment = _between(unit.replaces, nxt.input)
+    bad = [
+        n for n in segment if n.op != "call_function" or n.target not in _STREAM_LOCAL | _RESHAPES
+    ]
+    if not segment or bad:
+        what = ", ".join(str(n.target) for n in bad[:3]) or "nothing it can follow"
+        raise PassError(
+            f"{owner}: between {unit.block.path} and the next unit the stream goes through {what}; a state wider than the stream cannot"
+        )
+    for n in segment:
+        if unit.replaces in n.all_input_nodes:
+            n.replace_input_with(unit.replaces, state)
+        if n.target in _RESHAPES:
+            n.args = (n.args[0], [scheme.channels, *n.args[1]])
+    return segment
+
+
+def _between(src: fx.Node, dst: fx.Node) -> set:
+    """Nodes on paths from src (excluded) to dst (included)."""
+    down, todo = set(), [src]
+    while todo:
+        for u in todo.pop().users:
+            if u not in down:
+                down.add(u)
+                todo.append(u)
+    up, todo = {dst}, [dst]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a in down and a not in up:
+                up.add(a)
+                todo.append(a)
+    return up & down
+
+
+def _next(n: fx.Node, nxt: Unit | None) -> bool:
+    """`n` belongs to the next unit (its consumers, its residual add, or identity ops feeding it)."""
+    if nxt is None:
+        return False
+    if n in nxt.owned:
+        return True
+    return is_identity(n) and bool(n.users) and all(_next(u, nxt) for u in n.users)
+
+
+def _rewire(unit: Unit, new: fx.Node, created: set) -> None:
+    """Every use of the unit's stream input (or of identity ops on it) inside the unit → new."""
+    chain = [unit.input]
+    while is_identity(chain[-1]) and chain[-1] not in unit.consumers:
         chain.append(chain[-1].args[0])
     for src in chain:
         for user in list(src.users):
-            if user in block.nodes and user not in created:
+            if user in unit.consumers and user not in created:
                 user.replace_input_with(src, new)

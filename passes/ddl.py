@@ -1,0 +1,266 @@
+"""ddl: Deep Delta Learning residual updates (Zhang, Liu, Wang, Gu 2026), SPEC.md §2.
+
+Rewrite: every residual site x ← x + h (h = F(Norm(x)), attention or MLP unchanged) becomes a
+delta-rule update of a residual state X ∈ R^{d×d_v} per token:
+
+    k = h / sqrt(‖h‖² + ε²)          β = 2σ(w_β·c + b_β), b_β = logit(β0/2), c = Norm(x_in)
+    v = W_v c (value=paper)   or   v = 4σ(W_v x_in + b) (value=code)
+    X ← X + β k (vᵀ − kᵀX)
+
+β = 0 keeps X, β = 1 overwrites the readout along k (kᵀX = vᵀ), β → 2 reflects; the error
+along k shrinks by (1 − β). k, β and kᵀX are computed in fp32 whatever the model's dtype
+(element-wise products and sums, which autocast leaves in fp32). For d_v > 1 the state starts
+as the embedding replicated d_v times (or, with `ec`, through an identity-initialised causal
+depthwise convolution over tokens per channel), and before each sublayer a compressor reads
+x_in from X: `cc` mixes the channels per feature (weights 1/d_v), `tc` runs an
+identity-initialised causal depthwise convolution over tokens per channel and then a read
+vector (1/d_v); one compressor per block (shared by its sublayers), another before the final
+norm. Post-norms act on every channel of the state.
+
+Exactness: `value=paper` and `value=code` are the paper's and the official code's updates:
+they change the function (the increment is parallel to h with a magnitude v cannot match).
+`value=compat` is the homotopy x ← x + λh + (1 − λ)β(v − kᵀx)k with λ = 1 at init, exact
+(bit-exact for d_v = 1); for d_v > 1 the replicated state and compressors whose weights sum to
+1 keep it exact up to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+from archfx.ir import PassError
+from archfx.ir.ops import aten
+
+from .base import Option, Pass, PassResult, register
+from .residual import Emitter, Scheme, rethread
+
+OWNER = "ddl"
+F32 = torch.float32
+
+
+class DDLScheme(Scheme):
+    granularity = "site"
+
+    def __init__(self, opts: dict, d: int, rank: int, dtype: torch.dtype):
+        self.dv, self.value, self.beta0 = opts["dv"], opts["value"], opts["beta0"]
+        self.compressor, self.ec, self.eps = opts["compressor"], opts["ec"], opts["eps"]
+        self.stream_shaped = self.dv == 1
+        self.channels = self.dv
+        self.d, self.rank, self.dtype = d, rank, dtype
+        self.gen = torch.Generator().manual_seed(opts["seed"])
+        self.compressors: dict[str, list[str]] = {}
+
+    # state ------------------------------------------------------------------------------------
+
+    def init(self, em, x, stack):
+        if self.dv == 1:
+            return x
+        if not self.ec:
+            return em.op(
+                aten.expand.default,
+                em.op(aten.unsqueeze.default, x, 0),
+                [self.dv] + [-1] * self.rank,
+            )
+        w = torch.zeros(self.d * self.dv, 1, 4, dtype=self.dtype)
+        w[:, 0, -1] = 1.0  # identity: each channel starts as the embedding
+        conv = self._causal_conv(
+            em,
+            em.op(aten.unsqueeze.default, x, 0),
+            em.param(f"s{stack}.embed_conv", w),
+            groups=self.d,
+            grouped_out=True,
+        )
+        return conv
+
+    def read(self, em, state, unit):
+        if self.dv == 1:
+            return state, state
+        return state, self._compress(em, state, f"s{unit.stack}.l{unit.block.index}")
+
+    def readout(self, em, state, stack):
+        return state if self.dv == 1 else self._compress(em, state, f"s{stack}.readout")
+
+    def write(self, em, state, unit_in, h, unit):
+        name = unit.name
+        c = unit.site.pre_norm.output if unit.site.pre_norm is not None else unit_in
+        hf = em.op(aten._to_copy.default, h, dtype=F32)
+        norm2 = em.op(aten.sum.dim_IntList, em.op(aten.mul.Tensor, hf, hf), [-1], True)
+        k = em.op(
+            aten.mul.Tensor,
+            hf,
+            em.op(aten.rsqrt.default, em.op(aten.add.Tensor, norm2, self.eps**2)),
+        )
+        cf = em.op(aten._to_copy.default, c, dtype=F32)
+        w_beta = em.param(f"{name}.beta_weight", torch.zeros(self.d, dtype=F32))
+        b_beta = em.param(
+            f"{name}.beta_bias", torch.tensor([math.log(self.beta0 / (2 - self.beta0))], dtype=F32)
+        )
+        logit = em.op(
+            aten.add.Tensor,
+            em.op(aten.sum.dim_IntList, em.op(aten.mul.Tensor, cf, w_beta), [-1], True),
+            b_beta,
+        )
+        beta = em.op(aten.mul.Tensor, em.op(aten.sigmoid.default, logit), 2.0)  # [*tok, 1]
+        v = self._value(em, cf, unit_in, name)  # [*tok, dv]
+        xf = em.op(aten._to_copy.default, state, dtype=F32)
+        if self.dv > 1:  # channels lead: X is [dv, *tok, d]
+            k_, beta_ = em.op(aten.unsqueeze.default, k, 0), em.op(aten.unsqueeze.default, beta, 0)
+            v_ = em.op(aten.unsqueeze.default, em.op(aten.movedim.int, v, -1, 0), -1)
+        else:
+            k_, beta_, v_ = k, beta, v
+        kx = em.op(aten.sum.dim_IntList, em.op(aten.mul.Tensor, k_, xf), [-1], True)
+        update = em.op(
+            aten.mul.Tensor, em.op(aten.mul.Tensor, beta_, k_), em.op(aten.sub.Tensor, v_, kx)
+        )
+        update = em.op(aten._to_copy.default, update, dtype=self.dtype)
+        if self.value == "compat":  # X + λh + (1 − λ)·update, λ = 1 at init
+            lam = em.param(f"{name}.lam", torch.ones(1, dtype=self.dtype))
+            hh = em.op(aten.unsqueeze.default, h, 0) if self.dv > 1 else h
+            keep = em.op(aten.add.Tensor, state, em.op(aten.mul.Tensor, lam, hh))
+            new = em.op(
+                aten.add.Tensor,
+                keep,
+                em.op(aten.mul.Tensor, em.op(aten.rsub.Scalar, lam, 1.0), update),
+            )
+        else:
+            new = em.op(aten.add.Tensor, state, update)
+        new.meta["archfx_ddl"] = {"k": k, "beta": beta, "v": v, "state_in": state}
+        return new
+
+    # pieces -----------------------------------------------------------------------------------
+
+    def _value(self, em: Emitter, cf: fx.Node, unit_in: fx.Node, name: str) -> fx.Node:
+        w = torch.randn(self.dv, self.d, generator=self.gen, dtype=F32) / self.d**0.5
+        wv = em.param(f"{name}.value_weight", w)
+        src = cf if self.value != "code" else em.op(aten._to_copy.default, unit_in, dtype=F32)
+        v = em.op(
+            aten.sum.dim_IntList,
+            em.op(aten.mul.Tensor, em.op(aten.unsqueeze.default, src, -2), wv),
+            [-1],
+        )
+        if self.value == "code":
+            b = em.param(f"{name}.value_bias", torch.zeros(self.dv, dtype=F32))
+            v = em.op(
+                aten.mul.Tensor, em.op(aten.sigmoid.default, em.op(aten.add.Tensor, v, b)), 4.0
+            )
+        return v
+
+    def _compress(self, em: Emitter, state: fx.Node, key: str) -> fx.Node:
+        """x_in from X: per-feature channel mix (cc) or causal token conv + read vector (tc).
+
+        Written as s·Y_0 + Σ_{j≥1} c_j (Y_j − Y_0), which spans every channel weighting
+        (w_0 = s − Σc_j, w_j = c_j) and starts at the paper's w = 1/d_v, but returns Y_0
+        exactly (not a rounded Σ Y_j/d_v) while the channels are identical.
+        """
+        dv, d = self.dv, self.d
+        if key in self.compressors:
+            params = [em.get(t) for t in self.compressors[key]]
+        elif self.compressor == "cc":
+            params = [
+                em.param(f"{key}.compress_first", torch.ones(d, dtype=self.dtype)),
+                em.param(f"{key}.compress", torch.full((dv - 1, d), 1.0 / dv, dtype=self.dtype)),
+            ]
+        else:
+            w = torch.zeros(dv * d, 1, 4, dtype=self.dtype)
+            w[:, 0, -1] = 1.0
+            params = [
+                em.param(f"{key}.compress_conv", w),
+                em.param(f"{key}.compress_first", torch.ones(1, dtype=self.dtype)),
+                em.param(f"{key}.compress", torch.full((dv - 1,), 1.0 / dv, dtype=self.dtype)),
+            ]
+        self.compressors[key] = [p.target for p in params]
+        if self.compressor == "tc":
+            state = self._causal_conv(em, state, params.pop(0), groups=dv * d, grouped_out=False)
+        first, rest = params
+        y0 = em.op(aten.select.int, state, 0, 0)
+        others = em.op(
+            aten.sub.Tensor,
+            em.op(aten.slice.Tensor, state, 0, 1),
+            em.op(aten.unsqueeze.default, y0, 0),
+        )
+        spec = "c...d,cd->...d" if self.compressor == "cc" else "c...d,c->...d"
+        return em.op(
+            aten.add.Tensor,
+            em.op(aten.mul.Tensor, first, y0),
+            em.op(aten.einsum.default, spec, [others, rest]),
+        )
+
+    def _causal_conv(
+        self, em: Emitter, x: fx.Node, w: fx.Node, groups: int, grouped_out: bool
+    ) -> fx.Node:
+        """Depthwise causal convolution (kernel 4) over the token axis of [n, B, S, d] → [dv, B, S, d]."""
+        if self.rank != 3:
+            raise PassError(
+                "ddl: the token convolutions (ec, compressor=tc) need a (batch, sequence, features) stream"
+            )
+        n = 1 if grouped_out else self.dv
+        t = em.op(aten.permute.default, x, [1, 0, 3, 2])  # [B, n, d, S]
+        t = em.op(aten.flatten.using_ints, t, 1, 2)  # [B, n·d, S]
+        t = em.op(aten.constant_pad_nd.default, t, [3, 0], 0.0)
+        t = em.op(aten.conv1d.default, t, w, None, [1], [0], [1], groups)  # [B, dv·d, S]
+        if grouped_out:  # one input channel per feature, dv outputs each: [B, d, dv, S]
+            t = em.op(aten.unflatten.int, t, 1, [self.d, self.dv])
+            return em.op(aten.permute.default, t, [2, 0, 3, 1])
+        t = em.op(aten.unflatten.int, t, 1, [n, self.d])  # [B, dv, d, S]
+        return em.op(aten.permute.default, t, [1, 0, 3, 2])
+
+
+@register
+class DDL(Pass):
+    name = "ddl"
+    summary = (
+        "Deep Delta Learning: each residual add becomes a delta-rule update of a (d × d_v) state"
+    )
+    preserves = True
+    exact_when = "value=compat"
+    options = (
+        Option(
+            "dv",
+            int,
+            1,
+            "value channels d_v of the state (1: the ordinary stream)",
+            minimum=1,
+            maximum=64,
+        ),
+        Option(
+            "value",
+            str,
+            "compat",
+            "compat (exact homotopy), paper (v = W_v c) or code (v = 4σ(W_v x + b))",
+            choices=("compat", "paper", "code"),
+        ),
+        Option("beta0", float, 1.0, "initial gate β (0 < β0 < 2)", minimum=1e-6, maximum=2 - 1e-6),
+        Option(
+            "compressor",
+            str,
+            "cc",
+            "d_v > 1: channel mix (cc) or token conv + read (tc)",
+            choices=("cc", "tc"),
+        ),
+        Option(
+            "ec",
+            bool,
+            False,
+            "d_v > 1: expand the embedding with an identity-initialised causal conv",
+        ),
+        Option("eps", float, 1e-5, "ε in k = h / sqrt(‖h‖² + ε²)", minimum=0.0),
+        Option("seed", int, 0, "seed of the value projections' initial weights", minimum=0),
+    )
+
+    def claims_exact(self) -> bool:
+        return self.opts["value"] == "compat"
+
+    def run(self, graph) -> PassResult:
+        structure = graph.structure
+        x = structure.blocks[0].input.meta["val"]
+        scheme = DDLScheme(self.opts, structure.hidden_size, x.dim(), x.dtype)
+        threads = rethread(graph, scheme, OWNER)
+        added = sum(p.numel() for n, p in graph.gm.named_parameters() if n.startswith(OWNER + "."))
+        sites = sum(len(t.states) for t in threads)
+        return PassResult(
+            changed=True,
+            details={"sites": sites, "parameters_added": added, "exact": self.claims_exact()},
+        )
