@@ -86,14 +86,14 @@ class DDLScheme(Scheme):
     def write(self, em, state, unit_in, h, unit):
         name = unit.name
         c = unit.site.pre_norm.output if unit.site.pre_norm is not None else unit_in
-        hf = em.op(aten._to_copy.default, h, dtype=F32)
+        hf = self._f32(em, h)
         norm2 = em.op(aten.sum.dim_IntList, em.op(aten.mul.Tensor, hf, hf), [-1], True)
         k = em.op(
             aten.mul.Tensor,
             hf,
             em.op(aten.rsqrt.default, em.op(aten.add.Tensor, norm2, self.eps**2)),
         )
-        cf = em.op(aten._to_copy.default, c, dtype=F32)
+        cf = self._f32(em, c)
         w_beta = em.param(f"{name}.beta_weight", torch.zeros(self.d, dtype=F32))
         b_beta = em.param(
             f"{name}.beta_bias", torch.tensor([math.log(self.beta0 / (2 - self.beta0))], dtype=F32)
@@ -105,30 +105,34 @@ class DDLScheme(Scheme):
         )
         beta = em.op(aten.mul.Tensor, em.op(aten.sigmoid.default, logit), 2.0)  # [*tok, 1]
         v = self._value(em, cf, unit_in, name)  # [*tok, dv]
-        xf = em.op(aten._to_copy.default, state, dtype=F32)
+        xf = self._f32(em, state)
+        target = v
         if self.dv > 1:  # channels lead: X is [dv, *tok, d]
-            k_, beta_ = em.op(aten.unsqueeze.default, k, 0), em.op(aten.unsqueeze.default, beta, 0)
-            v_ = em.op(aten.unsqueeze.default, em.op(aten.movedim.int, v, -1, 0), -1)
+            k_ = em.op(aten.unsqueeze.default, k, 0)
+            target = em.op(aten.unsqueeze.default, em.op(aten.movedim.int, v, -1, 0), -1)
         else:
-            k_, beta_, v_ = k, beta, v
-        kx = em.op(aten.sum.dim_IntList, em.op(aten.mul.Tensor, k_, xf), [-1], True)
-        update = em.op(
-            aten.mul.Tensor, em.op(aten.mul.Tensor, beta_, k_), em.op(aten.sub.Tensor, v_, kx)
-        )
-        update = em.op(aten._to_copy.default, update, dtype=self.dtype)
-        if self.value == "compat":  # X + λh + (1 − λ)·update, λ = 1 at init
+            k_ = k
+        kx = em.op(
+            aten.sum.dim_IntList, em.op(aten.mul.Tensor, k_, xf), [-1], True
+        )  # fp32, autocast-proof
+        error = em.op(aten.sub.Tensor, target, kx)  # v − kᵀX, [dv?, *tok, 1]
+        if self.value == "compat":  # X + λh + (1 − λ)·βk(v − kᵀX), λ = 1 at init
             lam = em.param(f"{name}.lam", torch.ones(1, dtype=self.dtype))
-            hh = em.op(aten.unsqueeze.default, h, 0) if self.dv > 1 else h
-            keep = em.op(aten.add.Tensor, state, em.op(aten.mul.Tensor, lam, hh))
-            new = em.op(
-                aten.add.Tensor,
-                keep,
-                em.op(aten.mul.Tensor, em.op(aten.rsub.Scalar, lam, 1.0), update),
-            )
+            gate = em.op(aten.mul.Tensor, em.op(aten.rsub.Scalar, lam, 1.0), beta)
+            base = em.op(aten.add.Tensor, state, em.op(aten.mul.Tensor, lam, h))
         else:
-            new = em.op(aten.add.Tensor, state, update)
+            gate, base = beta, state
+        direction = em.op(aten.mul.Tensor, gate, k)  # [*tok, d]
+        new = em.op(
+            aten.addcmul.default, self._f32(em, base), direction, error
+        )  # one pass over the state
+        if self.dtype != F32:
+            new = em.op(aten._to_copy.default, new, dtype=self.dtype)
         new.meta["archfx_ddl"] = {"k": k, "beta": beta, "v": v, "state_in": state}
         return new
+
+    def _f32(self, em: Emitter, x: fx.Node) -> fx.Node:
+        return x if self.dtype == F32 else em.op(aten._to_copy.default, x, dtype=F32)
 
     # pieces -----------------------------------------------------------------------------------
 
@@ -181,12 +185,19 @@ class DDLScheme(Scheme):
             em.op(aten.slice.Tensor, state, 0, 1),
             em.op(aten.unsqueeze.default, y0, 0),
         )
-        spec = "c...d,cd->...d" if self.compressor == "cc" else "c...d,c->...d"
-        return em.op(
-            aten.add.Tensor,
-            em.op(aten.mul.Tensor, first, y0),
-            em.op(aten.einsum.default, spec, [others, rest]),
-        )
+        if (
+            self.compressor == "cc"
+        ):  # per-feature weights: flatten the tokens, weigh, sum the channels
+            flat = em.op(aten.reshape.default, others, [dv - 1, -1, d])
+            mixed = em.op(
+                aten.sum.dim_IntList,
+                em.op(aten.mul.Tensor, flat, em.op(aten.unsqueeze.default, rest, 1)),
+                [0],
+            )
+            mixed = em.op(aten.reshape_as.default, mixed, y0)
+        else:
+            mixed = em.op(aten.einsum.default, "c...d,c->...d", [others, rest])
+        return em.op(aten.add.Tensor, em.op(aten.mul.Tensor, first, y0), mixed)
 
     def _causal_conv(
         self, em: Emitter, x: fx.Node, w: fx.Node, groups: int, grouped_out: bool

@@ -48,7 +48,11 @@ def test_apply_canonicalize_verify_onnx(capsys, tmp_path, name):
     onnx = str(tmp_path / "m.onnx")
     data = run_json(capsys, "apply", name, "--pipeline", "canonicalize", "--verify", "--onnx", onnx)
     assert data["verify"]["max_abs_diff"] <= 1e-5
-    assert data["onnx"]["max_abs_diff"] <= 1e-4
+    onnx = data["onnx"]
+    if name == "smollm2":  # 30 layers, logits ≈ 33: fp32 noise exceeds 1e-4, PyTorch's included
+        assert onnx["ok"] and onnx["onnx_error"] <= onnx["reference_error"], onnx
+    else:
+        assert onnx["max_abs_diff"] <= 1e-4 and onnx["onnx_error"] is None
     assert data["passes"][0]["name"] == "canonicalize" and data["passes"][0]["changed"]
     assert data["params"]["before"] >= data["params"]["after"] > 0
 
