@@ -1,7 +1,10 @@
 """Shared test utilities: every zoo model, and a short training loop on real text."""
 
 import torch
+import transformers as tf
 
+from archfx.ir import capture
+from archfx.passes import Pipeline
 from archfx.passes.zoo import BUILTINS, build
 from archfx.passes.zoo.text import batches, byte_tokens, shakespeare
 
@@ -35,3 +38,19 @@ def train(
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def byte_gpt(pipeline: str):
+    """A 2-layer GPT-2 over bytes (vocabulary 256), captured and rewritten by `pipeline`."""
+    torch.manual_seed(0)
+    config = tf.GPT2Config(
+        vocab_size=256,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    example = {"input_ids": torch.randint(0, 256, (2, 8)), "use_cache": False}
+    return Pipeline.parse(pipeline).run(capture(tf.GPT2LMHeadModel(config), example)).graph

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-import transformers as tf
 
 from archfx.ir import PassError, capture
 from archfx.ir.verify import certify
 from archfx.passes import Pipeline
 
-from .helpers import EVERY, ZOO, model, train
+from .helpers import EVERY, ZOO, byte_gpt, model, train
 
 ACCEPTANCE = ["altup(k=2)", "altup(k=4,schedule=same)", "altup(k=4,coefficients=router)"]
 
@@ -93,12 +92,7 @@ def test_router_weights_get_gradients():
 
 
 def test_training_on_shakespeare_diverges_the_blocks():
-    torch.manual_seed(0)
-    gpt = tf.GPT2LMHeadModel(
-        tf.GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-    ).eval()
-    example = {"input_ids": torch.randint(0, 256, (2, 8)), "use_cache": False}
-    graph = Pipeline.parse("altup(k=2)").run(capture(gpt, example)).graph
+    graph = byte_gpt("altup(k=2)")
     losses = train(graph, steps=40)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
     _, values = states(graph)

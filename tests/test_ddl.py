@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-import transformers as tf
 
 from archfx.ir import capture
 from archfx.passes import Pipeline
 
-from .helpers import EVERY, ZOO, model, train
+from .helpers import EVERY, ZOO, byte_gpt, model, train
 
 EXACT = ["ddl(dv=1,value=compat)", "ddl(dv=4,value=compat)"]
 
@@ -103,22 +102,7 @@ def test_paper_and_code_modes_say_they_change_the_function():
 
 @pytest.mark.parametrize("dv", [1, 4])
 def test_paper_mode_trains_on_shakespeare(dv):
-    torch.manual_seed(0)
-    config = tf.GPT2Config(
-        vocab_size=256,
-        n_positions=64,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    example = {"input_ids": torch.randint(0, 256, (2, 8)), "use_cache": False}
-    graph = (
-        Pipeline.parse(f"ddl(dv={dv},value=paper)")
-        .run(capture(tf.GPT2LMHeadModel(config), example))
-        .graph
-    )
+    graph = byte_gpt(f"ddl(dv={dv},value=paper)")
     losses = train(graph, steps=40)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
 
