@@ -147,6 +147,7 @@ class Pass:
             "name": cls.name,
             "summary": cls.summary,
             "preserves": cls.preserves,
+            "exact_when": cls.exact_when,
             "options": [o.to_json() for o in cls.options],
         }
 

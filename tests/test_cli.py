@@ -28,9 +28,20 @@ def run_json(capsys, *argv):
 def test_passes_lists_the_registry(capsys):
     data = run_json(capsys, "passes")
     names = [p["name"] for p in data["passes"]]
-    assert "canonicalize" in names
+    assert {"canonicalize", "altup", "ddl"} <= set(names)
     canon = data["passes"][names.index("canonicalize")]
-    assert canon["preserves"] is True and canon["summary"]
+    assert canon["preserves"] is True and canon["summary"] and canon["exact_when"] is None
+    assert data["passes"][names.index("ddl")]["exact_when"] == "value=compat"
+    altup = data["passes"][names.index("altup")]
+    assert {o["name"] for o in altup["options"]} >= {
+        "k",
+        "schedule",
+        "active",
+        "coefficients",
+        "readout",
+    }
+    code, out, _ = run(capsys, "passes")
+    assert code == 0 and "exact with value=compat" in out and "altup" in out
 
 
 @pytest.mark.parametrize("name", ZOO)
