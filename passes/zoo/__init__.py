@@ -53,6 +53,8 @@ BUILTINS: dict[str, Builtin] = {
                 n_layer=2,
                 n_head=4,
                 n_positions=128,
+                bos_token_id=0,
+                eos_token_id=0,
             ),
             family="gpt2",
         ),
