@@ -46,3 +46,12 @@ def test_broken_file_is_a_lowering_error(tmp_path):
 def test_torch_compile():
     result = compile_graph(capture(build("tiny-gpt2")))
     assert result.max_abs_diff <= 1e-5
+
+
+def test_fp64_reference_runs_on_raw_graphs():
+    from archfx.ir.lower import _against_fp64
+
+    g = capture(build("tiny-llama"))  # not canonicalized: dtype asserts and fp32 casts inside
+    outputs = g.run()
+    reference, other = _against_fp64(g, [(g.inputs, outputs, outputs)])
+    assert reference == other and 0 <= reference < 1e-5
