@@ -428,6 +428,8 @@ class _Analyzer:
             rope=bool(rope_cats),
             rotary_dim=rotary,
             qk_norm=qk_norm,
+            query=q,
+            key=k,
         )
 
     def _through(self, n: fx.Node, nodes: set) -> list[fx.Node]:

@@ -47,6 +47,8 @@ class Attention:
     rope: bool = False
     rotary_dim: int | None = None
     qk_norm: bool = False
+    query: fx.Node | None = None  # the per-head queries and keys the scores are computed from
+    key: fx.Node | None = None
 
     @property
     def fused_qkv(self) -> bool:

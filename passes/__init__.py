@@ -1,6 +1,16 @@
 """archfx.passes: rewrites, the pipeline that composes them, and the CLI driver."""
 
-from . import altup, canonicalize, ddl  # noqa: F401  (registers the passes)
+from . import (  # noqa: F401  (registers the passes)
+    add_heads,
+    add_layers,
+    altup,
+    canonicalize,
+    ddl,
+    expand_head_dim,
+    expand_hidden,
+    expand_mlp,
+    expand_qk,
+)
 from .base import REGISTRY, Option, Pass, PassResult, Remark, get, register
 from .pipeline import PassRecord, Pipeline, PipelineResult
 

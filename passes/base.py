@@ -95,6 +95,9 @@ class PassResult:
     changed: bool
     remarks: list[Remark] = field(default_factory=list)
     details: dict = field(default_factory=dict)
+    # how tensors moved, for state that follows the weights (optimizer moments): per name, the
+    # source index of every new position per grown axis ("layouts"), and renames ("renamed")
+    tensor_maps: dict = field(default_factory=dict)
 
 
 class Pass:
@@ -106,6 +109,7 @@ class Pass:
     options: ClassVar[tuple[Option, ...]] = ()
     preserves: ClassVar[bool] = True
     exact_when: ClassVar[str | None] = None  # options under which `preserves` holds, if not always
+    widens_outputs: ClassVar[bool] = False  # outputs may gain features (compared on the old ones)
 
     def __init__(self, **values: Any):
         declared = {o.name: o for o in self.options}

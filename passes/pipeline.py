@@ -41,6 +41,7 @@ class PassRecord:
     remarks: list[Remark] = field(default_factory=list)
     details: dict = field(default_factory=dict)
     certificate: Certificate | None = None
+    tensor_maps: dict = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
         return {
@@ -182,14 +183,16 @@ class Pipeline:
                 params_after=work.num_parameters(),
                 remarks=result.remarks,
                 details=result.details,
+                tensor_maps=result.tensor_maps,
             )
             if verify and p.claims_exact():
-                record.certificate = certify(current, work)
+                record.certificate = certify(current, work, widened=p.widens_outputs)
                 if not record.certificate.ok:
                     where = self._reproduce(i, p, current, None, dump_dir)
                     raise VerificationError(
                         f"pass {p} claims to preserve the function but changed it: max |Δ| = "
-                        f"{record.certificate.max_abs_diff:.3g} > {record.certificate.tolerance:g}; reproducer in {where}"
+                        f"{record.certificate.max_abs_diff:.3g} > "
+                        f"{record.certificate.tolerance * record.certificate.scale:.3g}; reproducer in {where}"
                     )
             if dump_dir is not None:
                 d = Path(dump_dir)

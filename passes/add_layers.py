@@ -1,0 +1,210 @@
+"""add-layers: insert new blocks into a stack, SPEC.md §3.
+
+Rewrite: n copies of a neighbouring block (the one before the insertion point, or the first
+block when inserting at the start of a stack) are inserted at `at`; every copy's writers to
+the residual stream — its attention and MLP output projections and their biases, or the gain
+and bias of a norm on the branch output (sandwich norms) — are zero, so each new block adds
+nothing to the stream; its other weights are the neighbour's (at the scale of a trained
+block, and they train once the writers move). Later blocks are renumbered.
+
+Exactness: pre-norm (and sandwich, parallel) blocks: x + 0 = x. Post-norm blocks are refused:
+Norm(x + 0) ≠ x.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import fx
+
+from archfx.ir import PassError
+
+from .base import Option, Pass, PassResult, register
+
+
+@register
+class AddLayers(Pass):
+    name = "add-layers"
+    summary = "insert blocks (copies of a neighbour with zero writers to the stream)"
+    options = (
+        Option("n", int, 1, "number of blocks to insert", minimum=1),
+        Option(
+            "at", int, -1, "insert before this block (model order); -1: after the last", minimum=-1
+        ),
+    )
+
+    def run(self, graph) -> PassResult:
+        n, at = self.opts["n"], self.opts["at"]
+        blocks = graph.structure.blocks
+        if not blocks:
+            raise PassError(f"{self.name}: no Transformer blocks found")
+        if at > len(blocks):
+            raise PassError(f"{self.name}: at={at} is past the last block ({len(blocks)} blocks)")
+        if at == -1 or at == len(blocks):
+            template, before = blocks[-1], False
+        elif at > 0 and blocks[at - 1].stack == blocks[at].stack:
+            template, before = blocks[at - 1], False
+        else:
+            template, before = blocks[at], True
+        later = [b for b in blocks if b.stack == template.stack and b.index == template.index + 1]
+        if not before and template.index == 0 and later:
+            # a stack's first block often owns tables the others read (T5's position bias):
+            # copy its successor instead, inserting at the same place
+            template, before = later[0], True
+        for r in template.residuals:
+            if r.post_norm is not None or r.placement == "post":
+                raise PassError(
+                    f"{self.name}: {template.path} normalises after the residual add (post-LN): "
+                    "Norm(x + 0) ≠ x, so a new block cannot start as the identity"
+                )
+        writers = _writers(template, self.name)
+        stack = template.stack
+        local = template.index if before else template.index + 1
+        before_names = [name for name, _ in graph.gm.named_parameters()]
+        shift = _renumber(graph, stack, local, n)
+        writers = {shift(t): v for t, v in writers.items()}
+        prefix = f"{stack}.{template.index + (n if before else 0)}."
+        new_paths = [f"{stack}.{local + c}" for c in range(n)]
+        x = template.input if before else template.output
+        for c, path in enumerate(new_paths):
+            x = _copy(graph, template, x, prefix, path + ".", before, writers, c == 0)
+        inserted = [(local + c, local + c if before else template.index) for c in range(n)]
+        graph.provenance["inserted_layers"] = [
+            *graph.provenance.get("inserted_layers", []),
+            *inserted,
+        ]
+        graph.gm.recompile()
+        graph.invalidate()
+        renamed = {name: shift(name) for name in before_names if shift(name) != name}
+        details = {"inserted": new_paths, "template": template.path}
+        return PassResult(changed=True, details=details, tensor_maps={"renamed": renamed})
+
+
+def _writers(block, what: str) -> dict[str, float]:
+    """The parameters, and the value, that make the block add nothing to its stream."""
+    out: dict[str, float] = {}
+    for r in block.residuals:
+        norm = r.output_norm
+        if norm is not None:
+            if not norm.weight:
+                raise PassError(f"{what}: {block.path}'s branch norm has no gain to zero")
+            out[norm.weight] = -1.0 if norm.unit_offset else 0.0  # a (1 + w) gain: w = -1
+            if norm.bias:
+                out[norm.bias] = 0.0
+            continue
+        linears = []
+        if r.attention is not None:
+            linears.append(r.attention.o)
+        if r.mlp is not None:
+            linears.append(r.mlp.down)
+        if (
+            r.kind not in ("attention", "mlp", "parallel", "cross_attention")
+            or None in linears
+            or not linears
+        ):
+            raise PassError(
+                f"{what}: {block.path} has a residual branch ({r.kind}) archfx cannot silence"
+            )
+        out.update({t: 0.0 for lin in linears for t in (lin.weight, lin.bias) if t})
+    prefix = block.path + "."
+    shared = [t for t in out if not t.startswith(prefix)]
+    if shared:
+        raise PassError(
+            f"{what}: {block.path} writes through {shared[0]}, shared with other blocks"
+        )
+    return out
+
+
+def _renumber(graph, stack: str, start: int, n: int):
+    """Blocks start.. of `stack` become start+n..: tensors, get_attr targets, module paths."""
+    pat = re.compile(rf"^{re.escape(stack)}\.(\d+)(?=[.@]|$)")
+
+    def shift(path: str) -> str:
+        m = pat.match(path)
+        if m and int(m.group(1)) >= start:
+            return f"{stack}.{int(m.group(1)) + n}{path[m.end() :]}"
+        return path
+
+    nodes = [
+        nd for nd in graph.gm.graph.nodes if nd.op == "get_attr" and shift(nd.target) != nd.target
+    ]
+    moved = {nd.target: graph.tensor(nd.target) for nd in nodes}
+    for target in sorted(moved, reverse=True):
+        graph.delete_tensor(target)
+    for target, t in moved.items():
+        graph.set_tensor(shift(target), t)
+    for nd in nodes:
+        nd.target = shift(nd.target)
+    for nd in graph.gm.graph.nodes:
+        stack_meta = nd.meta.get("nn_module_stack")
+        if stack_meta:
+            nd.meta["nn_module_stack"] = {k: (shift(v[0]), *v[1:]) for k, v in stack_meta.items()}
+    return shift
+
+
+def _copy(graph, block, x, prefix: str, new_prefix: str, before: bool, writers, first: bool):
+    """Insert one copy of `block` reading `x`; returns its output."""
+    g = graph.gm.graph
+    order = [nd for nd in g.nodes if nd in block.nodes]
+    anchor = order[0].prev if before else x
+    env: dict[fx.Node, fx.Node] = {block.input: x}
+    attrs: dict[str, fx.Node] = {}
+
+    def attr(node: fx.Node) -> fx.Node:
+        if node.target not in attrs:
+            target = node.target
+            if target.startswith(prefix):
+                target = new_prefix + target[len(prefix) :]
+                t = graph.tensor(node.target)
+                value = (
+                    torch.full_like(t, writers[node.target])
+                    if node.target in writers
+                    else t.detach().clone()
+                )
+                graph.set_tensor(
+                    target,
+                    torch.nn.Parameter(value, t.requires_grad)
+                    if isinstance(t, torch.nn.Parameter)
+                    else value,
+                )
+            with g.inserting_after(anchor_attr):
+                attrs[node.target] = g.get_attr(target)
+        return attrs[node.target]
+
+    anchor_attr = next(nd for nd in g.nodes if nd.op == "placeholder")
+    while anchor_attr.next.op == "placeholder":
+        anchor_attr = anchor_attr.next
+    last = anchor
+    out = None
+    for nd in order:
+
+        def arg(a):
+            if a in env:
+                return env[a]
+            if isinstance(a, fx.Node) and a.op == "get_attr":
+                return attr(a)
+            return a
+
+        with g.inserting_after(last):
+            new = g.node_copy(nd, arg)
+        new.meta = dict(nd.meta)
+        stack_meta = nd.meta.get("nn_module_stack")
+        if stack_meta:
+            old = prefix[:-1]
+            new.meta["nn_module_stack"] = {
+                k: ((new_prefix[:-1] + v[0][len(old) :]) if v[0].startswith(old) else v[0], *v[1:])
+                for k, v in stack_meta.items()
+            }
+        env[nd] = new
+        last = new
+        if nd is block.output:
+            out = new
+    if before:
+        for nd in order:
+            nd.replace_input_with(x, out) if x in nd.all_input_nodes else None
+    else:
+        for user in list(x.users):
+            if user not in env.values() and user is not out:
+                user.replace_input_with(x, out)
+    return out

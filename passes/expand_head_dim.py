@@ -1,0 +1,65 @@
+"""expand-head-dim: grow the value dimension of every head of selected blocks, SPEC.md §3.
+
+Rewrite: per head, the value projection gets v̂ − v new rows inside that head's block (drawn at
+the scale of the existing weights) and the output projection the matching new input columns,
+all zero. Queries and keys are untouched (`expand-qk` grows them).
+
+Exactness: always: each head's new value features are multiplied by zero columns.
+"""
+
+from __future__ import annotations
+
+from archfx.ir import PassError
+from archfx.ir.dims import analyze_dims
+
+from .base import Option, Pass, PassResult, register
+from .growth import LAYERS_DOC, SEED_DOC, Growth, check_coupling, grow, select_blocks
+from .heads import attentions, head_axes
+
+
+@register
+class ExpandHeadDim(Pass):
+    name = "expand-head-dim"
+    summary = (
+        "grow each head's value dimension: new value rows drawn at scale, new output columns zero"
+    )
+    options = (
+        Option("size", int, 0, "new value dimension per head", minimum=1),
+        Option("layers", str, "all", LAYERS_DOC),
+        Option("seed", int, 0, SEED_DOC),
+    )
+
+    def run(self, graph) -> PassResult:
+        size = self.opts["size"]
+        if "size" not in self.given:
+            raise PassError(f"{self.name}: give size (the new value dimension per head)")
+        d = analyze_dims(graph.gm)
+        blocks = select_blocks(graph, self.opts["layers"], self.name)
+
+        def atoms(b):
+            return [head_axes(d, a, self.name)[1] for a in attentions(b, self.name)]
+
+        sizes = {}
+        for b in blocks:
+            for a in attentions(b, self.name):
+                _, dv, dqk = (*head_axes(d, a, self.name), d.of(a.query, -1))
+                if d.parts(dv) is not None:
+                    raise PassError(
+                        f"{self.name}: the value dimension of {b.path} is built from other dimensions"
+                    )
+                if dv in d.atoms(dqk):
+                    raise PassError(
+                        f"{self.name}: {b.path} shares one dimension between values and keys"
+                    )
+                if size < d.size[dv]:
+                    raise PassError(
+                        f"{self.name}: {b.path} has value dimension {d.size[dv]}; {size} is smaller"
+                    )
+                sizes[dv] = size
+        check_coupling(d, graph, blocks, atoms, self.name)
+        out, maps = grow(
+            graph, Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"]), self.name, d
+        )
+        return PassResult(
+            changed=any(sizes[a] != d.size[a] for a in sizes), details=out, tensor_maps=maps
+        )

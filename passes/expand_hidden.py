@@ -1,0 +1,92 @@
+"""expand-hidden: grow the residual stream (the model width d → d̂), SPEC.md §3.
+
+Rewrite, `method=zero` (RMSNorm models, any d̂): embeddings and every writer to the stream
+(attention output, MLP down projection, their biases) get zero new features; every reader
+(q, k, v, up, gate, head) gets new input columns drawn at the scale of the existing weights;
+RMS norms over the stream keep their value: eps × d/d̂ and gains × √(d/d̂) ((1 + w) gains:
+w' = (1 + w)·√(d/d̂) − 1).
+
+`method=duplicate` (any norm, d̂ = m·d): every feature is copied m times: embeddings, writers
+and norm gains and biases are tiled, readers take W/m per copy plus zero-sum noise (so the
+copies train apart), and with a tied head the final norm's gain and bias are divided by m.
+
+`method=auto` picks zero padding when no LayerNorm reads the stream, duplication otherwise.
+`method=approximate` zero-pads LayerNorm models too: not exact (the mean shifts), only on
+request.
+
+Exactness: zero and duplicate always (duplicate needs an integer factor); approximate never.
+"""
+
+from __future__ import annotations
+
+from archfx.ir import PassError
+from archfx.ir.dims import analyze_dims
+
+from .base import Option, Pass, PassResult, register
+from .growth import SEED_DOC, Growth, grow
+
+
+@register
+class ExpandHidden(Pass):
+    name = "expand-hidden"
+    summary = "grow the residual stream width: zero padding (RMSNorm) or duplication (LayerNorm)"
+    exact_when = "method is auto, zero or duplicate"
+    widens_outputs = True
+    options = (
+        Option("size", int, 0, "new width (give size or factor)", minimum=0),
+        Option(
+            "factor", float, 0.0, "new width = factor × width (give size or factor)", minimum=0.0
+        ),
+        Option(
+            "method",
+            str,
+            "auto",
+            "how new features start",
+            choices=("auto", "zero", "duplicate", "approximate"),
+        ),
+        Option("seed", int, 0, SEED_DOC),
+    )
+
+    def claims_exact(self) -> bool:
+        return self.opts["method"] != "approximate"
+
+    def run(self, graph) -> PassResult:
+        size, factor, method = self.opts["size"], self.opts["factor"], self.opts["method"]
+        if (size > 0) == (factor > 0):
+            raise PassError(f"{self.name}: give exactly one of size or factor")
+        d = analyze_dims(graph.gm)
+        blocks = graph.structure.blocks
+        if not blocks:
+            raise PassError(f"{self.name}: no Transformer blocks found")
+        atoms = {d.of(b.input, -1) for b in blocks} | {d.of(b.output, -1) for b in blocks}
+        if len(atoms) != 1:
+            raise PassError(f"{self.name}: the blocks' streams do not share one width")
+        atom = atoms.pop()
+        if d.parts(atom) is not None:
+            raise PassError(f"{self.name}: the stream width is built from other dimensions")
+        old = d.size[atom]
+        new = size or round(old * factor)
+        if new < old:
+            raise PassError(f"{self.name}: the stream is {old} wide; {new} is smaller")
+        layernorm = any(
+            r.kind in ("layer_norm", "var", "mean") and any(d.contains(i, atom) for i in r.dims)
+            for r in d.reductions
+        )
+        if method == "auto":
+            if not layernorm:
+                method = "zero"
+            elif new % old == 0:
+                method = "duplicate"
+            else:
+                raise PassError(
+                    f"{self.name}: this model normalises its stream with LayerNorm, which is exact "
+                    f"only under duplication (a multiple of {old}); {new} is not; pass "
+                    "method=approximate to zero-pad anyway (not exact)"
+                )
+        mode = {"zero": "zero", "approximate": "zero", "duplicate": "tile"}[method]
+        growth = Growth(
+            {atom: new}, {atom: mode}, approximate=method == "approximate", seed=self.opts["seed"]
+        )
+        out, maps = grow(graph, growth, self.name, d)
+        out["method"] = method
+        return PassResult(changed=new != old, details=out, tensor_maps=maps)

@@ -1,0 +1,173 @@
+"""expand-qk: grow the query/key dimension of every head of selected blocks, SPEC.md §3.
+
+Rewrite: per head, q and k get k̂ − k new rows inside that head's block: the query rows drawn
+at the scale of the existing weights, the key rows zero, so q·k is unchanged. With RoPE the
+old inverse frequencies are kept and the new pairs continue their geometric sequence, in the
+rotate-half layout [old first half, new first half, old second half, new second half];
+with partial rotary the rotary part is kept and the new dimensions are not rotated. With
+QK-norm both new q and k rows are zero and the norm gains and eps are rescaled. Where the
+attention scale is derived from the head dimension (1/√k, the SDPA default or the same value
+given explicitly), it becomes 1/√k̂ and the old key weights are multiplied by √(k̂/k); a fixed
+scale (T5's 1, Gemma 2's query_pre_attn_scalar, a hand-written constant) is kept.
+
+Exactness: always, for even growth of rotary halves; the new query rows train through the key
+rows (with QK-norm the new rows start at a saddle: archfx reports it).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+from torch import fx
+
+from archfx.ir import PassError
+from archfx.ir.dims import Dims, analyze_dims
+from archfx.ir.ops import ATTENTION_OPS, LINEAR_OPS, aten, is_call
+
+from .base import Option, Pass, PassResult, Remark, register
+from .growth import (
+    LAYERS_DOC,
+    SEED_DOC,
+    Growth,
+    check_coupling,
+    grow,
+    ids_within,
+    select_blocks,
+)
+from .heads import attentions, head_axes
+
+
+@register
+class ExpandQK(Pass):
+    name = "expand-qk"
+    summary = "grow each head's query/key dimension: new query rows drawn at scale, key rows zero"
+    options = (
+        Option("size", int, 0, "new query/key dimension per head", minimum=1),
+        Option("layers", str, "all", LAYERS_DOC),
+        Option("seed", int, 0, SEED_DOC),
+    )
+
+    def run(self, graph) -> PassResult:
+        size = self.opts["size"]
+        if "size" not in self.given:
+            raise PassError(f"{self.name}: give size (the new query/key dimension per head)")
+        d = analyze_dims(graph.gm)
+        blocks = select_blocks(graph, self.opts["layers"], self.name)
+        sizes, modes, zero, scale, param_scale = {}, {}, set(), {}, {}
+        remarks = []
+        for b in blocks:
+            for a in attentions(b, self.name):
+                atom, new = self._atom(d, d.of(a.query, -1), size, b.path)
+                sizes[atom] = new
+                modes[atom] = "zero" if a.qk_norm else "free"
+                if d.contains(head_axes(d, a, self.name)[1], atom):
+                    raise PassError(
+                        f"{self.name}: {b.path} shares one dimension between queries, keys and values"
+                    )
+                q_side, q_params, q_parts = _side(d, a.query)
+                k_side, k_params, k_parts = _side(d, a.key)
+                keys = {i for i in k_side - q_side if d.contains(i, atom) and d.parts(i)}
+                parts = {
+                    (c, j)
+                    for c, j in k_parts - q_parts
+                    if d.contains(d.parts(c)[1][j], atom) and d.parts(c)[1][j] not in keys
+                }
+                zero |= keys | parts
+                if a.qk_norm:
+                    remarks.append(
+                        Remark(
+                            b.path,
+                            "QK-norm: new query and key rows both start at zero (a saddle: they get no gradient until other weights move)",
+                        )
+                    )
+                if is_call(a.core, ATTENTION_OPS) and _derived_scale(
+                    a.core, d.size[d.of(a.query, -1)]
+                ):
+                    new_k = size
+                    f = math.sqrt(new_k / d.size[d.of(a.query, -1)])
+                    gains = [
+                        p
+                        for p in k_params - q_params
+                        if any(d.contains(i, atom) for i in d.params[p])
+                    ]
+                    if a.qk_norm and gains:
+                        param_scale.update(dict.fromkeys(gains, f))
+                    else:  # the outermost key-only axes, so no entry is scaled twice
+                        scale.update(dict.fromkeys(_outermost(d, keys) | parts, f))
+                    if a.core.kwargs.get("scale") is not None:
+                        a.core.kwargs = {**a.core.kwargs, "scale": 1 / math.sqrt(new_k)}
+        check_coupling(
+            d,
+            graph,
+            blocks,
+            lambda b: [
+                self._atom(d, d.of(a.query, -1), size, b.path)[0] for a in attentions(b, self.name)
+            ],
+            self.name,
+        )
+        growth = Growth(sizes, modes, zero, scale, param_scale, seed=self.opts["seed"])
+        out, maps = grow(graph, growth, self.name, d)
+        return PassResult(changed=True, remarks=remarks, details=out, tensor_maps=maps)
+
+    def _atom(self, d: Dims, dqk: int, size: int, path: str) -> tuple[int, int]:
+        old = d.size[dqk]
+        if size < old:
+            raise PassError(f"{self.name}: {path} has query/key dimension {old}; {size} is smaller")
+        parts = d.parts(dqk)
+        if parts is None:
+            return dqk, size
+        kind, ps = parts
+        if kind == "cat" and len(ps) == 2 and ps[0] == ps[1] and d.parts(ps[0]) is None:
+            if (size - old) % 2:
+                raise PassError(
+                    f"{self.name}: {path} uses rotate-half RoPE; grow by an even number"
+                )
+            return ps[0], d.size[ps[0]] + (size - old) // 2
+        if kind == "cat" and len(ps) == 2 and d.parts(ps[1]) is None:
+            return ps[1], d.size[ps[1]] + size - old  # partial rotary: grow the unrotated part
+        if kind == "prod" and len(ps) == 2 and d.parts(ps[0]) is None and d.size[ps[1]] == 2:
+            if (size - old) % 2:
+                raise PassError(
+                    f"{self.name}: {path} uses interleaved RoPE; grow by an even number"
+                )
+            return ps[0], d.size[ps[0]] + (size - old) // 2
+        raise PassError(
+            f"{self.name}: the query/key dimension of {path} is laid out in a way archfx cannot grow"
+        )
+
+
+SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
+
+
+def _outermost(d: Dims, ids: set[int]) -> set[int]:
+    return {i for i in ids if not any(j != i and i in ids_within(d, j) for j in ids)}
+
+
+def _derived_scale(core: fx.Node, k: int) -> bool:
+    scale = core.kwargs.get("scale", core.args[6] if len(core.args) > 6 else None)
+    return scale is None or abs(scale * math.sqrt(k) - 1) < 1e-6
+
+
+def _side(d: Dims, start: fx.Node) -> tuple[set[int], set[str], set[tuple[int, int]]]:
+    """Dimension ids, parameters, and parts of split last axes (split id, index) on the path
+    from the projection to the scores."""
+    ids, params, parts, stack, seen = set(), set(), set(), [start], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            params.add(n.target)
+            continue
+        ids |= {d.find(i) for i in d.axes.get(n, [])}
+        if n.target is operator.getitem and n.args[0].target in SPLITS:
+            src = n.args[0].args[0]
+            dim = n.args[0].args[2] if len(n.args[0].args) > 2 else 0
+            if dim % len(d.axes[src]) == len(d.axes[src]) - 1:
+                parts.add((d.of(src, -1), n.args[1]))
+        if n.op != "call_function" or n.target in LINEAR_OPS or n.target is aten.embedding.default:
+            continue
+        stack.extend(n.all_input_nodes)
+    return ids, params, parts

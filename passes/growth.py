@@ -1,0 +1,666 @@
+"""The growth engine every expansion pass shares: grow atomic dimensions of a graph.
+
+A growth names atomic dimension ids (from `archfx.ir.dims`), their new sizes and how the new
+features start:
+
+- ``zero``: new features are exactly zero wherever they appear (the residual stream grown by
+  zero padding). Tensors that *produce* them get zero rows; tensors that only *read* them get
+  new columns drawn at the scale of the existing weights (free side, breaks symmetry).
+- ``free``: new features may be anything (new MLP units, new heads): producers get new rows
+  drawn at scale; every weight that contracts them away gets zero columns (the zero side).
+- ``tile``: the dimension is repeated m times (duplication); producers copy, readers take
+  W/m per copy plus zero-sum noise (exact, and the copies train apart).
+
+`zero` ids mark composite axes whose new positions are zero although their atom is `free`
+(the key side of a grown query/key dimension). Reductions over grown dimensions are checked:
+RMS statistics over zero-padded features are compensated exactly (eps × d/d̂, gain × √(d/d̂));
+LayerNorm's mean, softmax and max over them, and any normalisation over free features, are
+refused with the reason. So are dimensions an op archfx does not understand touches, and
+dimensions split inconsistently. Literal sizes in the graph (view sizes, split sizes, slice
+bounds, norm shapes, repeat counts) follow.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from archfx.ir import Graph, PassError
+from archfx.ir.dims import Dims, analyze_dims
+from archfx.ir.ops import aten
+
+MODES = ("zero", "free", "tile")
+_MATRIX = {
+    aten.linear.default,
+    aten.addmm.default,
+    aten.mm.default,
+    aten.bmm.default,
+    aten.matmul.default,
+    aten.baddbmm.default,
+    aten.embedding.default,
+    aten.conv2d.default,
+    aten.convolution.default,
+    aten.cat.default,
+}
+_TRANSPARENT = {
+    aten.t.default,
+    aten.numpy_T.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten.unsqueeze.default,
+    aten.expand.default,
+    aten.slice.Tensor,
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten._to_copy.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.type_as.default,
+    aten.lift_fresh_copy.default,
+}
+
+
+_SIZE_ARITHMETIC = {operator.mul, operator.floordiv, operator.truediv, operator.add, operator.sub}
+
+
+@dataclass
+class Growth:
+    sizes: dict[int, int]  # atom -> new size
+    modes: dict[int, str]  # atom -> "zero" | "free" | "tile"
+    # composite ids, or (concatenation id, part index), whose new positions are zero
+    zero: set = field(default_factory=set)
+    scale: dict = field(default_factory=dict)  # the same keys: their entries are multiplied
+    param_scale: dict[str, float] = field(default_factory=dict)  # tensors multiplied as a whole
+    approximate: bool = False  # allow LayerNorm over zero-padded features (not exact)
+    seed: int = 0
+
+
+@dataclass
+class _Axis:
+    src: torch.Tensor  # for each new index: the old index it comes from, or -1
+    zero: torch.Tensor  # for each new index: the new feature there is zero
+    tiled: bool
+    mult: torch.Tensor  # for each new index: a factor its entries are multiplied by
+
+
+def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> tuple[dict, dict]:
+    """Apply `growth` to `graph` in place; returns what changed (details, tensor maps). Raises
+    PassError, naming the site and the reason, before changing anything if it cannot be exact."""
+    d = dims or analyze_dims(graph.gm)
+    gen = torch.Generator().manual_seed(growth.seed)
+    atoms = {d.find(a): n for a, n in growth.sizes.items()}
+    modes = {d.find(a): m for a, m in growth.modes.items()}
+    zero = {_key(d, z) for z in growth.zero}
+    scale = {_key(d, i): f for i, f in growth.scale.items()}
+    _check(d, graph, atoms, modes, what, growth.approximate)
+    new_size = _sizes(d, atoms)
+    axes: dict[int, _Axis] = {}
+
+    def axis(i: int) -> _Axis:
+        i = d.find(i)
+        if i not in axes:
+            axes[i] = _layout(d, i, atoms, modes, zero, scale, axis)
+        return axes[i]
+
+    rescale = _norm_compensation(d, atoms, modes, new_size, what)
+    for target, f in growth.param_scale.items():
+        offset, s = rescale.get(target, (False, 1.0))
+        rescale[target] = (offset, s * f)
+    final_scale = _tied_tile_compensation(d, graph, atoms, modes, what)
+    changed = []
+    layouts: dict[str, list] = {}
+    done: set[int] = set()
+    for target, ids in d.params.items():
+        t = graph.tensor(target)
+        touched = any(_grows(d, i, atoms) or _scaled(d, i, scale) for i in ids)
+        if id(t) in done or not (touched or target in growth.param_scale):
+            continue
+        done.add(id(t))
+        roles = _roles(d, graph, target)
+        new = t.detach()
+        layouts[target] = [axis(i).src if _grows(d, i, atoms) else None for i in ids]
+        for k, i in enumerate(ids):
+            if _grows(d, i, atoms) or _scaled(d, i, scale):
+                new = _resize(
+                    new,
+                    k,
+                    axis(i),
+                    roles.get(d.find(i), "free-elementwise"),
+                    isinstance(t, torch.nn.Parameter),
+                    gen,
+                    target,
+                    what,
+                )
+        if target in rescale and not new.is_meta:
+            offset, s = rescale[target]
+            new = (1 + new) * s - 1 if offset else new * s
+        _set(graph, d, target, t, new)
+        changed.append(target)
+    for target, s in final_scale.items():
+        t = graph.tensor(target)
+        if not t.is_meta:
+            _set(graph, d, target, t, t.detach() * s)
+    literals = _literals(d, new_size, atoms)
+    graph.gm.recompile()
+    graph.invalidate()
+    return {"tensors": changed, "literals": literals}, {"layouts": layouts}
+
+
+# checks ----------------------------------------------------------------------------------
+
+
+def _check(d: Dims, graph: Graph, atoms: dict, modes: dict, what: str, approximate: bool) -> None:
+    for a, n in atoms.items():
+        old = d.size[a]
+        if d.parts(a) is not None:
+            raise PassError(f"{what}: dimension {a} is composite; grow one of its parts")
+        if not isinstance(old, int):
+            raise PassError(f"{what}: a dynamic (batch or sequence) dimension cannot grow")
+        if n < old:
+            raise PassError(f"{what}: new size {n} is smaller than the current {old}")
+        if modes[a] == "tile" and n % old:
+            raise PassError(f"{what}: duplication needs a multiple of {old}, got {n}")
+        why = d.frozen_reason(a)
+        if why:
+            raise PassError(f"{what}: cannot grow this dimension: {why}")
+        for node, ids in d.opaque:
+            if any(isinstance(d.size[d.find(i)], int) and d.contains(i, a) for i in ids):
+                raise PassError(
+                    f"{what}: {node.name} ({node.target}) touches the grown dimension and "
+                    "archfx does not know how it behaves under growth"
+                )
+    sizes = {d.size[i] for i in d.parent if d.find(i) == i and any(d.contains(i, a) for a in atoms)}
+    for node in graph.gm.graph.nodes:
+        if node.op == "call_function" and node.target in _SIZE_ARITHMETIC:
+            hit = [a for a in node.args if type(a) is int and a in sizes and a > 1]
+            if hit:
+                raise PassError(
+                    f"{what}: {node.name} computes a shape with the constant {hit[0]}, which may be "
+                    "the grown dimension; archfx cannot tell"
+                )
+    for r in d.reductions:
+        grown = [
+            a for a in atoms if any(d.contains(i, a) for i in r.dims) and atoms[a] != d.size[a]
+        ]
+        for a in grown:
+            mode = modes[a]
+            ok = (
+                (mode == "zero" and r.kind in ("mean_sq", "rms_norm", "sum"))
+                or (
+                    mode == "tile"
+                    and r.kind in ("mean", "mean_sq", "var", "layer_norm", "rms_norm")
+                )
+                or (approximate and mode == "zero" and r.kind in ("layer_norm", "var", "mean"))
+            )
+            if not ok:
+                raise PassError(
+                    f"{what}: {r.node.name} takes a {r.kind} over the grown dimension; {_why(r.kind, mode)}"
+                )
+
+
+def _why(kind: str, mode: str) -> str:
+    if mode == "zero" and kind in ("layer_norm", "var", "mean"):
+        return "LayerNorm subtracts the mean, which zero features shift: grow by duplication (integer factors)"
+    if mode == "tile":
+        return "a sum, max or softmax over duplicated features is not preserved"
+    if mode == "free":
+        return "the new features would change that statistic"
+    return "new zero features change it"
+
+
+def _grows(d: Dims, i: int, atoms: dict) -> bool:
+    return any(d.contains(i, a) and atoms[a] != d.size[a] for a in atoms)
+
+
+def _key(d: Dims, k):
+    return (d.find(k[0]), k[1]) if isinstance(k, tuple) else d.find(k)
+
+
+def _scaled(d: Dims, i: int, scale: dict) -> bool:
+    within = ids_within(d, i)
+    return any((s[0] if isinstance(s, tuple) else s) in within for s in scale)
+
+
+def ids_within(d: Dims, i: int) -> set[int]:
+    p = d.parts(i)
+    out = {d.find(i)}
+    if p:
+        for x in p[1]:
+            out |= ids_within(d, x)
+    return out
+
+
+def _sizes(d: Dims, atoms: dict) -> dict[int, int]:
+    memo: dict[int, object] = {}
+
+    def size(i: int):
+        i = d.find(i)
+        if i not in memo:
+            p = d.parts(i)
+            if i in atoms:
+                memo[i] = atoms[i]
+            elif p is None:
+                memo[i] = d.size[i]
+            elif p[0] == "prod":
+                memo[i] = math.prod(size(x) for x in p[1])
+            else:
+                memo[i] = sum(size(x) for x in p[1])
+        return memo[i]
+
+    return {i: size(i) for i in list(d.parent) if isinstance(d.size[d.find(i)], int)}
+
+
+# layouts ---------------------------------------------------------------------------------
+
+
+def _layout(d: Dims, i: int, atoms, modes, zero, scale, axis) -> _Axis:
+    p = d.parts(i)
+    if p is None:
+        old = d.size[i]
+        n = atoms.get(i, old)
+        mode = modes.get(i, "free")
+        if mode == "tile":
+            src = torch.arange(n) % old
+        else:
+            src = torch.cat([torch.arange(old), torch.full((n - old,), -1)])
+        z = (src < 0) & torch.tensor(mode == "zero")
+        out = _Axis(src, z, mode == "tile" and n != old, torch.ones(n, dtype=torch.float64))
+    elif p[0] == "cat":
+        subs = [axis(x) for x in p[1]]
+        for j, sub in enumerate(subs):
+            if (i, j) in zero or (i, j) in scale:
+                sub = subs[j] = _Axis(sub.src, sub.zero.clone(), sub.tiled, sub.mult.clone())
+                if (i, j) in zero:
+                    sub.zero |= sub.src < 0
+                sub.mult *= scale.get((i, j), 1.0)
+        offs, at = [], 0
+        for x in p[1]:
+            offs.append(at)
+            at += d.size[d.find(x)]
+        src = torch.cat(
+            [torch.where(s.src >= 0, s.src + o, -1) for s, o in zip(subs, offs, strict=True)]
+        )
+        out = _Axis(
+            src,
+            torch.cat([s.zero for s in subs]),
+            any(s.tiled for s in subs),
+            torch.cat([s.mult for s in subs]),
+        )
+    else:
+        subs = [axis(x) for x in p[1]]
+        src, z = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool)
+        mult = torch.ones(1, dtype=torch.float64)
+        for x, s in zip(p[1], subs, strict=True):
+            old = d.size[d.find(x)]
+            src = torch.where(
+                (src[:, None] >= 0) & (s.src[None, :] >= 0), src[:, None] * old + s.src[None, :], -1
+            ).reshape(-1)
+            z = (z[:, None] | s.zero[None, :]).reshape(-1)
+            mult = (mult[:, None] * s.mult[None, :]).reshape(-1)
+        out = _Axis(src, z, any(s.tiled for s in subs), mult)
+    if i in zero:
+        out.zero = out.zero | (out.src < 0)
+    if i in scale:
+        out.mult = out.mult * scale[i]
+    return out
+
+
+# roles -----------------------------------------------------------------------------------
+
+
+def _roles(d: Dims, graph: Graph, target: str) -> dict[int, str]:
+    """How each axis of a parameter is used: 'producer' (its values become new features),
+    'consumer' (contracted away), 'gain', 'bias' or 'offset' (gain used as 1 + w)."""
+    roles: dict[int, str] = {}
+    for node in graph.gm.graph.nodes:
+        if node.op != "get_attr" or node.target != target:
+            continue
+        for use, arg in _uses(node):
+            out = {d.find(i) for i in d.axes.get(use, [])}
+            for i in d.axes[node]:
+                r = d.find(i)
+                role = _role(use, arg, r in out)
+                if roles.get(r) not in (None, role):
+                    roles[r] = _merge(roles[r], role)
+                else:
+                    roles[r] = role
+    return roles
+
+
+def _uses(node: fx.Node):
+    stack = [(u, node) for u in node.users]
+    while stack:
+        use, arg = stack.pop()
+        if use.op == "call_function" and use.target in _TRANSPARENT and use.args[0] is arg:
+            stack.extend((u, use) for u in use.users)
+        else:
+            yield use, arg
+
+
+def _role(use: fx.Node, arg: fx.Node, in_output: bool) -> str:
+    t = use.target
+    if t in _MATRIX:
+        if t in (aten.linear.default, aten.addmm.default) and _is_bias(use, arg):
+            return "bias"
+        return "producer" if in_output else "consumer"
+    if t in (aten.layer_norm.default, aten.rms_norm.default):
+        return "gain" if use.args.index(arg) == 2 else "bias"
+    if t in (aten.add.Tensor, aten.sub.Tensor):
+        other = use.args[1] if use.args[0] is arg else use.args[0]
+        return "bias" if isinstance(other, fx.Node) else "offset"
+    if t in (aten.mul.Tensor, aten.div.Tensor):
+        return "gain"
+    return "other"
+
+
+def _is_bias(use: fx.Node, arg: fx.Node) -> bool:
+    if use.target is aten.linear.default:
+        return len(use.args) > 2 and use.args[2] is arg
+    return use.args[0] is arg
+
+
+def _merge(a: str, b: str) -> str:
+    pair = {a, b}
+    if pair == {"producer", "consumer"}:
+        return "tied"
+    return a
+
+
+def _resize(t, k, ax: _Axis, role, trainable, gen, target, what):
+    src = ax.src
+    old = t.shape[k]
+    if t.is_meta:  # structure only: shapes, no values
+        shape = list(t.shape)
+        shape[k] = src.numel()
+        return torch.empty(shape, dtype=t.dtype, device="meta")
+    new = t.index_select(k, src.clamp(min=0)).clone()
+    fresh = src < 0
+    shape = [1] * t.dim()
+    shape[k] = -1
+    scale = _scale(t)
+    if not trainable and t.is_floating_point() and fresh.any():
+        return _extend_table(t, k, new, fresh, target, what)
+    zero_feat = ax.zero.reshape(shape)
+    fresh_b = fresh.reshape(shape)
+    noise = torch.randn(new.shape, generator=gen, dtype=torch.float32).to(t.dtype) * scale
+    if role in ("producer", "tied"):
+        fill = torch.where(zero_feat, torch.zeros_like(new), noise)
+    elif role == "consumer":
+        fill = torch.where(zero_feat, noise, torch.zeros_like(new))
+    elif role == "gain":
+        fill = torch.ones_like(new)
+    else:  # bias, offset, other elementwise tensors: neutral
+        fill = torch.zeros_like(new)
+    new = torch.where(fresh_b, fill, new)
+    if ax.tiled and role == "consumer":
+        count = torch.bincount(src.clamp(min=0), minlength=old).to(t.dtype)
+        per = count[src.clamp(min=0)].reshape(shape)
+        eps = torch.randn(new.shape, generator=gen, dtype=torch.float32).to(t.dtype) * scale
+        eps = eps / per
+        mean = torch.zeros_like(t).index_add_(k, src.clamp(min=0), eps) / count.reshape(shape)
+        eps = eps - mean.index_select(k, src.clamp(min=0))
+        new = torch.where(per > 1, new / per + eps, new)
+    if not bool((ax.mult == 1).all()):
+        new = new * ax.mult.to(new.dtype).reshape(shape)
+    return new
+
+
+def _extend_table(t, k, new, fresh, target, what):
+    """A constant table (RoPE inverse frequencies): continue its geometric sequence."""
+    if t.dim() != 1 or t.numel() < 2:
+        raise PassError(
+            f"{what}: cannot extend the constant tensor {target} of shape {list(t.shape)}"
+        )
+    ratio = t[1] / t[0]
+    if not torch.allclose(t[1:] / t[:-1], ratio.expand(t.numel() - 1), rtol=1e-4):
+        raise PassError(
+            f"{what}: {target} is not a geometric sequence (scaled RoPE?); archfx cannot choose "
+            "frequencies for the new pairs"
+        )
+    n_new = int(fresh.sum())
+    tail = t[-1].double() * ratio.double() ** torch.arange(1, n_new + 1, dtype=torch.float64)
+    new = new.clone()
+    new[fresh] = tail.to(t.dtype)
+    return new
+
+
+def _scale(t: torch.Tensor) -> float:
+    if not t.is_floating_point() or t.numel() < 2:
+        return 0.02
+    s = float(t.float().std())
+    return s if s > 0 and math.isfinite(s) else 0.02
+
+
+def _set(graph: Graph, d: Dims, target: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Replace a tensor under every name it has (tied weights stay tied)."""
+    value = (
+        torch.nn.Parameter(new.contiguous(), old.requires_grad)
+        if isinstance(old, torch.nn.Parameter)
+        else new.contiguous()
+    )
+    for name in d.params:
+        if graph.tensor(name) is old:
+            graph.set_tensor(name, value)
+
+
+# compensations -----------------------------------------------------------------------------
+
+
+def _norm_compensation(d: Dims, atoms, modes, new_size, what) -> dict[str, tuple[bool, float]]:
+    """RMS norms over zero-padded features: eps × d/d̂ in the graph, gains × √(d/d̂)."""
+    out: dict[str, tuple[bool, float]] = {}
+    for r in d.reductions:
+        if r.kind not in ("mean_sq", "rms_norm"):
+            continue
+        old = math.prod(d.size[d.find(i)] for i in r.dims)
+        new = math.prod(new_size[d.find(i)] for i in r.dims)
+        if old == new or not any(modes.get(a) == "zero" for i in r.dims for a in d.atoms(i)):
+            continue
+        ratio = old / new
+        if r.kind == "rms_norm":
+            args = list(r.node.args)
+            if len(args) > 3 and args[3] is not None:
+                args[3] = args[3] * ratio
+                r.node.args = tuple(args)
+            gain = r.node.args[2] if len(r.node.args) > 2 else None
+            found = (_target(gain), False) if gain is not None else None
+        else:
+            eps = next(
+                (
+                    u
+                    for u in r.node.users
+                    if u.target is aten.add.Tensor and not isinstance(u.args[1], fx.Node)
+                ),
+                None,
+            )
+            if eps is not None:
+                eps.args = (eps.args[0], eps.args[1] * ratio)
+            found = _gain_after(r.node, d, r.dims)
+        if found is None or found[0] is None:
+            raise PassError(
+                f"{what}: {r.node.name} normalises over the grown features with no gain to rescale"
+            )
+        out[found[0]] = (found[1], math.sqrt(ratio))
+    return out
+
+
+def _gain_after(mean: fx.Node, d: Dims, dims: list[int]):
+    """The gain parameter a decomposed RMSNorm applies after its rsqrt (and whether as 1 + w)."""
+    frontier, seen = [mean], set()
+    for _ in range(8):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if u.target in _MATRIX:
+                    continue
+                if u.target is aten.mul.Tensor:
+                    for a in u.args:
+                        t = _target(a)
+                        if t is not None and any(
+                            d.find(i) in {d.find(x) for x in dims} for i in d.params[t]
+                        ):
+                            return t, False
+                        if isinstance(a, fx.Node) and a.target is aten.add.Tensor:
+                            t = next((_target(x) for x in a.args if _target(x)), None)
+                            if t is not None:
+                                return t, True
+                nxt.append(u)
+        frontier = nxt
+    return None
+
+
+def _target(node) -> str | None:
+    while isinstance(node, fx.Node):
+        if node.op == "get_attr":
+            return node.target
+        if node.op == "call_function" and node.target in _TRANSPARENT:
+            node = node.args[0]
+            continue
+        return None
+    return None
+
+
+def _tied_tile_compensation(d: Dims, graph: Graph, atoms, modes, what) -> dict[str, float]:
+    """Duplicated features read by a tied embedding: the final norm's gain and bias / m."""
+    out: dict[str, float] = {}
+    tiled = [a for a, m in modes.items() if m == "tile" and atoms[a] != d.size[a]]
+    if not tiled:
+        return out
+    head = graph.structure.head
+    if head is None or not head.tied:
+        return out
+    m = atoms[tiled[0]] // d.size[tiled[0]]
+    stack = graph.structure.stacks[-1]
+    norm = stack.final_norm
+    if norm is None or norm.weight is None or norm.unit_offset:
+        raise PassError(
+            f"{what}: the tied head reads duplicated features; archfx divides the final norm's "
+            "gain by the factor, but this model has no plain final-norm gain"
+        )
+    out[norm.weight] = 1 / m
+    if norm.bias:
+        out[norm.bias] = 1 / m
+    return out
+
+
+def _literals(d: Dims, new_size: dict, atoms: dict) -> int:
+    changed = 0
+    for lit in d.literals:
+        if lit.split_parts:
+            sizes = [new_size[d.find(p)] for p in lit.split_parts]
+            if sizes != [d.size[d.find(p)] for p in lit.split_parts]:
+                lit.node.target = aten.split_with_sizes.default
+                _put(lit.node, lit.path, sizes)
+                changed += 1
+            continue
+        if lit.offset_of:
+            cat, index = lit.offset_of
+            parts = d.parts(cat)
+            if parts is None:
+                continue
+            sizes_old = [d.size[p] for p in parts[1]]
+            sizes_new = [new_size[p] for p in parts[1]]
+            old_value = _get(lit.node, lit.path)
+            if old_value is None or not isinstance(old_value, int):
+                continue
+            if index >= len(parts[1]) and old_value >= sum(sizes_old):
+                continue
+            value = sum(sizes_new[:index])
+            at_boundary = old_value == sum(sizes_old[:index]) or old_value < 0
+            if at_boundary and value != old_value:
+                _put(lit.node, lit.path, value)
+                changed += 1
+            continue
+        i = d.find(lit.dim)
+        if i in new_size and new_size[i] != d.size[i] and _get(lit.node, lit.path) == d.size[i]:
+            _put(lit.node, lit.path, new_size[i])
+            changed += 1
+    return changed
+
+
+def _get(node: fx.Node, path: tuple):
+    v = node.args
+    for p in path:
+        if not isinstance(v, (list, tuple)) or p >= len(v):
+            return None
+        v = v[p]
+    return v
+
+
+def _put(node: fx.Node, path: tuple, value) -> None:
+    args = list(node.args)
+    if len(path) == 1:
+        args[path[0]] = value
+    else:
+        inner = list(args[path[0]])
+        inner[path[1]] = value
+        args[path[0]] = (
+            type(node.args[path[0]])(inner) if isinstance(node.args[path[0]], tuple) else inner
+        )
+    node.args = tuple(args)
+
+
+# targets ---------------------------------------------------------------------------------
+
+LAYERS_DOC = "blocks to grow: all, or indices and ranges such as 0-3,7 (in model order)"
+SEED_DOC = "seed of the new parameters, drawn at the scale of the existing weights"
+
+
+def select_blocks(graph: Graph, text: str, what: str) -> list:
+    """The blocks named by a `layers` option ("all", "0-3,7")."""
+    blocks = graph.structure.blocks
+    if not blocks:
+        raise PassError(
+            f"{what}: no Transformer blocks found; `archfx inspect` shows the structure"
+        )
+    if text.strip() == "all":
+        return list(blocks)
+    chosen: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        try:
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                chosen.extend(range(a, b + 1))
+            else:
+                chosen.append(int(part))
+        except ValueError:
+            raise PassError(
+                f"{what}: layers must be 'all' or indices and ranges like 0-3,7; got {text!r}"
+            ) from None
+    bad = [i for i in chosen if not 0 <= i < len(blocks)]
+    if bad or not chosen:
+        raise PassError(
+            f"{what}: layers {text!r} names blocks outside 0-{len(blocks) - 1} (this model has {len(blocks)})"
+        )
+    return [blocks[i] for i in sorted(set(chosen))]
+
+
+def weight_axis(d: Dims, linear, side: str) -> int:
+    """The dimension id of a linear map's input ("in") or output ("out") axis."""
+    k = {"out_in": {"out": 0, "in": 1}, "in_out": {"out": 1, "in": 0}}[linear.layout][side]
+    return d.find(d.params[linear.weight][k])
+
+
+def check_coupling(d: Dims, graph: Graph, chosen: list, atoms_of, what: str) -> None:
+    """Refuse when a dimension of a chosen block is shared with a block left out."""
+    chosen_atoms = {a for b in chosen for a in atoms_of(b)}
+    for b in graph.structure.blocks:
+        if b in chosen:
+            continue
+        shared = chosen_atoms & set(atoms_of(b))
+        if shared:
+            raise PassError(
+                f"{what}: block {b.path} shares the grown dimension with the selected blocks "
+                "(tied weights or a shared table); select it too"
+            )

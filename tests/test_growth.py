@@ -1,0 +1,345 @@
+"""Growth passes: exact on every model (or refused with the reason), SPEC.md §3's oracles,
+random compositions, Hugging Face round trips, growing an optimizer mid-run, meta-device scale."""
+
+import functools
+
+import pytest
+import torch
+import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from archfx.ir import ArtifactError, PassError, capture
+from archfx.passes import Pipeline
+from archfx.passes.hf_export import save_pretrained
+from archfx.passes.optimizer import grow_optimizer
+
+from .helpers import EVERY, byte_gpt, model
+
+PASSES = [
+    "expand-mlp(factor=1.5)",
+    "add-heads(n=2)",
+    "expand-head-dim(size={hd})",
+    "expand-qk(size={hd})",
+    "expand-hidden(factor=2)",
+    "add-layers(n=1,at=1)",
+]
+POST_LN = ["tiny-bert", "tiny-roberta", "tiny-distilbert", "tiny-bart", "family:electra", "minilm"]
+# (model, pass) -> the reason archfx must give for refusing: every other pair must be exact
+REFUSED = {
+    **{(m, "add-layers"): "post-LN" for m in POST_LN},
+    ("tiny-bart", "expand-hidden"): "tied head reads duplicated features",
+    **{
+        (m, p): "touches the grown dimension"
+        for m in ("family:falcon", "family:falcon-mqa")
+        for p in ("add-heads", "expand-head-dim", "expand-qk")
+    },
+    ("family:bloom", "add-heads"): "computes a shape with the constant",
+    ("family:bloom", "expand-head-dim"): "shares one dimension",
+    ("family:bloom", "expand-qk"): "shares one dimension",
+    ("family:cohere", "expand-qk"): "strided slice",
+    ("family:olmo2", "add-heads"): "over the grown dimension",
+}
+
+
+@functools.cache
+def captured(name):
+    return capture(model(name))
+
+
+@pytest.mark.parametrize("name", [*EVERY, "minilm"])
+def test_each_growth_is_exact_or_refused_with_its_reason(name):
+    graph = captured(name)
+    hd = graph.structure.blocks[0].attention.head_dim + 8
+    for text in (t.format(hd=hd) for t in PASSES):
+        key = (name, text.split("(")[0])
+        if key in REFUSED:
+            with pytest.raises(PassError, match=REFUSED[key]):
+                Pipeline.parse(text).run(graph)
+            continue
+        result = Pipeline.parse(text).run(graph)
+        cert = result.records[-1].certificate
+        assert cert.ok and len(cert.input_sets) == 2, (text, cert)
+        assert result.graph.num_parameters() > graph.num_parameters(), text
+
+
+@pytest.mark.slow
+def test_every_growth_exact_on_smollm2():
+    graph = capture(model("smollm2"))
+    more = ["expand-hidden(size=640)", "add-heads(n=3)", "add-layers(n=2,at=0)"]
+    for text in [*(t.format(hd=80) for t in PASSES), *more]:
+        cert = Pipeline.parse(text).run(graph).records[-1].certificate
+        assert cert.ok, (text, cert)
+
+
+def test_minilm_hidden_growth_duplicates_and_refuses_other_sizes():
+    graph = captured("minilm")
+    result = Pipeline.parse("expand-hidden(factor=2)").run(graph)
+    assert result.records[-1].details["method"] == "duplicate"
+    assert result.graph.structure.hidden_size == 768
+    with pytest.raises(PassError, match="method=approximate"):
+        Pipeline.parse("expand-hidden(size=500)").run(graph)
+    approx = Pipeline.parse("expand-hidden(size=500,method=approximate)").run(graph)
+    assert approx.records[-1].certificate is None and not approx.preserves
+
+
+def _stream_values(graph):
+    blocks = graph.structure.blocks
+    return graph.probe([b.output for b in blocks] + [b.input for b in blocks])
+
+
+def test_zero_padded_stream_has_exactly_zero_new_features_at_every_layer():
+    graph = captured("tiny-llama")
+    grown = Pipeline.parse("expand-hidden(size=96)").run(graph).graph
+    assert grown.structure.hidden_size == 96
+    for value in _stream_values(grown):
+        assert value[..., 64:].abs().max() == 0 and value[..., :64].abs().max() > 0
+
+
+def test_duplicated_stream_has_identical_copies_at_every_layer():
+    grown = Pipeline.parse("expand-hidden(factor=3)").run(captured("tiny-gpt2")).graph
+    for value in _stream_values(grown):
+        assert torch.equal(value[..., :64], value[..., 64:128])
+        assert torch.equal(value[..., :64], value[..., 128:])
+
+
+def test_new_blocks_are_the_identity_and_renumber_the_stack():
+    graph = captured("tiny-llama")
+    grown = Pipeline.parse("add-layers(n=2,at=1)").run(graph).graph
+    blocks = grown.structure.blocks
+    assert [b.path for b in blocks] == [f"model.layers.{i}" for i in range(4)]
+    x_in, x_out = grown.probe([blocks[1].input, blocks[2].output])
+    assert torch.equal(x_in, x_out)
+    names = dict(grown.gm.named_parameters())
+    assert torch.equal(
+        names["model.layers.3.mlp.down_proj.weight"],
+        dict(graph.gm.named_parameters())["model.layers.1.mlp.down_proj.weight"],
+    )
+    assert names["model.layers.1.mlp.down_proj.weight"].abs().max() == 0
+
+
+def test_gqa_heads_grow_per_group_or_by_whole_groups():
+    graph = captured("tiny-llama")  # 4 query heads in 2 KV groups
+    per_group = Pipeline.parse("add-heads(n=2)").run(graph).graph.structure.blocks[0].attention
+    assert (per_group.heads, per_group.kv_heads) == (6, 2)
+    whole = Pipeline.parse("add-heads(n=4)").run(graph).graph.structure.blocks[0].attention
+    assert (whole.heads, whole.kv_heads) == (8, 2)
+    with pytest.raises(PassError, match="neither a multiple"):
+        Pipeline.parse("add-heads(n=3)").run(graph)
+
+
+def test_rope_keeps_old_frequencies_and_continues_the_sequence():
+    graph = captured("tiny-llama")
+    grown = Pipeline.parse("expand-qk(size=24)").run(graph).graph
+    old = dict(graph.gm.named_buffers())["model.rotary_emb.inv_freq"]
+    new = dict(grown.gm.named_buffers())["model.rotary_emb.inv_freq"]
+    assert new.shape == (12,) and torch.equal(new[:8], old)
+    ratio = old[1] / old[0]
+    assert torch.allclose(new[8:] / new[7:-1], ratio.expand(4), rtol=1e-5)
+
+
+def test_layers_option_grows_only_the_chosen_blocks_and_checks_coupling():
+    graph = captured("tiny-llama")
+    grown = Pipeline.parse("expand-mlp(size=200,layers=1)").run(graph).graph
+    assert [b.mlp.hidden for b in grown.structure.blocks] == [128, 200]
+    with pytest.raises(PassError, match="outside"):
+        Pipeline.parse("expand-mlp(size=200,layers=0-5)").run(graph)
+    with pytest.raises(PassError, match="select it too"):  # T5 shares position-bias heads
+        Pipeline.parse("add-heads(n=2,layers=1)").run(captured("tiny-t5"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "expand-mlp(factor=2)",
+        "expand-hidden(size=96)",
+        "add-heads(n=2)",
+        "expand-qk(size=24)",
+        "add-layers(n=1)",
+    ],
+)
+def test_new_parameters_train(text):
+    """Both the zero side and the free side move under training (none stuck at a saddle)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    example = {"input_ids": torch.randint(0, 256, (2, 8)), "use_cache": False}
+    graph = capture(transformers.LlamaForCausalLM(config), example)
+    result = Pipeline.parse(text).run(graph)
+    grown = result.graph
+    before = {k: v.detach().clone() for k, v in grown.gm.named_parameters()}
+    layouts = result.records[-1].tensor_maps.get("layouts", {})
+    from .helpers import train
+
+    train(grown, steps=3, seq=32)
+    after = dict(grown.gm.named_parameters())
+    fresh = [n for n in after if n not in dict(graph.gm.named_parameters())]
+    for name, axes in layouts.items():
+        if name not in after:  # buffers (RoPE frequencies) do not train
+            continue
+        for k, src in enumerate(axes):
+            if src is None or not (src < 0).any():
+                continue
+            moved = (after[name] - before[name]).index_select(k, torch.nonzero(src < 0).flatten())
+            assert moved.abs().max() > 0, (text, name)
+    for name in fresh:
+        assert (after[name] - before[name]).abs().max() > 0, (text, name)
+
+
+growth_step = st.one_of(
+    st.builds("expand-mlp(factor={})".format, st.sampled_from([1.25, 1.5, 2.0])),
+    st.builds("add-heads(n={})".format, st.sampled_from([2, 4])),
+    st.builds("expand-head-dim(size={})".format, st.integers(17, 24)),
+    st.builds("expand-qk(size={})".format, st.sampled_from([18, 20, 24])),
+    st.builds("expand-hidden(size={})".format, st.integers(65, 100)),
+    st.builds("add-layers(n={},at={})".format, st.integers(1, 2), st.integers(0, 2)),
+)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(["tiny-llama", "tiny-qwen3", "tiny-gemma"]),
+    st.lists(growth_step, min_size=2, max_size=3, unique_by=lambda s: s.split("(")[0]),
+)
+def test_random_growth_compositions_are_exact(name, steps):
+    graph = captured(name)
+    result = Pipeline.parse(",".join(steps)).run(graph)
+    assert all(r.certificate.ok for r in result.records), [r.certificate for r in result.records]
+    from archfx.ir.verify import certify
+
+    assert certify(graph, result.graph, widened=True).ok  # end to end too
+
+
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        (
+            "tiny-llama",
+            "expand-mlp(factor=2),add-heads(n=2),expand-hidden(size=96),add-layers(n=1,at=1)",
+        ),
+        ("tiny-llama", "expand-qk(size=24),expand-head-dim(size=24)"),
+        ("tiny-qwen3", "add-heads(n=2),expand-mlp(size=160)"),
+        ("tiny-t5", "expand-mlp(factor=2),add-heads(n=2),add-layers(n=1,at=1)"),
+        ("tiny-gpt2", "expand-mlp(factor=2),add-layers(n=1)"),
+        ("tiny-bert", "expand-mlp(factor=2)"),
+    ],
+)
+def test_hugging_face_round_trip(tmp_path, name, text):
+    source = model(name)
+    graph = captured(name)
+    grown = Pipeline.parse(text).run(graph).graph
+    out = save_pretrained(grown, source, tmp_path / "grown")
+    back = type(source).from_pretrained(str(out)).eval()
+    args, kwargs = graph.inputs.as_call()
+    with torch.no_grad():
+        got = back(*args, **kwargs)
+    for key, expected in zip(grown.output_names, grown.run(), strict=True):
+        assert (got[key] - expected).abs().max() <= 1e-5, key
+
+
+def test_hugging_face_export_refuses_what_the_config_cannot_say(tmp_path):
+    grown = Pipeline.parse("add-heads(n=2)").run(captured("tiny-gpt2")).graph
+    with pytest.raises(ArtifactError, match="divisible"):
+        save_pretrained(grown, model("tiny-gpt2"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    uneven = Pipeline.parse("expand-mlp(size=200,layers=0)").run(captured("tiny-llama")).graph
+    with pytest.raises(ArtifactError, match="MLP widths"):
+        save_pretrained(uneven, model("tiny-llama"), tmp_path / "y")
+
+
+def test_training_continues_after_growing_mid_run():
+    graph = byte_gpt("canonicalize")
+    opt = torch.optim.AdamW(graph.gm.parameters(), lr=3e-3)
+    from .helpers import batches, byte_tokens, shakespeare
+
+    data = batches(byte_tokens(shakespeare(("hamlet",))), 8, 32, torch.Generator().manual_seed(0))
+
+    def loss_of(g, x, y):
+        logits = g(x)[0]
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        )
+
+    for _ in range(5):
+        x, y = next(data)
+        loss = loss_of(graph, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = next(data)
+    with torch.no_grad():
+        before = loss_of(graph, x, y).item()
+    result = Pipeline.parse("expand-mlp(factor=2),expand-hidden(factor=2),add-layers(n=1)").run(
+        graph
+    )
+    grown = result.graph
+    opt = grow_optimizer(opt, graph, result)
+    with torch.no_grad():
+        assert abs(loss_of(grown, x, y).item() - before) < 1e-5
+    for p in grown.gm.parameters():
+        state = opt.state.get(p)
+        if state:
+            assert state["exp_avg"].shape == p.shape
+    name = "transformer.h.0.mlp.c_fc.weight"
+    p = dict(grown.gm.named_parameters())[name]
+    assert p.shape == (512, 128)  # canonicalize made it (out, in)
+    assert opt.state[p]["exp_avg"][256:].abs().max() == 0  # new MLP units: zero moments
+    assert opt.state[p]["exp_avg"][:, 64:].abs().max() == 0  # new (duplicated) inputs: zero
+    assert opt.state[p]["exp_avg"][:256, :64].abs().max() > 0  # old entries: kept
+    losses = []
+    for _ in range(5):
+        x, y = next(data)
+        loss = loss_of(grown, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < before
+
+
+def test_meta_device_growth_is_structure_only():
+    config = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    )
+    with torch.device("meta"):
+        big = transformers.LlamaForCausalLM(config)
+    graph = capture(
+        big, {"input_ids": torch.zeros(2, 8, dtype=torch.long, device="meta"), "use_cache": False}
+    )
+    grown = (
+        Pipeline.parse("expand-mlp(factor=2),add-heads(n=2),add-layers(n=1)")
+        .run(graph, verify=False)
+        .graph
+    )
+    s = grown.structure
+    assert (
+        len(s.blocks) == 3 and s.blocks[0].mlp.hidden == 1024 and s.blocks[0].attention.heads == 10
+    )
+    assert all(p.is_meta for p in grown.gm.parameters())
+
+
+def test_bad_options_say_what_to_do():
+    graph = captured("tiny-llama")
+    for text, match in [
+        ("expand-mlp", "exactly one of factor or size"),
+        ("expand-mlp(factor=2,size=300)", "exactly one"),
+        ("expand-mlp(size=10)", "smaller"),
+        ("expand-qk(size=25)", "even"),
+        ("expand-head-dim", "give size"),
+        ("expand-mlp(factor=2,layers=x)", "layers must be"),
+        ("add-layers(at=9)", "past the last block"),
+    ]:
+        with pytest.raises(PassError, match=match):
+            Pipeline.parse(text).run(graph)
