@@ -105,7 +105,8 @@ def save_pretrained(
     """Write `graph` as a Hugging Face checkpoint of `model`'s class, checked to reproduce it."""
     if not isinstance(model, transformers.PreTrainedModel):
         raise ArtifactError(
-            "save_pretrained needs the source Hugging Face model (its class and config)"
+            f"a Hugging Face checkpoint needs a Hugging Face model; {type(model).__name__} is "
+            "not one (use --out for an archfx artifact)"
         )
     try:
         rebuilt = rebuild(graph, model)

@@ -181,3 +181,42 @@ def test_out_saves_and_force_replaces(capsys, tmp_path):
         capsys, "apply", "tiny-llama", "--pipeline", "canonicalize", "--out", str(out), "--force"
     )
     assert code == 0 and not [p for p in tmp_path.iterdir() if p.name.startswith(".saved")]
+
+
+def test_apply_growth_saves_both_formats(capsys, tmp_path):
+    import torch
+    import transformers
+
+    from archfx.passes.artifact import load
+
+    text = "expand-hidden(size=96),expand-mlp(factor=2),add-layers(n=1)"
+    out, hf = tmp_path / "artifact", tmp_path / "hf"
+    data = run_json(
+        capsys,
+        "apply",
+        "tiny-llama",
+        "--pipeline",
+        text,
+        "--verify",
+        "--out",
+        str(out),
+        "--save-pretrained",
+        str(hf),
+    )
+    assert data["verify"]["ok"] and data["params"]["after"] > data["params"]["before"]
+    back = transformers.LlamaForCausalLM.from_pretrained(str(hf))
+    assert back.config.hidden_size == 96 and back.config.num_hidden_layers == 3
+    graph = load(out)  # the recipe replays the growth, then loads the weights
+    ids = graph.inputs.tensors[0]
+    with torch.no_grad():
+        assert (back(input_ids=ids).logits - graph(ids)[0]).abs().max() <= 1e-5
+    code, _, err = run(
+        capsys,
+        "apply",
+        "nanogpt",
+        "--pipeline",
+        "expand-mlp(factor=2)",
+        "--save-pretrained",
+        str(tmp_path / "x"),
+    )
+    assert code != 0 and "not one" in err.strip().splitlines()[-1]

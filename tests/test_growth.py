@@ -76,6 +76,8 @@ def test_minilm_hidden_growth_duplicates_and_refuses_other_sizes():
     graph = captured("minilm")
     result = Pipeline.parse("expand-hidden(factor=2)").run(graph)
     assert result.records[-1].details["method"] == "duplicate"
+    notes = result.records[-1].certificate.notes  # MiniLM's outputs are the stream itself
+    assert any("grew from 384 to 768 features" in n for n in notes), notes
     assert result.graph.structure.hidden_size == 768
     with pytest.raises(PassError, match="method=approximate"):
         Pipeline.parse("expand-hidden(size=500)").run(graph)
