@@ -19,8 +19,7 @@ from .errors import LoweringError
 from .graph import Graph
 from .inputs import Inputs
 from .layout import explicit_reshape_copies
-from .ops import is_assert
-from .verify import compare
+from .verify import compare, in_fp64
 
 
 def device() -> str:
@@ -201,16 +200,7 @@ def to_onnx(
 
 def _against_fp64(graph: Graph, runs) -> tuple[float, float]:
     """Max |Δ| of PyTorch's and of ONNX Runtime's fp32 outputs from the graph run in fp64."""
-    gm = copy.deepcopy(graph.gm).double()
-    for node in list(gm.graph.nodes):  # the fp64 copy must not assert or cast back to fp32
-        if is_assert(node):
-            gm.graph.erase_node(node)
-            continue
-        node.args = tuple(torch.float64 if a is torch.float32 else a for a in node.args)
-        node.kwargs = {
-            k: torch.float64 if v is torch.float32 else v for k, v in node.kwargs.items()
-        }
-    gm.recompile()
+    gm = in_fp64(graph.gm)
     ref = onnx = 0.0
     with torch.no_grad():
         for ins, expected, actual in runs:

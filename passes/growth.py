@@ -141,7 +141,8 @@ def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> t
                 )
         if target in rescale and not new.is_meta:
             offset, s = rescale[target]
-            new = (1 + new) * s - 1 if offset else new * s
+            wide = new.double()  # rescale in fp64, round once
+            new = ((1 + wide) * s - 1 if offset else wide * s).to(new.dtype)
         _set(graph, d, target, t, new)
         changed.append(target)
     for target, s in final_scale.items():

@@ -65,11 +65,13 @@ def test_each_growth_is_exact_or_refused_with_its_reason(name):
 
 @pytest.mark.slow
 def test_every_growth_exact_on_smollm2():
-    graph = capture(model("smollm2"))
-    more = ["expand-hidden(size=640)", "add-heads(n=3)", "add-layers(n=2,at=0)"]
-    for text in [*(t.format(hd=80) for t in PASSES), *more]:
+    graph = capture(model("smollm2"))  # 30 layers, 9 query heads in 3 KV groups, RoPE, tied
+    more = ["expand-hidden(size=640)", "add-heads(n=3)", "add-heads(n=6)", "add-layers(n=2,at=0)"]
+    for text in [*(t.format(hd=80) for t in PASSES if "add-heads" not in t), *more]:
         cert = Pipeline.parse(text).run(graph).records[-1].certificate
         assert cert.ok, (text, cert)
+    with pytest.raises(PassError, match="3 key/value groups of 3 query heads"):
+        Pipeline.parse("add-heads(n=2)").run(graph)
 
 
 def test_minilm_hidden_growth_duplicates_and_refuses_other_sizes():
