@@ -376,41 +376,44 @@ def _merge(a: str, b: str) -> str:
 
 
 def _resize(t, k, ax: _Axis, role, trainable, gen, target, what):
+    """`t` with axis k laid out as `ax`: old entries moved, new ones filled by `role`. Only
+    the new slice is drawn or filled (no full-size temporaries: growth runs at checkpoint scale)."""
     src = ax.src
     old = t.shape[k]
     if t.is_meta:  # structure only: shapes, no values
         shape = list(t.shape)
         shape[k] = src.numel()
         return torch.empty(shape, dtype=t.dtype, device="meta")
-    new = t.index_select(k, src.clamp(min=0)).clone()
-    fresh = src < 0
+    fresh = torch.nonzero(src < 0).flatten()
+    new = t.index_select(k, src.clamp(min=0))
     shape = [1] * t.dim()
     shape[k] = -1
-    scale = _scale(t)
-    if not trainable and t.is_floating_point() and fresh.any():
-        return _extend_table(t, k, new, fresh, target, what)
-    zero_feat = ax.zero.reshape(shape)
-    fresh_b = fresh.reshape(shape)
-    noise = torch.randn(new.shape, generator=gen, dtype=torch.float32).to(t.dtype) * scale
-    if role in ("producer", "tied"):
-        fill = torch.where(zero_feat, torch.zeros_like(new), noise)
-    elif role == "consumer":
-        fill = torch.where(zero_feat, noise, torch.zeros_like(new))
-    elif role == "gain":
-        fill = torch.ones_like(new)
-    else:  # bias, offset, other elementwise tensors: neutral
-        fill = torch.zeros_like(new)
-    new = torch.where(fresh_b, fill, new)
+    if fresh.numel():
+        if not trainable and t.is_floating_point():
+            return _extend_table(t, k, new, src < 0, target, what)
+        size = list(new.shape)
+        size[k] = fresh.numel()
+        zero_feat = ax.zero[fresh].reshape(shape)
+        noise = torch.randn(size, generator=gen, dtype=torch.float32).to(t.dtype) * _scale(t)
+        if role in ("producer", "tied"):
+            fill = noise.masked_fill_(zero_feat, 0)
+        elif role == "consumer":
+            fill = noise.masked_fill_(~zero_feat, 0)
+        elif role == "gain":
+            fill = torch.ones(size, dtype=t.dtype)
+        else:  # bias, offset, other element-wise tensors: neutral
+            fill = torch.zeros(size, dtype=t.dtype)
+        new.index_copy_(k, fresh, fill)
     if ax.tiled and role == "consumer":
         count = torch.bincount(src.clamp(min=0), minlength=old).to(t.dtype)
         per = count[src.clamp(min=0)].reshape(shape)
-        eps = torch.randn(new.shape, generator=gen, dtype=torch.float32).to(t.dtype) * scale
+        eps = torch.randn(new.shape, generator=gen, dtype=torch.float32).to(t.dtype) * _scale(t)
         eps = eps / per
         mean = torch.zeros_like(t).index_add_(k, src.clamp(min=0), eps) / count.reshape(shape)
         eps = eps - mean.index_select(k, src.clamp(min=0))
         new = torch.where(per > 1, new / per + eps, new)
     if not bool((ax.mult == 1).all()):
-        new = new * ax.mult.to(new.dtype).reshape(shape)
+        new.mul_(ax.mult.to(new.dtype).reshape(shape))
     return new
 
 

@@ -149,14 +149,22 @@ class Pipeline:
         verify: bool = True,
         dump_dir: str | Path | None = None,
         on_pass: Callable[[int, Pass], None] | None = None,
+        inplace: bool = False,
     ) -> PipelineResult:
-        """Run every pass on a copy of `graph` (which is never modified)."""
+        """Run every pass on a copy of `graph` (which is never modified). With `inplace`, the
+        passes edit `graph` itself: no second copy of the weights, for models too large to
+        hold twice; there is then no input to certify against, so `verify` must be False."""
+        if inplace and verify:
+            raise PassError(
+                "inplace=True leaves no input graph to certify against; pass verify=False "
+                "(or certify on a smaller model)"
+            )
         current = graph
         records = []
         for i, p in enumerate(self.passes):
             if on_pass:
                 on_pass(i, p)
-            work = current.copy()
+            work = current if inplace else current.copy()
             t0 = time.perf_counter()
             try:
                 result = p.run(work)

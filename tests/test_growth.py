@@ -347,3 +347,28 @@ def test_bad_options_say_what_to_do():
     ]:
         with pytest.raises(PassError, match=match):
             Pipeline.parse(text).run(graph)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-t5"])
+def test_grown_models_export_to_onnx(tmp_path, name):
+    from archfx.ir.lower import to_onnx
+
+    text = {
+        "tiny-llama": "expand-mlp(factor=2),add-heads(n=2),expand-qk(size=24),expand-hidden(size=96),add-layers(n=1)",
+        "tiny-gpt2": "expand-hidden(factor=2),expand-head-dim(size=24),add-layers(n=1)",
+        "tiny-t5": "expand-mlp(factor=2),add-heads(n=2),expand-hidden(size=80)",
+    }[name]
+    grown = Pipeline.parse(text).run(captured(name)).graph
+    assert to_onnx(grown, tmp_path / "m.onnx").max_abs_diff <= 1e-4
+
+
+def test_inplace_growth_edits_the_graph_and_cannot_certify():
+    graph = capture(model("tiny-llama"))
+    with pytest.raises(PassError, match="verify=False"):
+        Pipeline.parse("expand-mlp(factor=2)").run(graph, inplace=True)
+    expected = graph.run()
+    result = Pipeline.parse("expand-mlp(factor=2),add-layers(n=1)").run(
+        graph, verify=False, inplace=True
+    )
+    assert result.graph is graph and graph.structure.blocks[0].mlp.hidden == 256
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(expected, graph.run(), strict=True))
