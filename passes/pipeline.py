@@ -171,6 +171,8 @@ class Pipeline:
                 work.invalidate()
                 refresh_shapes(work)
                 lint(work)
+            except PassError:
+                raise  # a refusal that names its site and reason: nothing to reproduce
             except ArchfxError as exc:
                 self._reproduce(i, p, current, exc, dump_dir)
                 raise
