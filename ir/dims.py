@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .ops import ATTENTION_OPS, SOFTMAX, aten
+from .ops import ATTENTION_OPS, IDENTITY, SOFTMAX, aten
 
 _ELEMENTWISE = {
     aten.add.Tensor,
@@ -71,15 +71,7 @@ _ELEMENTWISE = {
     aten.tanh.default,
     aten.sigmoid.default,
     aten.erf.default,
-    aten.to.dtype,
-    aten.to.dtype_layout,
-    aten.to.device,
-    aten._to_copy.default,
-    aten.clone.default,
-    aten.contiguous.default,
-    aten.alias.default,
-    aten.detach.default,
-    aten.type_as.default,
+    *IDENTITY,
     aten.lift_fresh_copy.default,
     aten.dropout.default,
     aten.full_like.default,

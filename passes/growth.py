@@ -31,7 +31,7 @@ from torch import fx
 
 from archfx.ir import Graph, PassError
 from archfx.ir.dims import Dims, analyze_dims
-from archfx.ir.ops import aten
+from archfx.ir.ops import IDENTITY, aten, param_target
 
 MODES = ("zero", "free", "tile")
 _MATRIX = {
@@ -56,14 +56,7 @@ _TRANSPARENT = {
     aten.unsqueeze.default,
     aten.expand.default,
     aten.slice.Tensor,
-    aten.to.dtype,
-    aten.to.dtype_layout,
-    aten._to_copy.default,
-    aten.clone.default,
-    aten.contiguous.default,
-    aten.alias.default,
-    aten.detach.default,
-    aten.type_as.default,
+    *IDENTITY,
     aten.lift_fresh_copy.default,
 }
 
@@ -475,7 +468,7 @@ def _norm_compensation(d: Dims, atoms, modes, new_size, what) -> dict[str, tuple
                 args[3] = args[3] * ratio
                 r.node.args = tuple(args)
             gain = r.node.args[2] if len(r.node.args) > 2 else None
-            found = (_target(gain), False) if gain is not None else None
+            found = (param_target(gain), False) if gain is not None else None
         else:
             eps = next(
                 (
@@ -510,28 +503,17 @@ def _gain_after(mean: fx.Node, d: Dims, dims: list[int]):
                     continue
                 if u.target is aten.mul.Tensor:
                     for a in u.args:
-                        t = _target(a)
+                        t = param_target(a)
                         if t is not None and any(
                             d.find(i) in {d.find(x) for x in dims} for i in d.params[t]
                         ):
                             return t, False
                         if isinstance(a, fx.Node) and a.target is aten.add.Tensor:
-                            t = next((_target(x) for x in a.args if _target(x)), None)
+                            t = next((param_target(x) for x in a.args if param_target(x)), None)
                             if t is not None:
                                 return t, True
                 nxt.append(u)
         frontier = nxt
-    return None
-
-
-def _target(node) -> str | None:
-    while isinstance(node, fx.Node):
-        if node.op == "get_attr":
-            return node.target
-        if node.op == "call_function" and node.target in _TRANSPARENT:
-            node = node.args[0]
-            continue
-        return None
     return None
 
 

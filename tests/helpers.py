@@ -18,21 +18,35 @@ def model(name: str) -> torch.nn.Module:
     return build_family(name.split(":", 1)[1]) if name.startswith("family:") else build(name)
 
 
-def train(
-    graph, steps: int = 30, batch: int = 8, seq: int = 64, lr: float = 3e-3, seed: int = 0
-) -> list[float]:
-    """Next-byte prediction on Hamlet with AdamW; returns the loss of every step."""
+def hamlet(batch: int = 8, seq: int = 64, seed: int = 0):
+    """Batches of (bytes, next bytes) from Hamlet."""
     gen = torch.Generator().manual_seed(seed)
-    data = batches(byte_tokens(shakespeare(("hamlet",))), batch, seq, gen)
-    params = [p for p in graph.gm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+    return batches(byte_tokens(shakespeare(("hamlet",))), batch, seq, gen)
+
+
+def loss_of(graph, x, y) -> torch.Tensor:
+    logits = graph(x)[0]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def train(
+    graph,
+    steps: int = 30,
+    batch: int = 8,
+    seq: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    opt=None,
+    data=None,
+) -> list[float]:
+    """Next-byte prediction on Hamlet with AdamW (or `opt`, on `data`); every step's loss."""
+    data = data or hamlet(batch, seq, seed)
+    if opt is None:
+        opt = torch.optim.AdamW([p for p in graph.gm.parameters() if p.requires_grad], lr=lr)
     losses = []
     for _ in range(steps):
         x, y = next(data)
-        logits = graph(x)[0]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
-        )
+        loss = loss_of(graph, x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -14,7 +14,7 @@ from archfx.passes import Pipeline
 from archfx.passes.hf_export import save_pretrained
 from archfx.passes.optimizer import grow_optimizer
 
-from .helpers import EVERY, byte_gpt, model
+from .helpers import EVERY, byte_gpt, hamlet, loss_of, model, train
 
 PASSES = [
     "expand-mlp(factor=1.5)",
@@ -180,8 +180,6 @@ def test_new_parameters_train(text):
     grown = result.graph
     before = {k: v.detach().clone() for k, v in grown.gm.named_parameters()}
     layouts = result.records[-1].tensor_maps.get("layouts", {})
-    from .helpers import train
-
     train(grown, steps=3, seq=32)
     after = dict(grown.gm.named_parameters())
     fresh = [n for n in after if n not in dict(graph.gm.named_parameters())]
@@ -261,22 +259,8 @@ def test_hugging_face_export_refuses_what_the_config_cannot_say(tmp_path):
 def test_training_continues_after_growing_mid_run():
     graph = byte_gpt("canonicalize")
     opt = torch.optim.AdamW(graph.gm.parameters(), lr=3e-3)
-    from .helpers import batches, byte_tokens, shakespeare
-
-    data = batches(byte_tokens(shakespeare(("hamlet",))), 8, 32, torch.Generator().manual_seed(0))
-
-    def loss_of(g, x, y):
-        logits = g(x)[0]
-        return torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
-        )
-
-    for _ in range(5):
-        x, y = next(data)
-        loss = loss_of(graph, x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    data = hamlet(8, 32)
+    train(graph, steps=5, opt=opt, data=data)
     x, y = next(data)
     with torch.no_grad():
         before = loss_of(graph, x, y).item()
@@ -291,21 +275,12 @@ def test_training_continues_after_growing_mid_run():
         state = opt.state.get(p)
         if state:
             assert state["exp_avg"].shape == p.shape
-    name = "transformer.h.0.mlp.c_fc.weight"
-    p = dict(grown.gm.named_parameters())[name]
+    p = dict(grown.gm.named_parameters())["transformer.h.0.mlp.c_fc.weight"]
     assert p.shape == (512, 128)  # canonicalize made it (out, in)
     assert opt.state[p]["exp_avg"][256:].abs().max() == 0  # new MLP units: zero moments
     assert opt.state[p]["exp_avg"][:, 64:].abs().max() == 0  # new (duplicated) inputs: zero
     assert opt.state[p]["exp_avg"][:256, :64].abs().max() > 0  # old entries: kept
-    losses = []
-    for _ in range(5):
-        x, y = next(data)
-        loss = loss_of(grown, x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < before
+    assert train(grown, steps=5, opt=opt, data=data)[-1] < before
 
 
 def test_meta_device_growth_is_structure_only():
