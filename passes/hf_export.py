@@ -126,6 +126,7 @@ def save_pretrained(
 def rebuild(graph: Graph, model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:
     """A fresh `type(model)` from the grown config with the graph's weights, checked equal."""
     config = grown_config(graph, model.config)
+    config = type(config).from_dict(config.to_dict())  # validated as from_pretrained will
     new = _with_weights(graph, model, config)
     freqs = _graph_inv_freq(graph)
     if freqs is not None and not _same_freqs(new, freqs):

@@ -251,6 +251,9 @@ def test_hugging_face_export_refuses_what_the_config_cannot_say(tmp_path):
     with pytest.raises(ArtifactError, match="divisible"):
         save_pretrained(grown, model("tiny-gpt2"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    heads = Pipeline.parse("add-heads(n=2)").run(captured("tiny-llama")).graph
+    with pytest.raises(ArtifactError, match="not a multiple of the number of attention heads"):
+        save_pretrained(heads, model("tiny-llama"), tmp_path / "z")  # HF's own validator
     uneven = Pipeline.parse("expand-mlp(size=200,layers=0)").run(captured("tiny-llama")).graph
     with pytest.raises(ArtifactError, match="MLP widths"):
         save_pretrained(uneven, model("tiny-llama"), tmp_path / "y")
@@ -347,3 +350,18 @@ def test_inplace_growth_edits_the_graph_and_cannot_certify():
     )
     assert result.graph is graph and graph.structure.blocks[0].mlp.hidden == 256
     assert all((a - b).abs().max() <= 1e-5 for a, b in zip(expected, graph.run(), strict=True))
+
+
+@pytest.mark.slow
+def test_smollm2_grown_round_trips_through_hugging_face(tmp_path):
+    source = model("smollm2")
+    graph = capture(source)
+    text = "expand-mlp(factor=1.5),add-heads(n=3),expand-hidden(size=768),add-layers(n=2,at=10)"
+    grown = Pipeline.parse(text).run(graph).graph
+    out = save_pretrained(grown, source, tmp_path / "grown")
+    back = type(source).from_pretrained(str(out)).eval()
+    assert (back.config.num_hidden_layers, back.config.hidden_size) == (32, 768)
+    assert (back.config.num_attention_heads, back.config.num_key_value_heads) == (12, 3)
+    ids = graph.inputs.tensors[0]
+    with torch.no_grad():
+        assert (back(input_ids=ids).logits - grown(ids)[0]).abs().max() <= 1e-5
