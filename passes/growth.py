@@ -33,7 +33,6 @@ from archfx.ir import Graph, PassError
 from archfx.ir.dims import Dims, analyze_dims
 from archfx.ir.ops import IDENTITY, aten, param_target
 
-MODES = ("zero", "free", "tile")
 _MATRIX = {
     aten.linear.default,
     aten.addmm.default,
