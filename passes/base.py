@@ -4,6 +4,7 @@ that says what changed and why each site that was not rewritten was left alone."
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -51,6 +52,8 @@ class Option:
             raise PassError(
                 f"{owner}: option {self.name} expects {self.describe_type()}, got {value!r}"
             )
+        if self.type is float and not math.isfinite(value):
+            raise PassError(f"{owner}: option {self.name} must be a finite number, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise PassError(
                 f"{owner}: option {self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}"

@@ -94,6 +94,7 @@ def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> t
     scale = {_key(d, i): f for i, f in growth.scale.items()}
     _check(d, graph, atoms, modes, what, growth.approximate)
     new_size = _sizes(d, atoms)
+    _check_scale(d, graph, new_size, what)
     axes: dict[int, _Axis] = {}
 
     def axis(i: int) -> _Axis:
@@ -197,6 +198,22 @@ def _check(d: Dims, graph: Graph, atoms: dict, modes: dict, what: str, approxima
                 raise PassError(
                     f"{what}: {r.node.name} takes a {r.kind} over the grown dimension; {_why(r.kind, mode)}"
                 )
+
+
+GROWTH_LIMIT = 64  # larger single-step growth is almost surely a typo; grow in steps
+
+
+def _check_scale(d: Dims, graph: Graph, new_size: dict, what: str) -> None:
+    """Refuse, before allocating, a growth that multiplies the model's size by more than 64."""
+    before = after = 0
+    for ids in d.params.values():
+        before += math.prod(d.size[d.find(i)] for i in ids)
+        after += math.prod(new_size.get(d.find(i), d.size[d.find(i)]) for i in ids)
+    if after > GROWTH_LIMIT * max(before, 1):
+        raise PassError(
+            f"{what}: this would grow the model from {before:,} to {after:,} parameters "
+            f"(×{after / max(before, 1):.0f}); archfx refuses more than ×{GROWTH_LIMIT} in one step"
+        )
 
 
 def _why(kind: str, mode: str) -> str:

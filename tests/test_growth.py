@@ -322,6 +322,8 @@ def test_bad_options_say_what_to_do():
         ("expand-head-dim", "give size"),
         ("expand-mlp(factor=2,layers=x)", "layers must be"),
         ("add-layers(at=9)", "past the last block"),
+        ("expand-mlp(factor=1000)", "refuses more than"),
+        ("expand-mlp(factor=nan)", "finite"),
     ]:
         with pytest.raises(PassError, match=match):
             Pipeline.parse(text).run(graph)
