@@ -55,6 +55,7 @@ class ExpandQK(Pass):
         d = analyze_dims(graph.gm)
         blocks = select_blocks(graph, self.opts["layers"], self.name)
         sizes, modes, zero, scale, param_scale = {}, {}, set(), {}, {}
+        scales = []  # SDPA scale arguments to update once the growth has succeeded
         remarks = []
         for b in blocks:
             for a in attentions(b, self.name):
@@ -96,7 +97,7 @@ class ExpandQK(Pass):
                     else:  # the outermost key-only axes, so no entry is scaled twice
                         scale.update(dict.fromkeys(_outermost(d, keys) | parts, f))
                     if a.core.kwargs.get("scale") is not None:
-                        a.core.kwargs = {**a.core.kwargs, "scale": 1 / math.sqrt(new_k)}
+                        scales.append((a.core, 1 / math.sqrt(new_k)))
         check_coupling(
             d,
             graph,
@@ -108,6 +109,9 @@ class ExpandQK(Pass):
         )
         growth = Growth(sizes, modes, zero, scale, param_scale, seed=self.opts["seed"])
         out, maps = grow(graph, growth, self.name, d)
+        for core, value in scales:
+            core.kwargs = {**core.kwargs, "scale": value}
+        graph.gm.recompile()
         return PassResult(changed=True, remarks=remarks, details=out, tensor_maps=maps)
 
     def _atom(self, d: Dims, dqk: int, size: int, path: str) -> tuple[int, int]:

@@ -103,11 +103,13 @@ def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> t
             axes[i] = _layout(d, i, atoms, modes, zero, scale, axis)
         return axes[i]
 
-    rescale = _norm_compensation(d, atoms, modes, new_size, what)
+    rescale, eps_edits = _norm_compensation(d, atoms, modes, new_size, what)
     for target, f in growth.param_scale.items():
         offset, s = rescale.get(target, (False, 1.0))
         rescale[target] = (offset, s * f)
     final_scale = _tied_tile_compensation(d, graph, atoms, modes, what)
+    for node, index, value in eps_edits:  # every check has passed: now edit
+        node.args = (*node.args[:index], value, *node.args[index + 1 :])
     changed = []
     layouts: dict[str, list] = {}
     done: set[int] = set()
@@ -467,9 +469,12 @@ def _set(graph: Graph, d: Dims, target: str, old: torch.Tensor, new: torch.Tenso
 # compensations -----------------------------------------------------------------------------
 
 
-def _norm_compensation(d: Dims, atoms, modes, new_size, what) -> dict[str, tuple[bool, float]]:
-    """RMS norms over zero-padded features: eps × d/d̂ in the graph, gains × √(d/d̂)."""
+def _norm_compensation(d: Dims, atoms, modes, new_size, what):
+    """RMS norms over zero-padded features: eps × d/d̂ in the graph, gains × √(d/d̂). Returns
+    the gains to rescale and the eps edits (node, argument index, value), applied by the caller
+    once every check has passed."""
     out: dict[str, tuple[bool, float]] = {}
+    edits: list[tuple[fx.Node, int, float]] = []
     for r in d.reductions:
         if r.kind not in ("mean_sq", "rms_norm"):
             continue
@@ -479,10 +484,8 @@ def _norm_compensation(d: Dims, atoms, modes, new_size, what) -> dict[str, tuple
             continue
         ratio = old / new
         if r.kind == "rms_norm":
-            args = list(r.node.args)
-            if len(args) > 3 and args[3] is not None:
-                args[3] = args[3] * ratio
-                r.node.args = tuple(args)
+            if len(r.node.args) > 3 and r.node.args[3] is not None:
+                edits.append((r.node, 3, r.node.args[3] * ratio))
             gain = r.node.args[2] if len(r.node.args) > 2 else None
             found = (param_target(gain), False) if gain is not None else None
         else:
@@ -495,14 +498,14 @@ def _norm_compensation(d: Dims, atoms, modes, new_size, what) -> dict[str, tuple
                 None,
             )
             if eps is not None:
-                eps.args = (eps.args[0], eps.args[1] * ratio)
+                edits.append((eps, 1, eps.args[1] * ratio))
             found = _gain_after(r.node, d, r.dims)
         if found is None or found[0] is None:
             raise PassError(
                 f"{what}: {r.node.name} normalises over the grown features with no gain to rescale"
             )
         out[found[0]] = (found[1], math.sqrt(ratio))
-    return out
+    return out, edits
 
 
 def _gain_after(mean: fx.Node, d: Dims, dims: list[int]):
