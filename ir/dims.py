@@ -239,14 +239,21 @@ class Dims:
             return [self.find(i)]
         return [a for p in d[1] for a in self.atoms(p)]
 
+    def within(self, i: int) -> set[int]:
+        """`i` and every id it is built from, composite or atomic."""
+        d = self.parts(i)
+        out = {self.find(i)}
+        for p in d[1] if d else ():
+            out |= self.within(p)
+        return out
+
     def contains(self, i: int, atom: int) -> bool:
         return self.find(atom) in self.atoms(i)
 
     def frozen_reason(self, atom: int) -> str | None:
         """Why `atom` cannot grow: it, or an axis built from it, is split inconsistently."""
-        atom = self.find(atom)
         for root, why in self.frozen.items():
-            if self.find(root) == atom or atom in self.atoms(root):
+            if self.contains(root, atom):
                 return why
         return None
 

@@ -32,7 +32,6 @@ from .growth import (
     Growth,
     check_coupling,
     grow,
-    ids_within,
     select_blocks,
 )
 from .heads import attentions, head_axes
@@ -59,7 +58,8 @@ class ExpandQK(Pass):
         remarks = []
         for b in blocks:
             for a in attentions(b, self.name):
-                atom, new = self._atom(d, d.of(a.query, -1), size, b.path)
+                dqk = d.of(a.query, -1)
+                atom, new = self._atom(d, dqk, size, b.path)
                 sizes[atom] = new
                 modes[atom] = "zero" if a.qk_norm else "free"
                 if d.contains(head_axes(d, a, self.name)[1], atom):
@@ -82,11 +82,8 @@ class ExpandQK(Pass):
                             "QK-norm: new query and key rows both start at zero (a saddle: they get no gradient until other weights move)",
                         )
                     )
-                if is_call(a.core, ATTENTION_OPS) and _derived_scale(
-                    a.core, d.size[d.of(a.query, -1)]
-                ):
-                    new_k = size
-                    f = math.sqrt(new_k / d.size[d.of(a.query, -1)])
+                if is_call(a.core, ATTENTION_OPS) and _derived_scale(a.core, d.size[dqk]):
+                    f = math.sqrt(size / d.size[dqk])
                     gains = [
                         p
                         for p in k_params - q_params
@@ -97,7 +94,7 @@ class ExpandQK(Pass):
                     else:  # the outermost key-only axes, so no entry is scaled twice
                         scale.update(dict.fromkeys(_outermost(d, keys) | parts, f))
                     if a.core.kwargs.get("scale") is not None:
-                        scales.append((a.core, 1 / math.sqrt(new_k)))
+                        scales.append((a.core, 1 / math.sqrt(size)))
         check_coupling(
             d,
             graph,
@@ -145,7 +142,7 @@ SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
 
 
 def _outermost(d: Dims, ids: set[int]) -> set[int]:
-    return {i for i in ids if not any(j != i and i in ids_within(d, j) for j in ids)}
+    return {i for i in ids if not any(j != i and i in d.within(j) for j in ids)}
 
 
 def _derived_scale(core: fx.Node, k: int) -> bool:

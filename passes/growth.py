@@ -110,6 +110,15 @@ def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> t
     final_scale = _tied_tile_compensation(d, graph, atoms, modes, what)
     for node, index, value in eps_edits:  # every check has passed: now edit
         node.args = (*node.args[:index], value, *node.args[index + 1 :])
+    by_tensor: dict[int, list[str]] = {}
+    for target in d.params:
+        by_tensor.setdefault(id(graph.tensor(target)), []).append(target)
+    # every name of each tensor (tied weights share one list)
+    names = {name: group for group in by_tensor.values() for name in group}
+    attrs: dict[str, list[fx.Node]] = {}
+    for node in graph.gm.graph.nodes:
+        if node.op == "get_attr":
+            attrs.setdefault(node.target, []).append(node)
     changed = []
     layouts: dict[str, list] = {}
     done: set[int] = set()
@@ -119,7 +128,8 @@ def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> t
         if id(t) in done or not (touched or target in growth.param_scale):
             continue
         done.add(id(t))
-        roles = _roles(d, graph, target)
+        aliases = names[target]
+        roles = _roles(d, [n for name in aliases for n in attrs.get(name, [])])
         new = t.detach()
         layouts[target] = [axis(i).src if _grows(d, i, atoms) else None for i in ids]
         for k, i in enumerate(ids):
@@ -138,12 +148,12 @@ def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> t
             offset, s = rescale[target]
             wide = new.double()  # rescale in fp64, round once
             new = ((1 + wide) * s - 1 if offset else wide * s).to(new.dtype)
-        _set(graph, d, target, t, new)
+        _set(graph, aliases, t, new)
         changed.append(target)
     for target, s in final_scale.items():
         t = graph.tensor(target)
         if not t.is_meta:
-            _set(graph, d, target, t, t.detach() * s)
+            _set(graph, names[target], t, t.detach() * s)
     literals = _literals(d, new_size, atoms)
     graph.gm.recompile()
     graph.invalidate()
@@ -237,17 +247,8 @@ def _key(d: Dims, k):
 
 
 def _scaled(d: Dims, i: int, scale: dict) -> bool:
-    within = ids_within(d, i)
+    within = d.within(i)
     return any((s[0] if isinstance(s, tuple) else s) in within for s in scale)
-
-
-def ids_within(d: Dims, i: int) -> set[int]:
-    p = d.parts(i)
-    out = {d.find(i)}
-    if p:
-        for x in p[1]:
-            out |= ids_within(d, x)
-    return out
 
 
 def _sizes(d: Dims, atoms: dict) -> dict[int, int]:
@@ -328,13 +329,12 @@ def _layout(d: Dims, i: int, atoms, modes, zero, scale, axis) -> _Axis:
 # roles -----------------------------------------------------------------------------------
 
 
-def _roles(d: Dims, graph: Graph, target: str) -> dict[int, str]:
-    """How each axis of a parameter is used: 'producer' (its values become new features),
-    'consumer' (contracted away), 'gain', 'bias' or 'offset' (gain used as 1 + w)."""
+def _roles(d: Dims, nodes: list[fx.Node]) -> dict[int, str]:
+    """How each axis of a parameter (read by the get_attr `nodes`) is used: 'producer' (its
+    values become new features), 'consumer' (contracted away), 'gain', 'bias' or 'offset'
+    (gain used as 1 + w)."""
     roles: dict[int, str] = {}
-    for node in graph.gm.graph.nodes:
-        if node.op != "get_attr" or node.target != target:
-            continue
+    for node in nodes:
         for use, arg in _uses(node):
             out = {d.find(i) for i in d.axes.get(use, [])}
             for i in d.axes[node]:
@@ -396,7 +396,9 @@ def _resize(t, k, ax: _Axis, role, trainable, gen, target, what):
         shape[k] = src.numel()
         return torch.empty(shape, dtype=t.dtype, device="meta")
     fresh = torch.nonzero(src < 0).flatten()
-    new = t.index_select(k, src.clamp(min=0))
+    kept = src.clamp(min=0)
+    spread = _scale(t)
+    new = t.index_select(k, kept)
     shape = [1] * t.dim()
     shape[k] = -1
     if fresh.numel():
@@ -405,7 +407,7 @@ def _resize(t, k, ax: _Axis, role, trainable, gen, target, what):
         size = list(new.shape)
         size[k] = fresh.numel()
         zero_feat = ax.zero[fresh].reshape(shape)
-        noise = torch.randn(size, generator=gen, dtype=torch.float32).to(t.dtype) * _scale(t)
+        noise = torch.randn(size, generator=gen, dtype=torch.float32).to(t.dtype) * spread
         if role in ("producer", "tied"):
             fill = noise.masked_fill_(zero_feat, 0)
         elif role == "consumer":
@@ -416,12 +418,12 @@ def _resize(t, k, ax: _Axis, role, trainable, gen, target, what):
             fill = torch.zeros(size, dtype=t.dtype)
         new.index_copy_(k, fresh, fill)
     if ax.tiled and role == "consumer":
-        count = torch.bincount(src.clamp(min=0), minlength=old).to(t.dtype)
-        per = count[src.clamp(min=0)].reshape(shape)
-        eps = torch.randn(new.shape, generator=gen, dtype=torch.float32).to(t.dtype) * _scale(t)
+        count = torch.bincount(kept, minlength=old).to(t.dtype)
+        per = count[kept].reshape(shape)
+        eps = torch.randn(new.shape, generator=gen, dtype=torch.float32).to(t.dtype) * spread
         eps = eps / per
-        mean = torch.zeros_like(t).index_add_(k, src.clamp(min=0), eps) / count.reshape(shape)
-        eps = eps - mean.index_select(k, src.clamp(min=0))
+        mean = torch.zeros_like(t).index_add_(k, kept, eps) / count.reshape(shape)
+        eps = eps - mean.index_select(k, kept)
         new = torch.where(per > 1, new / per + eps, new)
     if not bool((ax.mult == 1).all()):
         new.mul_(ax.mult.to(new.dtype).reshape(shape))
@@ -454,16 +456,15 @@ def _scale(t: torch.Tensor) -> float:
     return s if s > 0 and math.isfinite(s) else 0.02
 
 
-def _set(graph: Graph, d: Dims, target: str, old: torch.Tensor, new: torch.Tensor) -> None:
+def _set(graph: Graph, aliases: list[str], old: torch.Tensor, new: torch.Tensor) -> None:
     """Replace a tensor under every name it has (tied weights stay tied)."""
     value = (
         torch.nn.Parameter(new.contiguous(), old.requires_grad)
         if isinstance(old, torch.nn.Parameter)
         else new.contiguous()
     )
-    for name in d.params:
-        if graph.tensor(name) is old:
-            graph.set_tensor(name, value)
+    for name in aliases:
+        graph.set_tensor(name, value)
 
 
 # compensations -----------------------------------------------------------------------------

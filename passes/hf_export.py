@@ -69,9 +69,7 @@ def grown_config(graph: Graph, config: transformers.PretrainedConfig):
         _put(config, keys["mlp"], _one(mlps, "MLP widths"))
         atts = [a for b in blocks for a in (b.attention, b.cross_attention) if a]
         _put(config, keys["heads"], _one({a.heads for a in atts}, "head counts"))
-        if len({a.kv_heads for a in atts}) == 1 and any(
-            hasattr(config, k) for k in KEYS["kv_heads"]
-        ):
+        if len({a.kv_heads for a in atts}) == 1:
             _put(config, KEYS["kv_heads"], atts[0].kv_heads)
         dims = {a.head_dim for a in atts}
         values = {a.o.in_features // a.heads for a in atts if a.o}

@@ -23,7 +23,7 @@ def grow_optimizer(
     """`optimizer` (over `before`'s parameters) rebuilt over `result.graph`'s parameters."""
     names = {id(p): n for n, p in before.gm.named_parameters()}
     after = dict(result.graph.gm.named_parameters())
-    groups, placed = [], set()
+    groups, placed, steps = [], set(), {}
     for group in optimizer.param_groups:
         params = []
         for p in group["params"]:
@@ -31,7 +31,7 @@ def grow_optimizer(
                 raise PassError(
                     "grow_optimizer: the optimizer holds a tensor that is not a parameter of `before`"
                 )
-            new = _follow(names[id(p)], result)
+            new, steps[id(p)] = _trace(names[id(p)], result)
             if new not in after:
                 raise PassError(
                     f"grow_optimizer: parameter {names[id(p)]} has no counterpart after growth"
@@ -49,26 +49,21 @@ def grow_optimizer(
             old_state = optimizer.state.get(old_p)
             if not old_state:
                 continue
-            maps = _layouts(names[id(old_p)], result)
-            grown.state[new_p] = {k: _move(v, old_p, new_p, maps) for k, v in old_state.items()}
+            moves = steps[id(old_p)]
+            grown.state[new_p] = {k: _move(v, old_p, new_p, moves) for k, v in old_state.items()}
     return grown
 
 
-def _follow(name: str, result: PipelineResult) -> str:
-    for record in result.records:
-        name = record.tensor_maps.get("renamed", {}).get(name, name)
-    return name
-
-
-def _layouts(name: str, result: PipelineResult) -> list[list]:
-    """Every growth step's per-axis source indices for this parameter, in order."""
+def _trace(name: str, result: PipelineResult) -> tuple[str, list[list]]:
+    """A parameter's name after the pipeline, and every growth step's per-axis source
+    indices for it, in order."""
     steps = []
     for record in result.records:
         name = record.tensor_maps.get("renamed", {}).get(name, name)
         layout = record.tensor_maps.get("layouts", {}).get(name)
         if layout is not None:
             steps.append(layout)
-    return steps
+    return name, steps
 
 
 def _move(value, old_p, new_p, steps):
@@ -93,10 +88,9 @@ def _move(value, old_p, new_p, steps):
 
 def _first_copy(src: torch.Tensor) -> torch.Tensor:
     """True where a source index appears for the first time (duplicates are new entries)."""
-    seen = torch.zeros(int(src.max().item()) + 2 if src.numel() else 1, dtype=torch.bool)
-    out = torch.zeros_like(src, dtype=torch.bool)
-    for j, s in enumerate(src.tolist()):
-        if s >= 0 and not seen[s]:
-            out[j] = True
-            seen[s] = True
-    return out
+    kept = src.clamp(min=0)
+    position = torch.arange(src.numel())
+    first = torch.full((int(kept.max()) + 1,), src.numel()).scatter_reduce(
+        0, kept, torch.where(src >= 0, position, src.numel()), "amin"
+    )
+    return (src >= 0) & (first[kept] == position)
