@@ -37,6 +37,14 @@ def providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def disabled_fusions(providers_: list[str]) -> list[str]:
+    """ONNX Runtime fusions left out for these providers. On CPU: SkipLayerNormFusion, whose
+    fp32 Skip(Simplified)LayerNormalization kernels are 7.5× (LayerNorm) and 1.9× (RMSNorm)
+    slower than the Add and norm they replace (8 × 128 × 768, one thread, ORT 1.32:
+    benchmarks/ort_kernels.py)."""
+    return [] if "CUDAExecutionProvider" in providers_ else ["SkipLayerNormFusion"]
+
+
 def ort_session(
     path: str | Path,
     *,
@@ -53,8 +61,11 @@ def ort_session(
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    chosen = providers_ or providers()
     try:
-        return ort.InferenceSession(str(path), so, providers=providers_ or providers())
+        return ort.InferenceSession(
+            str(path), so, providers=chosen, disabled_optimizers=disabled_fusions(chosen)
+        )
     except Exception as exc:
         raise LoweringError(f"ONNX Runtime cannot load {path}: {_first(exc)}") from exc
 
@@ -160,7 +171,12 @@ def to_onnx(
         so.optimized_model_filepath = str(path)
         so.log_severity_level = 3
         try:
-            ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(
+                str(raw),
+                so,
+                providers=["CPUExecutionProvider"],
+                disabled_optimizers=disabled_fusions(providers()),
+            )
         except Exception as exc:
             raise LoweringError(
                 f"ONNX Runtime cannot optimise the exported model: {_first(exc)}"

@@ -9,7 +9,8 @@ delta-rule update of a residual state X ∈ R^{d×d_v} per token:
 
 β = 0 keeps X, β = 1 overwrites the readout along k (kᵀX = vᵀ), β → 2 reflects; the error
 along k shrinks by (1 − β). k, β and kᵀX are computed in fp32 whatever the model's dtype
-(element-wise products and sums, which autocast leaves in fp32). For d_v > 1 the state starts
+(element-wise products and sums, which autocast leaves in fp32); v is one small projection
+(a matmul, in autocast's precision, then promoted). For d_v > 1 the state starts
 as the embedding replicated d_v times (or, with `ec`, through an identity-initialised causal
 depthwise convolution over tokens per channel), and before each sublayer a compressor reads
 x_in from X: `cc` mixes the channels per feature (weights 1/d_v), `tc` runs an
@@ -140,17 +141,14 @@ class DDLScheme(Scheme):
         w = torch.randn(self.dv, self.d, generator=self.gen, dtype=F32) / self.d**0.5
         wv = em.param(f"{name}.value_weight", w)
         src = cf if self.value != "code" else em.op(aten._to_copy.default, unit_in, dtype=F32)
-        v = em.op(
-            aten.sum.dim_IntList,
-            em.op(aten.mul.Tensor, em.op(aten.unsqueeze.default, src, -2), wv),
-            [-1],
+        if self.value != "code":
+            return em.op(aten.linear.default, src, wv)
+        b = em.param(f"{name}.value_bias", torch.zeros(self.dv, dtype=F32))
+        return em.op(
+            aten.mul.Tensor,
+            em.op(aten.sigmoid.default, em.op(aten.linear.default, src, wv, b)),
+            4.0,
         )
-        if self.value == "code":
-            b = em.param(f"{name}.value_bias", torch.zeros(self.dv, dtype=F32))
-            v = em.op(
-                aten.mul.Tensor, em.op(aten.sigmoid.default, em.op(aten.add.Tensor, v, b)), 4.0
-            )
-        return v
 
     def _compress(self, em: Emitter, state: fx.Node, key: str) -> fx.Node:
         """x_in from X: per-feature channel mix (cc) or causal token conv + read vector (tc).

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from archfx.ir import LoweringError, capture
-from archfx.ir.lower import compile_graph, device, ort_session, providers, run_onnx, to_onnx
+from archfx.ir.lower import (
+    compile_graph,
+    device,
+    disabled_fusions,
+    ort_session,
+    providers,
+    run_onnx,
+    to_onnx,
+)
 from archfx.passes.zoo import build
 
 
@@ -24,6 +32,24 @@ def test_onnx_files_sessions_and_dynamic_shapes(tmp_path):
     second = g.second_inputs()
     out = run_onnx(session, second)
     assert out[0].shape == tuple(g.run(second)[0].shape)  # dynamic batch and sequence
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU choice")
+def test_cpu_sessions_leave_out_the_slow_skip_layer_norm(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    result = to_onnx(capture(build("tiny-gpt2")), tmp_path / "m.onnx")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort-default.onnx")
+    ort.InferenceSession(str(result.raw_path), so, providers=["CPUExecutionProvider"])
+    ops = {
+        f: [n.op_type for n in onnx.load(str(f)).graph.node]
+        for f in (so.optimized_model_filepath, result.path)
+    }
+    assert "SkipLayerNormalization" in ops[so.optimized_model_filepath]  # ORT's default fuses
+    assert "SkipLayerNormalization" not in ops[result.path]
+    assert disabled_fusions(["CUDAExecutionProvider", "CPUExecutionProvider"]) == []
 
 
 def test_export_failure_is_a_lowering_error(tmp_path):
