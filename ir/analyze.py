@@ -353,6 +353,7 @@ class _Analyzer:
     def _attention(self, core: fx.Node, nodes: set, carry_desc: set) -> Attention | None:
         if is_call(core, ATTENTION_OPS):
             q, k, v = core.args[:3]
+            q = _heads_view(q)  # a kernel run on (batch·heads, tokens, dim) views
             out = core
             gqa = bool(core.kwargs.get("enable_gqa", False))
         else:

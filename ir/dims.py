@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .ops import ATTENTION_OPS, IDENTITY, SOFTMAX, aten
+from .ops import ATTENTION_OPS, IDENTITY, MEMORY_WRITE, SOFTMAX, aten
 
 _ELEMENTWISE = {
     aten.add.Tensor,
@@ -379,6 +379,11 @@ class _Rules:
             return None  # handled by the op producing the tuple
         if t in ATTENTION_OPS:
             return self.attention(out)
+        if t is MEMORY_WRITE:  # (addresses, contents) written as they are
+            for u in self.n.users:
+                if u.target is operator.getitem:
+                    self.same(self.ax(self.n.args[u.args[1]]), self.ax(u))
+            return None
         if t in (aten.conv2d.default, aten.convolution.default):
             x, w = self.ax(self.n.args[0]), self.ax(self.n.args[1])
             self.d.union(x[1], w[1])

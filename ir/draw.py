@@ -99,3 +99,42 @@ def draw(structure: Structure, path: str | Path, title: str | None = None) -> Pa
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def draw_memory(layers, path: str | Path, title: str | None = None, sample: int = 0) -> Path:
+    """Draw each memory's read weightings (one row per attention site, one panel per read
+    head: queries × memory slots) for batch element `sample`, to an SVG or PNG file."""
+    path = check_path(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not layers:
+        raise ArchfxError("no memories to draw")
+    heads = max(m.weightings.shape[-3] for m in layers)
+    fig, axes = plt.subplots(
+        len(layers),
+        heads,
+        figsize=(1.6 * heads + 1.2, 1.6 * len(layers) + 0.6),
+        squeeze=False,
+    )
+    for row, m in zip(axes, layers, strict=True):
+        w = m.weightings[sample].float().cpu()
+        for h, ax in enumerate(row):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if h >= w.shape[0]:
+                ax.axis("off")
+                continue
+            ax.imshow(w[h].numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+            if h == 0:
+                label = m.path + (" (cross)" if m.cross else "")
+                ax.set_ylabel(f"{label}\nqueries", fontsize=7)
+            if m is layers[-1]:
+                ax.set_xlabel(f"head {h}: slots", fontsize=7)
+    fig.suptitle(title or "read weightings", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

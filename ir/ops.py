@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from .memory import READ, WRITE
+
 aten = torch.ops.aten
 
 IDENTITY = {
@@ -56,7 +58,9 @@ ATTENTION_OPS = {
     aten.scaled_dot_product_attention.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,
     aten._scaled_dot_product_efficient_attention.default,
+    READ,  # sDNC's memory read: SDPA's arguments (ir/memory.py)
 }
+MEMORY_WRITE = WRITE
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
 ACTIVATIONS = {

@@ -64,7 +64,7 @@ class Attention:
             "qk_norm": self.qk_norm,
             "fused_qkv": self.fused_qkv,
             "projection": self.q.op,
-            "kernel": "sdpa" if "scaled_dot_product" in str(self.core.target) else "softmax",
+            "kernel": _kernel(self.core),
         }
 
 
@@ -228,3 +228,11 @@ class Structure:
             "head": self.head.to_json() if self.head else None,
             "remarks": list(self.remarks),
         }
+
+
+def _kernel(core: fx.Node) -> str:
+    """What computes an attention: `memory` (sDNC read), `sdpa`, or a hand-written `softmax`."""
+    name = str(core.target)
+    return (
+        "memory" if "memory_read" in name else "sdpa" if "scaled_dot_product" in name else "softmax"
+    )

@@ -10,6 +10,7 @@ from . import (  # noqa: F401  (registers the passes)
     expand_hidden,
     expand_mlp,
     expand_qk,
+    sdnc,
 )
 from .base import REGISTRY, Option, Pass, PassResult, Remark, get, register
 from .pipeline import PassRecord, Pipeline, PipelineResult

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="show the recognised structure of MODEL")
     model_args(s)
     s.add_argument("--draw", metavar="FILE", help="draw the block structure to FILE (.svg or .png)")
+    s.add_argument(
+        "--memory",
+        metavar="FILE",
+        help="rewrite with sdnc and draw every layer's read weightings on the example input to FILE",
+    )
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("apply", help="run a pipeline of passes on MODEL")
@@ -144,6 +149,38 @@ def _load_and_capture(args, err: Console):
     return loaded, graph
 
 
+def _memory(graph, picture: str, title: str, err: Console) -> dict:
+    """sdnc, then each memory's shape and read weightings drawn to `picture`."""
+    from archfx.ir.draw import draw_memory
+
+    from .sdnc import memories
+
+    with _step(err, "rewriting attention as memory reads (sdnc)"):
+        result = Pipeline.parse("sdnc").run(graph)
+    certificate = result.records[-1].certificate
+    with _step(err, "reading the memories on the example input"):
+        layers = memories(result.graph)
+    with _step(err, f"drawing {picture}"):
+        draw_memory(layers, picture, title=f"{title}: read weightings (sdnc)")
+    err.print(
+        f"memory picture: {picture} (sdnc certificate: max |Δ| {certificate.max_abs_diff:.2e})"
+    )
+    return {
+        "picture": picture,
+        "max_abs_diff": certificate.max_abs_diff,
+        "layers": [
+            {
+                "block": m.path,
+                "cross": m.cross,
+                "banks": m.addresses.shape[-3],
+                "slots": m.addresses.shape[-2],
+                "read_heads": m.weightings.shape[-3],
+            }
+            for m in layers
+        ],
+    }
+
+
 # passes ---------------------------------------------------------------------------------------
 
 
@@ -173,24 +210,28 @@ def cmd_passes(args, err: Console) -> int:
 
 
 def cmd_inspect(args, err: Console) -> int:
-    if args.draw:
-        from archfx.ir.draw import check_path
+    from archfx.ir.draw import check_path
 
-        check_path(args.draw)
+    for picture in (args.draw, args.memory):
+        if picture:
+            check_path(picture)
     loaded, graph = _load_and_capture(args, err)
     with _step(err, "analysing structure"):
         structure = graph.structure
+    title = f"{args.model}: {type(loaded.model).__name__}"
     if args.draw:
         from archfx.ir.draw import draw
 
         with _step(err, f"drawing {args.draw}"):
-            draw(structure, args.draw, title=f"{args.model}: {type(loaded.model).__name__}")
+            draw(structure, args.draw, title=title)
     data = {
         "model": args.model,
         "class": type(loaded.model).__name__,
         "parameters": graph.num_parameters(),
         **structure.to_json(),
     }
+    if args.memory:
+        data["memory"] = _memory(graph, args.memory, title, err)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

@@ -1,0 +1,113 @@
+"""The memory of a stateless Differentiable Neural Computer (SPEC.md §4) as two graph ops.
+
+    archfx::memory_write(addresses, contents) -> (addresses, contents)
+        One slot per position, written once: slot t holds address k_t and content v_t (the
+        keys and values as the model computes them, RoPE and QK-norm included). GQA models
+        write one bank per key head.
+    archfx::memory_read(query, addresses, contents, attn_mask, dropout_p, is_causal, *,
+                        scale, enable_gqa, softcap) -> read vectors
+        Every query head is a read head: read weighting w = softmax(cap(s · q·Kᵀ) + mask) with
+        the model's own strength s (its scale, 1/√d_k when None), mask and optional tanh
+        soft-capping cap(x) = c·tanh(x / c); read vector r = wᵀV. Query heads sharing a key
+        head read the same bank (`enable_gqa`). The arguments are those of
+        `scaled_dot_product_attention`, plus `softcap`.
+
+Both are CompositeImplicitAutograd: in eager PyTorch the read is the fused SDPA kernel (the
+explicit soft-capped form only where SDPA has none), autograd runs through it, and
+torch.compile and the ONNX exporter see exactly the attention the model had. torch.export
+keeps the two ops whole, so captures, analyses and growth passes see the memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_LIB = torch.library.Library("archfx", "DEF")
+_LIB.define(
+    "memory_write(Tensor(a) addresses, Tensor(b) contents) -> (Tensor(a), Tensor(b))",
+)
+_LIB.define(
+    "memory_read(Tensor query, Tensor addresses, Tensor contents, Tensor? attn_mask=None, "
+    "float dropout_p=0.0, bool is_causal=False, *, float? scale=None, bool enable_gqa=False, "
+    "float? softcap=None) -> Tensor"
+)
+
+
+def _write(addresses: torch.Tensor, contents: torch.Tensor):
+    return torch.ops.aten.alias(addresses), torch.ops.aten.alias(contents)
+
+
+def weightings(
+    query: torch.Tensor,
+    addresses: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The read weightings [..., heads, queries, slots] of `memory_read` (its explicit form)."""
+    if enable_gqa and addresses.shape[-3] != query.shape[-3]:
+        addresses = addresses.repeat_interleave(query.shape[-3] // addresses.shape[-3], -3)
+    s = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(query, addresses.transpose(-2, -1)) * s
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        n, m = scores.shape[-2:]
+        allowed = torch.ones(n, m, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    return torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
+
+
+def _read(
+    query,
+    addresses,
+    contents,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    *,
+    scale=None,
+    enable_gqa=False,
+    softcap=None,
+):
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            query,
+            addresses,
+            contents,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+    w = weightings(
+        query,
+        addresses,
+        attn_mask,
+        is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        softcap=softcap,
+    )
+    if dropout_p > 0:
+        w = F.dropout(w, dropout_p)
+    if enable_gqa and contents.shape[-3] != query.shape[-3]:
+        contents = contents.repeat_interleave(query.shape[-3] // contents.shape[-3], -3)
+    return torch.matmul(w, contents)
+
+
+_LIB.impl("memory_write", _write, "CompositeImplicitAutograd")
+_LIB.impl("memory_read", _read, "CompositeImplicitAutograd")
+
+WRITE = torch.ops.archfx.memory_write.default
+READ = torch.ops.archfx.memory_read.default

@@ -1,0 +1,654 @@
+"""sdnc: every attention becomes the read heads of a stateless DNC over an explicit memory
+(Tang & Xie 2026), SPEC.md §4.
+
+Rewrite: each attention site writes its keys and values to a memory (`archfx::memory_write`:
+addresses = keys, contents = values, one slot per position, write-once) and reads it with its
+queries (`archfx::memory_read`: every query head a read head, content addressing with the
+model's own similarity and strength; GQA heads share a bank; cross-attention reads the memory
+the encoder wrote). Both ops are defined in `archfx.ir.memory`.
+  - SDPA sites: SDPA(q, k, v, mask, p, causal, scale, gqa) → read(q, write(k, v), mask, p,
+    causal, scale, gqa) with the same arguments.
+  - Hand-written sites (q·kᵀ, then scaling, soft-capping c·tanh(x/c), additive biases and
+    masks, softmax, ·v): the chain between the two matmuls is read as the read op's scale,
+    softcap and mask; anything else in it (a reshape of the scores, a bias added before the
+    soft-cap, a finite masked_fill) is refused with the op named.
+
+Exactness: SDPA sites run the same kernel with the same arguments (bit-exact); hand-written
+sites compute the same function in SDPA's arithmetic (equal up to rounding, verify ≤ 1e-5).
+The ops decompose to exactly the attention the model had, so torch.compile and ONNX run the
+fused attention kernel as before.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from archfx.ir import Inputs, PassError
+from archfx.ir.memory import READ, WRITE, weightings
+from archfx.ir.ops import DROPOUT, IDENTITY, MATMUL, SOFTMAX, aten, is_call
+
+from .base import Option, Pass, PassResult, register
+
+SDPA = aten.scaled_dot_product_attention.default
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+MASKED = -1e30  # a fill at or below this masks a slot
+
+
+@register
+class SDNC(Pass):
+    name = "sdnc"
+    summary = "attention as the read heads of a stateless DNC: explicit memory write and read ops"
+    preserves = True
+    exact_when = "persistent=false"
+    options = (
+        Option(
+            "persistent",
+            bool,
+            False,
+            "the memory persists across calls (inputs and outputs gain it): process a text "
+            "segment by segment with `MemoryStream`",
+        ),
+    )
+
+    def claims_exact(self) -> bool:
+        return not self.opts["persistent"]
+
+    def run(self, graph) -> PassResult:
+        sites = [
+            (block, r.attention)
+            for block in graph.structure.blocks
+            for r in block.residuals
+            if r.attention is not None and r.attention.core.target is not READ
+        ]
+        if not sites:
+            raise PassError(
+                "sdnc: no attention left to rewrite (none found, or already memory reads)"
+            )
+        g = graph.gm.graph
+        plans = []
+        for block, a in sites:  # every site is checked before any is changed
+            if a.core.target is SDPA:
+                plans.append((a, None))
+            elif is_call(a.core, SOFTMAX):
+                plans.append((a, _parse(graph, a.core, block.path)))
+            else:
+                raise PassError(
+                    f"sdnc: {block.path}: attention kernel {a.core.target} has no memory-read form"
+                )
+        kinds = {"sdpa": 0, "hand-written": 0, "cross": 0}
+        for a, plan in plans:
+            with g.inserting_before(a.core if plan is None else plan.out):
+                if plan is None:
+                    _from_sdpa(g, a.core)
+                else:
+                    plan.emit(g)
+            kinds["sdpa" if plan is None else "hand-written"] += 1
+            kinds["cross"] += a.cross
+        g.eliminate_dead_code()
+        graph.gm.recompile()
+        kinds["shared_banks"] = sum(
+            n.target is READ and bool(n.kwargs.get("enable_gqa")) for n in g.nodes
+        )
+        if self.opts["persistent"]:
+            _persist(graph, [(block.path, a) for block, a in sites])
+        return PassResult(changed=True, details={"sites": len(plans), **kinds})
+
+
+def _from_sdpa(g: fx.Graph, core: fx.Node) -> None:
+    q, k, v, *rest = core.args
+    k, v, gqa = _shared_banks(k, v)
+    memory = _node(g, core, WRITE, (k, v))
+    kwargs = {**core.kwargs, "enable_gqa": True} if gqa else core.kwargs
+    read = _node(
+        g, core, READ, (q, _item(g, core, memory, 0), _item(g, core, memory, 1), *rest), kwargs
+    )
+    core.replace_all_uses_with(read)
+    g.erase_node(core)  # SDPA is seeded (dropout): dead-code elimination keeps it otherwise
+
+
+def _shared_banks(k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node, bool]:
+    """The key/value banks before a GQA head repeat (x[:, :, None].expand(…, n, …).reshape(…),
+    as Hugging Face's repeat_kv writes it) when keys and values both have one, so query heads
+    read the shared bank (enable_gqa, the same arithmetic) instead of n copies of it."""
+    (kb, nk), (vb, nv) = _unrepeat(k), _unrepeat(v)
+    return (kb, vb, True) if nk == nv > 1 else (k, v, False)
+
+
+def _unrepeat(x: fx.Node) -> tuple[fx.Node, int]:
+    if not is_call(x, VIEWS):
+        return x, 1
+    e = _skip_full_slices(x.args[0])
+    if not is_call(e, {aten.expand.default}):
+        return x, 1
+    u = _skip_full_slices(e.args[0])
+    if not (is_call(u, {aten.unsqueeze.default}) and u.args[1] in (2, -3)):
+        return x, 1
+    bank = _skip_full_slices(u.args[0])
+    b, r, out = (tuple(map(str, n.meta["val"].shape)) for n in (bank, e, x))
+    if len(b) != 4 or len(r) != 5 or r[:2] + r[3:] != b or not r[2].isdigit():
+        return x, 1
+    n = int(r[2])
+    if out[0] != b[0] or out[2:] != b[2:] or out[1] != str(int(b[1]) * n):
+        return x, 1
+    return bank, n
+
+
+def _skip_full_slices(x: fx.Node) -> fx.Node:
+    while (
+        is_call(x, {aten.slice.Tensor})
+        and _arg(x, 2, None) in (None, 0)
+        and _arg(x, 3, None)
+        in (
+            None,
+            2**63 - 1,
+        )
+        and _arg(x, 4, 1) == 1
+    ):
+        x = x.args[0]
+    return x
+
+
+def _arg(n: fx.Node, i: int, default):
+    return n.args[i] if len(n.args) > i else default
+
+
+def _node(g: fx.Graph, like: fx.Node, target, args, kwargs=None) -> fx.Node:
+    n = g.call_function(target, tuple(args), dict(kwargs or {}))
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            n.meta[key] = like.meta[key]
+    return n
+
+
+def _item(g: fx.Graph, like: fx.Node, tup: fx.Node, i: int) -> fx.Node:
+    return _node(g, like, operator.getitem, (tup, i))
+
+
+# hand-written attention ------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """A hand-written attention read as read(q, K, V, mask, scale, softcap)."""
+
+    query: fx.Node
+    keys_t: fx.Node  # Kᵀ as the scores matmul reads it
+    values: fx.Node
+    out: fx.Node  # the weights·V matmul the read replaces
+    scores: fx.Node  # the q·kᵀ matmul
+    replaced: list  # from the weights·V matmul back to the softmax, in reverse order
+    scale: float
+    softcap: float | None
+    biases: list  # (node, factor): additive score biases
+    allowed: list  # (node, negate): boolean masks, True where a slot may be read
+
+    def emit(self, g: fx.Graph) -> None:
+        like = self.out
+
+        def unview(x):  # expanded to the view's shape, then merged back into the scores' shape
+            if not isinstance(x, _Viewed):
+                return x
+            full = _node(g, like, aten.expand.default, (x.node, _sizes(g, like, x.view)))
+            merged = [-1, *_sizes(g, like, self.scores)[1:]]
+            return _node(g, like, aten.reshape.default, (full, merged))
+
+        self.allowed = [(unview(m), negate) for m, negate in self.allowed]
+        self.biases = [(unview(b), f) for b, f in self.biases]
+        keys, values, gqa = _shared_banks(_untranspose(g, like, self.keys_t), self.values)
+        memory = _node(g, like, WRITE, (keys, values))
+        mask = None
+        for node, negate in self.allowed:
+            m = _node(g, like, aten.logical_not.default, (node,)) if negate else node
+            mask = m if mask is None else _node(g, like, aten.logical_and.default, (mask, m))
+        bias = None
+        for node, factor in self.biases:
+            b = node if factor == 1 else _node(g, like, aten.mul.Tensor, (node, factor))
+            bias = b if bias is None else _node(g, like, aten.add.Tensor, (bias, b))
+        if bias is not None and mask is not None:
+            mask = _node(g, like, aten.where.ScalarOther, (mask, bias, float("-inf")))
+        elif bias is not None:
+            mask = bias
+        kwargs = {"scale": self.scale, **({"enable_gqa": True} if gqa else {})}
+        if self.softcap is not None:
+            kwargs["softcap"] = self.softcap
+        args = (self.query, _item(g, like, memory, 0), _item(g, like, memory, 1), mask)
+        read = _node(g, like, READ, args, kwargs)
+        self.out.replace_all_uses_with(read)
+        for n in self.replaced:  # dropout is seeded: dead-code elimination keeps it otherwise
+            if not n.users:
+                g.erase_node(n)
+
+
+def _sizes(g: fx.Graph, like: fx.Node, x: fx.Node) -> list:
+    """x's shape as view/expand arguments: ints, and sym_size nodes for symbolic sizes."""
+    return [
+        s if isinstance(s, int) else _node(g, like, aten.sym_size.int, (x, i))
+        for i, s in enumerate(x.meta["val"].shape)
+    ]
+
+
+def _untranspose(g: fx.Graph, like: fx.Node, kt: fx.Node) -> fx.Node:
+    """K from the Kᵀ the scores matmul reads (its transpose's input when it is one)."""
+    rank = len(kt.meta["val"].shape)
+    if is_call(kt, {aten.transpose.int}) and {a % rank for a in kt.args[1:3]} == {
+        rank - 2,
+        rank - 1,
+    }:
+        return kt.args[0]
+    return _node(g, like, aten.transpose.int, (kt, -2, -1))
+
+
+def _parse(graph, softmax: fx.Node, where: str) -> _Plan:
+    """Read the chain q·kᵀ → … → softmax → … → ·v of a hand-written attention."""
+
+    def refuse(why: str):
+        raise PassError(f"sdnc: {where}: {why}; this attention has no memory-read form")
+
+    out, n, path = softmax, softmax, [softmax]
+    while True:  # softmax → identity ops → the weights·V matmul
+        users = [u for u in n.users if "_assert" not in str(u.target)]
+        if len(users) != 1:
+            refuse(f"the attention weights {n.name} have {len(users)} uses")
+        n = users[0]
+        if is_call(n, MATMUL) and n.args[0] is out:
+            break
+        if not is_call(n, IDENTITY | DROPOUT | VIEWS):
+            refuse(f"{n.target} between softmax and the read")
+        out = n
+        path.append(n)
+    out_mm = n
+    if softmax.args[1] not in (-1, len(softmax.meta["val"].shape) - 1):
+        refuse("softmax over an axis other than the last")
+    chain, mm = _chain_to_scores(softmax.args[0], refuse)
+    if out.meta["val"].shape != mm.meta["val"].shape:
+        refuse("the weights are read in another shape than the scores were computed in")
+    scale, softcap, biases, allowed, view = 1.0, None, [], [], None
+    if is_call(mm, {aten.baddbmm.default}):
+        beta, alpha = mm.kwargs.get("beta", 1), mm.kwargs.get("alpha", 1)
+        q, kt = mm.args[1:3]
+        scale = float(alpha)
+        biases.append((mm.args[0], beta))
+    else:
+        q, kt = mm.args[:2]
+    i = 0
+    while i < len(chain):
+        n, prev = chain[i], (mm if i == 0 else chain[i - 1])
+        cap = _softcap(chain, i, prev)
+        if cap is not None:
+            if biases or allowed or softcap is not None:
+                refuse("a bias or mask before the soft-capping")
+            softcap, i = cap, i + 3
+            continue
+        factor = _factor(n, prev)
+        if is_call(n, IDENTITY):
+            pass
+        elif is_call(n, VIEWS):
+            if view is not None:
+                refuse(f"the scores are reshaped twice ({view.name}, {n.name})")
+            view = n
+        elif factor is not None:
+            if softcap is not None or factor <= 0:
+                refuse(f"{n.name} scales the scores after soft-capping or by {factor}")
+            scale *= factor
+            biases = [(b, f * factor) for b, f in biases]
+        elif is_call(n, {aten.add.Tensor}):
+            other = n.args[1] if n.args[0] is prev else n.args[0]
+            if not isinstance(other, fx.Node):
+                refuse(f"{n.name} adds a constant to the scores")
+            biases.append((_in_scores_space(other, view), 1))
+        elif is_call(n, {aten.masked_fill.Scalar, aten.masked_fill.Tensor}):
+            if _value(graph, n.args[2]) > MASKED:
+                refuse(f"{n.name} fills scores with a finite value")
+            allowed.append((_in_scores_space(n.args[1], view), True))
+        elif is_call(n, {aten.where.self}) and prev in n.args[1:]:
+            fill = n.args[2] if n.args[1] is prev else n.args[1]
+            if _value(graph, fill) > MASKED:
+                refuse(f"{n.name} selects a finite value into the scores")
+            allowed.append((_in_scores_space(n.args[0], view), n.args[1] is not prev))
+        else:
+            refuse(f"{n.target} ({n.name}) on the scores")
+        i += 1
+    replaced = [out_mm, *path[::-1]]
+    return _Plan(q, kt, out_mm.args[1], out_mm, mm, replaced, scale, softcap, biases, allowed)
+
+
+def _chain_to_scores(n: fx.Node, refuse) -> tuple[list[fx.Node], fx.Node]:
+    """The ops from the q·kᵀ matmul (excluded, returned second) up to the softmax's input."""
+    chain = []
+    for _ in range(16):
+        if is_call(n, MATMUL | {aten.baddbmm.default}):
+            return chain[::-1], n
+        if is_call(n, VIEWS) and n.meta["val"].shape[-2:] != n.args[0].meta["val"].shape[-2:]:
+            refuse(f"the scores are reshaped ({n.name}) across their last two axes")
+        chain.append(n)
+        on_path = [a for a in n.all_input_nodes if _scores_like(a, n)]
+        if len(on_path) != 1:
+            refuse(f"cannot follow the scores through {n.target} ({n.name})")
+        n = on_path[0]
+    refuse("more than 16 ops between q·kᵀ and softmax")
+
+
+@dataclass
+class _Viewed:
+    """A mask or bias given in the shape of a reshaped view of the scores (`view`)."""
+
+    node: fx.Node
+    view: fx.Node
+
+
+def _in_scores_space(node, view: fx.Node | None):
+    return node if view is None else _Viewed(node, view)
+
+
+def _scores_like(a: fx.Node, n: fx.Node) -> bool:
+    """`a` is the scores operand of `n` (a full-size float input, not a mask or bias)."""
+    va, vn = a.meta.get("val"), n.meta.get("val")
+    return (
+        isinstance(va, torch.Tensor)
+        and isinstance(vn, torch.Tensor)
+        and va.is_floating_point()
+        and (va.shape == vn.shape or is_call(n, VIEWS))
+        and not (is_call(n, {aten.add.Tensor}) and _is_bias(a))
+    )
+
+
+def _is_bias(a: fx.Node) -> bool:
+    return not any(is_call(x, MATMUL | {aten.baddbmm.default}) for x in _upstream(a, 16))
+
+
+def _upstream(n: fx.Node, depth: int) -> list[fx.Node]:
+    seen, todo = [n], [n]
+    for _ in range(depth):
+        todo = [a for t in todo for a in t.all_input_nodes if a not in seen]
+        seen += todo
+    return seen
+
+
+def _factor(n: fx.Node, prev: fx.Node) -> float | None:
+    """The constant a mul/div applies to the scores, if it is one."""
+    if is_call(n, {aten.mul.Tensor, aten.mul.Scalar}):
+        other = n.args[1] if n.args[0] is prev else n.args[0]
+        return float(other) if isinstance(other, (int, float)) else None
+    if is_call(n, {aten.div.Tensor, aten.div.Scalar}) and n.args[0] is prev:
+        other = n.args[1]
+        return 1.0 / float(other) if isinstance(other, (int, float)) and other else None
+    return None
+
+
+def _softcap(chain: list, i: int, prev: fx.Node) -> float | None:
+    """c when chain[i:i+3] is x / c → tanh → · c."""
+    if i + 2 >= len(chain) or not is_call(chain[i + 1], {aten.tanh.default}):
+        return None
+    down, up = _factor(chain[i], prev), _factor(chain[i + 2], chain[i + 1])
+    if down is None or up is None or not math.isclose(down * up, 1.0, rel_tol=1e-6):
+        return None
+    return up
+
+
+def _value(graph, x) -> float:
+    """A fill value: a number, or a one-element constant tensor of the graph."""
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, fx.Node):
+        if x.op == "get_attr":
+            t = graph.tensor(x.target)
+            if t.numel() == 1:
+                return float(t)
+        if is_call(x, {aten.lift_fresh_copy.default, aten.clone.default, *IDENTITY}):
+            return _value(graph, x.args[0])
+        if is_call(x, {aten.full.default, aten.scalar_tensor.default}):
+            return float(x.args[1] if x.target is aten.full.default else x.args[0])
+    return math.inf
+
+
+# persistent memory -----------------------------------------------------------------------------
+
+
+def _persist(graph, sites: list) -> None:
+    """Memory that persists across calls: for each site, the slots written by earlier calls
+    come in as inputs (`memory.<i>.addresses` / `.contents`, empty at first), the new slots
+    are appended after them, the queries' positions start after them, each query reads every
+    earlier slot and the causal part of its own segment, and the whole memory goes out as
+    outputs. Refused unless every read's mask is exactly causal (no padding, window or bias:
+    those are not written down anywhere the next call could continue) and the model takes
+    token ids only."""
+    g = graph.gm.graph
+    if len(graph.placeholders) != 1 or len(graph.placeholders[0].meta["val"].shape) != 2:
+        raise PassError(
+            "sdnc(persistent=true): the model must take one (batch, tokens) input; "
+            f"this one takes {', '.join(graph.inputs.names)}"
+        )
+    cores = [n for n in g.nodes if n.target is READ]
+    for path, a in sites:
+        if a.cross:
+            raise PassError(f"sdnc(persistent=true): {path} reads another stream's memory")
+    _check_causal(graph, cores, [p for p, _ in sites])
+    tokens = graph.placeholders[0]
+    seq = str(tokens.meta["val"].shape[1])
+    last = graph.placeholders[-1]
+    names, tensors, outputs, pasts = [], [], [], []
+    for i, core in enumerate(cores):
+        memory = core.args[1].args[0]
+        fresh = []
+        for j, part in enumerate(("addresses", "contents")):
+            new = memory.args[j]
+            val = new.meta["val"]
+            with g.inserting_after(last):
+                last = g.placeholder(f"memory_{i}_{part}")
+            with val.fake_mode:
+                last.meta["val"] = val.narrow(-2, 0, 0)
+            pasts.append(last)
+            names.append(f"memory.{i}.{part}")
+            shape = [graph.inputs.tensors[0].shape[0], *val.shape[1:-2], 0, val.shape[-1]]
+            tensors.append(torch.zeros(shape, dtype=val.dtype))
+            with g.inserting_before(memory):
+                fresh.append(_node(g, memory, aten.cat.default, ([last, new], -2)))
+        memory.args = tuple(fresh)
+        outputs += [core.args[1], core.args[2]]
+    with g.inserting_after(last):
+        past_len = g.call_function(aten.sym_size.int, (pasts[0], -2))
+    _offset_positions(g, seq, past_len)
+    with g.inserting_before(cores[0]):
+        mask = _causal_after(g, cores[0], past_len, tokens)
+    for core in cores:
+        dropout = core.args[4] if len(core.args) > 4 else core.kwargs.get("dropout_p", 0.0)
+        core.args = (*core.args[:3], mask, dropout, False)
+        core.kwargs = {
+            k: v for k, v in core.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")
+        }
+    out = next(n for n in g.nodes if n.op == "output")
+    out.args = ((*out.args[0], *outputs),)
+    graph.output_names = [*graph.output_names, *names]
+    graph.inputs = Inputs(
+        [*graph.inputs.names, *names],
+        [*graph.inputs.tensors, *tensors],
+        graph.inputs.positional,
+        graph.inputs.fixed,
+    )
+    _drop_dead_asserts(g)
+    g.eliminate_dead_code()
+    graph.gm.recompile()
+    _check_segments(graph)
+
+
+def _check_segments(graph) -> None:
+    """The claim itself, on the example tokens: split in two segments, and token by token over
+    the last three, the outputs equal the whole sequence's (≤ 1e-5 × max |output|, at least
+    1e-5)."""
+    tokens = graph.inputs.tensors[0]
+    n = tokens.shape[1]
+    if n < 4:
+        return
+    stream = MemoryStream(graph)
+    with torch.no_grad():
+        whole = stream(tokens)
+        for cuts in ([0, n // 2, n], [0, n - 3, n - 2, n - 1, n]):
+            stream.reset()
+            parts = [stream(tokens[:, a:b]) for a, b in itertools.pairwise(cuts)]
+            for name, ref, *pieces in zip(graph.output_names, whole, *parts, strict=False):
+                if ref.dim() < 2 or ref.shape[1] != n:
+                    raise PassError(f"sdnc(persistent=true): output {name} is not per token")
+                diff = float((torch.cat(pieces, 1) - ref).abs().max())
+                if diff > 1e-5 * max(1.0, float(ref.abs().max())):
+                    raise PassError(
+                        f"sdnc(persistent=true): {name} computed segment by segment differs "
+                        f"from the whole sequence by {diff:.2e} on the example input: the model "
+                        "derives positions from something other than an arange over its tokens"
+                    )
+
+
+def _drop_dead_asserts(g: fx.Graph) -> None:
+    """Erase assertions about values nothing else uses any more (the masks the reads dropped),
+    so dead-code elimination can remove what computed them."""
+    changed = True
+    while changed:
+        changed = False
+        g.eliminate_dead_code()
+        for n in list(g.nodes):
+            checked = n.args[0] if "_assert" in str(n.target) and n.args else None
+            if isinstance(checked, fx.Node) and all(
+                "_assert" in str(u.target) for u in checked.users
+            ):
+                g.erase_node(n)
+                changed = True
+
+
+def _check_causal(graph, cores: list, paths: list) -> None:
+    """Every read's mask allows exactly the causal slots (checked on the example inputs)."""
+    masks = [c.args[3] if len(c.args) > 3 else c.kwargs.get("attn_mask") for c in cores]
+    probed = graph.probe([m for m in masks if isinstance(m, fx.Node)])
+    values = iter(probed)
+    for core, mask, path in zip(cores, masks, paths, strict=True):
+        causal = core.args[5] if len(core.args) > 5 else core.kwargs.get("is_causal", False)
+        if mask is None:
+            if causal:
+                continue
+            raise PassError(f"sdnc(persistent=true): {path} reads every slot (not causal)")
+        m = next(values)
+        allowed = m if m.dtype == torch.bool else m == 0
+        if m.dtype != torch.bool and not bool(((m == 0) | (m <= MASKED)).all()):
+            raise PassError(
+                f"sdnc(persistent=true): {path} adds a position bias to the scores, which "
+                "the next segment could not continue"
+            )
+        n = allowed.shape[-1]
+        tril = torch.ones(n, n, dtype=torch.bool).tril()
+        if causal or not bool((allowed == tril).all()):
+            raise PassError(
+                f"sdnc(persistent=true): {path}'s mask is not exactly causal "
+                "(padding, a sliding window or bidirectional attention)"
+            )
+
+
+def _offset_positions(g: fx.Graph, seq: str, past_len: fx.Node) -> None:
+    """Token positions (every arange over the sequence) start after the slots already written."""
+    for n in list(g.nodes):
+        if (
+            is_call(n, {aten.arange.default, aten.arange.start})
+            and str(n.meta["val"].shape[0]) == seq
+        ):
+            with g.inserting_after(n):
+                shifted = _node(g, n, aten.add.Tensor, (n, past_len))
+            n.replace_all_uses_with(shifted, delete_user_cb=shifted.__ne__)
+
+
+def _causal_after(g: fx.Graph, like: fx.Node, past_len: fx.Node, tokens: fx.Node) -> fx.Node:
+    """allowed[i, j] = j ≤ P + i: every earlier slot, and the causal part of this segment."""
+    n = _node(g, like, aten.sym_size.int, (tokens, 1))
+    total = _node(g, like, operator.add, (past_len, n))
+    device = tokens.meta["val"].device
+    q = _node(g, like, aten.arange.start, (past_len, total), {"device": device})
+    k = _node(g, like, aten.arange.default, (total,), {"device": device})
+    q = _node(g, like, aten.unsqueeze.default, (q, -1))
+    return _node(g, like, aten.le.Tensor, (k, q))
+
+
+class MemoryStream:
+    """Runs an `sdnc(persistent=true)` graph segment by segment: each call reads the memory
+    the earlier calls wrote and appends its own tokens' slots (also one token at a time, as in
+    decoding). Gradients flow within a call; earlier calls' slots are kept detached (truncated
+    backpropagation through time). `reset()` forgets everything."""
+
+    def __init__(self, graph):
+        if not graph.output_names or not graph.output_names[-1].startswith("memory."):
+            raise PassError("MemoryStream needs a graph rewritten by sdnc(persistent=true)")
+        self.graph = graph
+        self.count = sum(n.startswith("memory.") for n in graph.inputs.names)
+        self.memory: list[torch.Tensor] | None = None
+
+    def reset(self) -> None:
+        self.memory = None
+
+    @property
+    def slots(self) -> int:
+        return 0 if self.memory is None else self.memory[0].shape[-2]
+
+    def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.memory is None:
+            empty = self.graph.inputs.tensors[-self.count :]
+            self.memory = [
+                t.new_zeros(tokens.shape[0], *t.shape[1:]).to(tokens.device) for t in empty
+            ]
+        if tokens.shape[0] != self.memory[0].shape[0]:
+            raise PassError(
+                f"MemoryStream: batch {tokens.shape[0]}, but the memory holds {self.memory[0].shape[0]}"
+            )
+        out = self.graph(tokens, *self.memory)
+        self.memory = [m.detach() for m in out[-self.count :]]
+        return out[: -self.count]
+
+
+# inspection ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerMemory:
+    """One attention site's memory and what its read heads read, for given inputs."""
+
+    path: str  # the block
+    cross: bool  # reads a memory written by another stream (the encoder)
+    addresses: torch.Tensor  # [batch, banks, slots, d_k]
+    contents: torch.Tensor  # [batch, banks, slots, d_v]
+    weightings: torch.Tensor  # [batch, read heads, queries, slots]
+
+
+def memories(graph, inputs=None) -> list[LayerMemory]:
+    """Every memory of an sdnc graph and its read weightings on `inputs` (the example inputs by
+    default)."""
+    reads = [
+        (block, r.attention)
+        for block in graph.structure.blocks
+        for r in block.residuals
+        if r.attention is not None and r.attention.core.target is READ
+    ]
+    if not reads:
+        raise PassError("this graph has no memory reads: run the `sdnc` pass first")
+    probes = []
+    for _, a in reads:
+        probes += [x for x in a.core.args[:4] if isinstance(x, fx.Node)]
+    values = dict(zip(probes, graph.probe(probes, inputs), strict=True))
+    out = []
+    with torch.no_grad():
+        for block, a in reads:
+            q, addr, cont = (values[x] for x in a.core.args[:3])
+            mask = a.core.args[3] if len(a.core.args) > 3 else a.core.kwargs.get("attn_mask")
+            causal = (
+                a.core.args[5] if len(a.core.args) > 5 else a.core.kwargs.get("is_causal", False)
+            )
+            w = weightings(
+                q,
+                addr,
+                values[mask] if isinstance(mask, fx.Node) else None,
+                bool(causal),
+                scale=a.core.kwargs.get("scale"),
+                enable_gqa=bool(a.core.kwargs.get("enable_gqa", False)),
+                softcap=a.core.kwargs.get("softcap"),
+            )
+            out.append(LayerMemory(block.path, a.cross, addr, cont, w))
+    return out

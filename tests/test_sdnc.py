@@ -1,0 +1,187 @@
+"""sdnc: attention as explicit memory write / read ops (SPEC.md §4)."""
+
+import itertools
+
+import pytest
+import torch
+
+from archfx.ir import PassError, capture
+from archfx.ir.lower import compile_graph, to_onnx
+from archfx.ir.memory import READ, WRITE
+from archfx.passes import Pipeline
+from archfx.passes.cli import main as cli
+from archfx.passes.sdnc import MemoryStream, memories
+
+from .helpers import EVERY, model
+
+
+def reads(graph):
+    return [n for n in graph.gm.graph.nodes if n.target is READ]
+
+
+@pytest.mark.parametrize("name", EVERY)
+def test_sdnc_is_exact_everywhere(name):
+    graph = capture(model(name))
+    result = Pipeline.parse("sdnc").run(graph)
+    out = result.graph
+    sites = [r.attention for b in graph.structure.blocks for r in b.residuals if r.attention]
+    assert len(reads(out)) == len(sites) == result.records[-1].details["sites"]
+    assert sum(n.target is WRITE for n in out.gm.graph.nodes) == len(sites)
+    assert all(
+        r.attention.core.target is READ
+        for b in out.structure.blocks
+        for r in b.residuals
+        if r.attention
+    )
+    assert result.records[-1].certificate.max_abs_diff <= 1e-5
+
+
+def test_cross_attention_reads_the_encoders_memory():
+    out = Pipeline.parse("sdnc").run(capture(model("tiny-t5"))).graph
+    layers = memories(out)
+    cross = [m for m in layers if m.cross]
+    assert len(cross) == 2 and len(layers) == 6
+    enc = out.inputs.tensors[out.inputs.names.index("input_ids")].shape[1]
+    dec = out.inputs.tensors[out.inputs.names.index("decoder_input_ids")].shape[1]
+    for m in cross:  # slots are the encoder's positions, queries the decoder's
+        assert m.addresses.shape[-2] == enc and m.weightings.shape[-2:] == (dec, enc)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "nanogpt", "family:gemma2", "family:bloom"])
+def test_memory_oracles(name):
+    """Reads are Vᵀw over the written slots; weightings are distributions, causal for decoders;
+    GQA heads share banks; the addresses are the keys the original attention used."""
+    graph = capture(model(name))
+    out = Pipeline.parse("sdnc").run(graph).graph
+    layers = memories(out)
+    got = out.probe(reads(out))
+    for m, r in zip(layers, got, strict=True):
+        w = m.weightings
+        torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+        assert bool((w.triu(1) == 0).all())  # causal: no slot after the query
+        c = m.contents.repeat_interleave(w.shape[-3] // m.contents.shape[-3], -3)
+        torch.testing.assert_close(w @ c, r, atol=1e-6, rtol=1e-5)
+    keys = [a.key for b in graph.structure.blocks for r in b.residuals if (a := r.attention)]
+    if all(k.target is not torch.ops.aten.transpose.int for k in keys):
+        for m, k in zip(layers, graph.probe(keys), strict=True):  # banks shared by GQA heads
+            n = k.shape[-3] // m.addresses.shape[-3]
+            assert torch.equal(m.addresses.repeat_interleave(n, -3), k)
+    if name == "tiny-llama":
+        assert layers[0].addresses.shape[-3] == 2 and layers[0].weightings.shape[-3] == 4
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-t5", "nanogpt", "family:gemma2"])
+def test_sdnc_composes_with_head_growth(name):
+    graph = capture(model(name))
+    for text in [
+        "sdnc,add-heads(n=2)",
+        "add-heads(n=2),sdnc",
+        "sdnc,expand-qk(size=24),expand-head-dim(size=24)",
+    ]:
+        result = Pipeline.parse(text).run(graph)
+        assert all(r.certificate.max_abs_diff <= 1e-5 for r in result.records), text
+        assert len(reads(result.graph)) > 0
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5", "nanogpt", "family:gemma2"])
+def test_sdnc_lowers_to_onnx(name, tmp_path):
+    out = Pipeline.parse("sdnc").run(capture(model(name))).graph
+    result = to_onnx(out, tmp_path / "m.onnx")
+    assert result.max_abs_diff <= 1e-4
+
+
+@pytest.mark.slow
+def test_sdnc_compiles():
+    out = Pipeline.parse("sdnc").run(capture(model("tiny-llama"))).graph
+    assert compile_graph(out).max_abs_diff <= 1e-5
+
+
+def test_sdnc_trains_and_keeps_the_dtype():
+    graph = capture(model("tiny-llama").to(torch.bfloat16))
+    out = Pipeline.parse("sdnc").run(graph).graph
+    assert out.run()[0].dtype == torch.bfloat16
+    fp32 = Pipeline.parse("sdnc").run(capture(model("nanogpt"))).graph
+    logits = fp32(*fp32.inputs.tensors)[0]
+    (logits**2).mean().backward()
+    q_weights = [p for n, p in fp32.gm.named_parameters() if "c_attn" in n]
+    assert q_weights and all(p.grad is not None and p.grad.abs().sum() > 0 for p in q_weights)
+
+
+def test_sdnc_twice_is_refused():
+    out = Pipeline.parse("sdnc").run(capture(model("tiny-llama"))).graph
+    with pytest.raises(PassError, match="already memory reads"):
+        Pipeline.parse("sdnc").run(out)
+
+
+def test_memories_need_sdnc():
+    with pytest.raises(PassError, match="run the `sdnc` pass first"):
+        memories(capture(model("tiny-llama")))
+
+
+def test_cli_memory_picture(tmp_path, capsys):
+    path = tmp_path / "memory.png"
+    assert cli(["inspect", "nanogpt", "--memory", str(path), "--json"]) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert path.stat().st_size > 5000
+    assert [m["read_heads"] for m in data["memory"]["layers"]] == [4, 4]
+    assert data["memory"]["max_abs_diff"] <= 1e-5
+
+
+DECODERS = [
+    "tiny-gpt2",
+    "tiny-llama",
+    "nanogpt",
+    "tiny-qwen2",
+    "tiny-gpt-neox",
+    "tiny-phi",
+    "tiny-gemma",
+    "tiny-qwen3",
+    "tiny-mistral",
+]
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_persistent_memory_segments_equal_the_whole(name):
+    graph = capture(model(name))
+    result = Pipeline.parse("sdnc(persistent=true)").run(graph)
+    record = result.records[-1]
+    assert not record.preserves and record.certificate is None
+    ids = torch.randint(0, 100, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = graph(ids)[0]  # the original model, one call
+    stream = MemoryStream(result.graph)
+    cuts = [0, 5, 6, 13, 21]
+    segments = torch.cat([stream(ids[:, a:b])[0] for a, b in itertools.pairwise(cuts)], 1)
+    assert stream.slots == 21
+    stream.reset()
+    decoded = torch.cat([stream(ids[:, i : i + 1])[0] for i in range(21)], 1)
+    assert float((segments - whole).abs().max()) <= 1e-5
+    assert float((decoded - whole).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("tiny-bert", "not exactly causal"),
+        ("tiny-t5", "one \\(batch, tokens\\) input"),
+        ("family:bloom", "position bias"),
+        ("family:opt", "differs from the whole sequence"),  # positions from the mask's cumsum
+    ],
+)
+def test_persistent_memory_refusals(name, why):
+    with pytest.raises(PassError, match=why):
+        Pipeline.parse("sdnc(persistent=true)").run(capture(model(name)))
+
+
+def test_memory_stream_needs_a_persistent_graph():
+    out = Pipeline.parse("sdnc").run(capture(model("nanogpt"))).graph
+    with pytest.raises(PassError, match="persistent=true"):
+        MemoryStream(out)
+    stream = MemoryStream(
+        Pipeline.parse("sdnc(persistent=true)").run(capture(model("nanogpt"))).graph
+    )
+    stream(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(PassError, match="batch 1"):
+        stream(torch.zeros(1, 3, dtype=torch.long))
