@@ -12,10 +12,11 @@
         head read the same bank (`enable_gqa`). The arguments are those of
         `scaled_dot_product_attention`, plus `softcap`.
 
-Both are CompositeImplicitAutograd: in eager PyTorch the read is the fused SDPA kernel (the
-explicit soft-capped form only where SDPA has none), autograd runs through it, and
-torch.compile and the ONNX exporter see exactly the attention the model had. torch.export
-keeps the two ops whole, so captures, analyses and growth passes see the memory.
+Both are CompositeImplicitAutograd: in eager PyTorch the read is the fused SDPA kernel,
+autograd runs through it, and torch.compile and the ONNX exporter see exactly the attention
+the model had. The explicit form (matmul, softmax, matmul) serves soft-capping, which SDPA
+lacks, and (batch·heads, tokens, dim) layouts, which the ONNX exporter's SDPA lacks.
+torch.export keeps the two ops whole, so captures, analyses and growth passes see the memory.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _read(
     enable_gqa=False,
     softcap=None,
 ):
-    if softcap is None:
+    if softcap is None and query.dim() == 4:
         return F.scaled_dot_product_attention(
             query,
             addresses,

@@ -42,3 +42,9 @@ def test_demo_on_the_real_model(tmp_path):
 def test_train_shakespeare():
     out = load("train_shakespeare").main(["--steps", "30", "--batch", "8"])
     assert out["losses"][-1] < out["losses"][0] and all(d > 0 for d in out["drift"])
+
+
+def test_memory(tmp_path):
+    out = load("memory").main(["tiny-llama", "--picture", str(tmp_path / "m.png")])
+    assert len(out["layers"]) == 2 and out["segment_diff"] <= 1e-5
+    assert (tmp_path / "m.png").stat().st_size > 5000
