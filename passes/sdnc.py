@@ -45,8 +45,16 @@ class SDNC(Pass):
     name = "sdnc"
     summary = "attention as the read heads of a stateless DNC: explicit memory write and read ops"
     preserves = True
-    exact_when = "persistent=false"
+    exact_when = "addressing=dot, persistent=false"
     options = (
+        Option(
+            "addressing",
+            str,
+            "dot",
+            "dot (the model's own similarity) or cosine (the DNC's: unit-norm addresses and "
+            "queries, a learned strength β = 1 + softplus(W x + b) ≥ 1 per head and token)",
+            choices=("dot", "cosine"),
+        ),
         Option(
             "persistent",
             bool,
@@ -57,7 +65,7 @@ class SDNC(Pass):
     )
 
     def claims_exact(self) -> bool:
-        return not self.opts["persistent"]
+        return self.opts["addressing"] == "dot" and not self.opts["persistent"]
 
     def run(self, graph) -> PassResult:
         sites = [
@@ -81,26 +89,30 @@ class SDNC(Pass):
                 raise PassError(
                     f"sdnc: {block.path}: attention kernel {a.core.target} has no memory-read form"
                 )
+        if self.opts["addressing"] == "cosine":
+            for (block, a), (_, plan) in zip(sites, plans, strict=True):
+                _strength_input(a, a.core.args[0] if plan is None else plan.query, block.path)
         kinds = {"sdpa": 0, "hand-written": 0, "cross": 0}
+        reads = []
         for a, plan in plans:
             with g.inserting_before(a.core if plan is None else plan.out):
-                if plan is None:
-                    _from_sdpa(g, a.core)
-                else:
-                    plan.emit(g)
+                reads.append(_from_sdpa(g, a.core) if plan is None else plan.emit(g))
             kinds["sdpa" if plan is None else "hand-written"] += 1
             kinds["cross"] += a.cross
+        if self.opts["addressing"] == "cosine":
+            for (block, a), read in zip(sites, reads, strict=True):
+                _cosine(graph, read, a, f"sdnc.{block.path.replace('.', '_')}.r{a.core.name}")
         g.eliminate_dead_code()
         graph.gm.recompile()
         kinds["shared_banks"] = sum(
             n.target is READ and bool(n.kwargs.get("enable_gqa")) for n in g.nodes
         )
         if self.opts["persistent"]:
-            _persist(graph, [(block.path, a) for block, a in sites])
+            _persist(graph, [(block.path, a) for block, a in sites], reads)
         return PassResult(changed=True, details={"sites": len(plans), **kinds})
 
 
-def _from_sdpa(g: fx.Graph, core: fx.Node) -> None:
+def _from_sdpa(g: fx.Graph, core: fx.Node) -> fx.Node:
     q, k, v, *rest = core.args
     k, v, gqa = _shared_banks(k, v)
     memory = _node(g, core, WRITE, (k, v))
@@ -110,6 +122,7 @@ def _from_sdpa(g: fx.Graph, core: fx.Node) -> None:
     )
     core.replace_all_uses_with(read)
     g.erase_node(core)  # SDPA is seeded (dropout): dead-code elimination keeps it otherwise
+    return read
 
 
 def _shared_banks(k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node, bool]:
@@ -188,7 +201,7 @@ class _Plan:
     biases: list  # (node, factor): additive score biases
     allowed: list  # (node, negate): boolean masks, True where a slot may be read
 
-    def emit(self, g: fx.Graph) -> None:
+    def emit(self, g: fx.Graph) -> fx.Node:
         like = self.out
 
         def unview(x):  # expanded to the view's shape, then merged back into the scores' shape
@@ -223,6 +236,7 @@ class _Plan:
         for n in self.replaced:  # dropout is seeded: dead-code elimination keeps it otherwise
             if not n.users:
                 g.erase_node(n)
+        return read
 
 
 def _sizes(g: fx.Graph, like: fx.Node, x: fx.Node) -> list:
@@ -407,10 +421,64 @@ def _value(graph, x) -> float:
     return math.inf
 
 
+# cosine addressing -----------------------------------------------------------------------------
+
+
+def _strength_input(a, query: fx.Node, path: str) -> None:
+    if len(query.meta["val"].shape) != 4 or len(a.q.input.meta["val"].shape) != 3:
+        raise PassError(
+            f"sdnc(addressing=cosine): {path} needs (batch, heads, tokens, dim) queries "
+            "computed from (batch, tokens, features) inputs"
+        )
+
+
+def _cosine(graph, read: fx.Node, a, owner: str) -> None:
+    """The DNC's content addressing: addresses and queries of unit norm, and a read strength
+    β = 1 + softplus(W x + b) ≥ 1 per head and token from the attention's input x (W = 0,
+    b = softplus⁻¹(√d_k − 1) at first, so β starts at √d_k); the read's own scale becomes 1."""
+    g = graph.gm.graph
+    q, addresses = read.args[0], read.args[1].args[0].args[0]
+    memory = read.args[1].args[0]
+    heads, dk = q.meta["val"].shape[1], q.meta["val"].shape[-1]
+    x = a.q.input
+    d = x.meta["val"].shape[-1]
+    b0 = math.log(math.expm1(math.sqrt(dk) - 1)) if dk > 1 else -20.0
+    params = []
+    for name, value in (
+        ("strength_weight", torch.zeros(heads, d)),
+        ("strength_bias", torch.full((heads,), b0)),
+    ):
+        target = f"{owner}.{name}"
+        graph.set_tensor(target, torch.nn.Parameter(value.to(x.meta["val"].dtype)))
+        with g.inserting_before(read):
+            params.append(g.get_attr(target))
+    with g.inserting_before(memory):
+        unit = _unit(g, memory, addresses)
+    memory.args = (unit, memory.args[1])
+    with g.inserting_before(read):
+        logits = _node(g, read, aten.linear.default, (x, *params))  # [B, S, H]
+        beta = _node(
+            g, read, aten.add.Tensor, (_node(g, read, aten.softplus.default, (logits,)), 1)
+        )
+        beta = _node(
+            g, read, aten.unsqueeze.default, (_node(g, read, aten.transpose.int, (beta, 1, 2)), -1)
+        )
+        query = _node(g, read, aten.mul.Tensor, (_unit(g, read, q), beta))
+    read.args = (query, *read.args[1:])
+    read.kwargs = {**read.kwargs, "scale": 1.0}
+
+
+def _unit(g: fx.Graph, like: fx.Node, x: fx.Node) -> fx.Node:
+    """x / ‖x‖ over the last axis (ε = 1e-6 under the square root)."""
+    sq = _node(g, like, aten.sum.dim_IntList, (_node(g, like, aten.mul.Tensor, (x, x)), [-1], True))
+    inv = _node(g, like, aten.rsqrt.default, (_node(g, like, aten.add.Tensor, (sq, 1e-6)),))
+    return _node(g, like, aten.mul.Tensor, (x, inv))
+
+
 # persistent memory -----------------------------------------------------------------------------
 
 
-def _persist(graph, sites: list) -> None:
+def _persist(graph, sites: list, cores: list) -> None:
     """Memory that persists across calls: for each site, the slots written by earlier calls
     come in as inputs (`memory.<i>.addresses` / `.contents`, empty at first), the new slots
     are appended after them, the queries' positions start after them, each query reads every
@@ -424,7 +492,6 @@ def _persist(graph, sites: list) -> None:
             "sdnc(persistent=true): the model must take one (batch, tokens) input; "
             f"this one takes {', '.join(graph.inputs.names)}"
         )
-    cores = [n for n in g.nodes if n.target is READ]
     for path, a in sites:
         if a.cross:
             raise PassError(f"sdnc(persistent=true): {path} reads another stream's memory")

@@ -12,7 +12,7 @@ from archfx.passes import Pipeline
 from archfx.passes.cli import main as cli
 from archfx.passes.sdnc import MemoryStream, memories
 
-from .helpers import EVERY, model
+from .helpers import EVERY, byte_gpt, model, train
 
 
 def reads(graph):
@@ -83,7 +83,9 @@ def test_sdnc_composes_with_head_growth(name):
         assert len(reads(result.graph)) > 0
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5", "nanogpt", "family:gemma2"])
+@pytest.mark.parametrize(
+    "name", ["tiny-llama", "tiny-t5", "nanogpt", "family:gemma2", "family:bloom"]
+)
 def test_sdnc_lowers_to_onnx(name, tmp_path):
     out = Pipeline.parse("sdnc").run(capture(model(name))).graph
     result = to_onnx(out, tmp_path / "m.onnx")
@@ -202,3 +204,33 @@ def test_smollm2_memory_is_exact_and_persists():
         whole = in_fp64(graph.gm)(ids)[0]
         parts = torch.cat([stream(ids[:, :11])[0], stream(ids[:, 11:])[0]], 1)
     assert float((parts - whole).abs().max()) <= 1e-10
+
+
+def test_cosine_addressing_is_the_dncs():
+    graph = capture(model("tiny-llama"))
+    result = Pipeline.parse("sdnc(addressing=cosine)").run(graph)
+    assert result.records[-1].certificate is None and not result.records[-1].preserves
+    out = result.graph
+    for m in memories(out):  # unit-norm addresses
+        norms = m.addresses.norm(dim=-1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
+    (q,) = {n.args[0] for n in reads(out)[:1]}
+    strength = out.probe([q])[0].norm(dim=-1)  # β·q/‖q‖: the strength, √d_k at first
+    torch.testing.assert_close(strength, torch.full_like(strength, 4.0), atol=1e-4, rtol=0)
+    logits = out(*out.inputs.tensors)[0]
+    (logits**2).mean().backward()
+    grads = [p.grad for n, p in out.gm.named_parameters() if n.endswith("strength_weight")]
+    assert len(grads) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_cosine_addressing_matches_dot_under_unit_gain_qk_norm():
+    """With QK-norm (gains 1 in this random model) ‖q‖ = ‖k‖ = √d_k, so β = √d_k gives the
+    model's own q·k/√d_k: the two addressings coincide up to the norm's ε."""
+    graph = capture(model("tiny-qwen3"))
+    out = Pipeline.parse("sdnc(addressing=cosine)").run(graph).graph
+    assert float((out.run()[0] - graph.run()[0]).abs().max()) <= 1e-4
+
+
+def test_cosine_addressing_trains_on_shakespeare():
+    losses = train(byte_gpt("sdnc(addressing=cosine)"), steps=40)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
