@@ -107,8 +107,37 @@ def _read(
     return torch.matmul(w, contents)
 
 
+_LIB.define(
+    "memory_delta(Tensor query, Tensor keys, Tensor values, Tensor strength) -> Tensor",
+)
+
+
+def delta_update(state, k, v, beta):
+    """The delta rule (SPEC.md §2, §5): state ← state + β k (vᵀ − kᵀ state), k of unit norm.
+    The error of the readout along k shrinks by (1 − β); β = 1 overwrites it with v."""
+    error = v - torch.einsum("...k,...kv->...v", k, state)
+    return state + beta[..., None, None] * k[..., :, None] * error[..., None, :]
+
+
+def _delta(query, keys, values, strength):
+    """A fast-weight memory written by the delta rule token by token, read after each write:
+    per key head X_t = update(X_{t−1}, k_t, v_t, β_t) ∈ R^{d_k×d_v}, r_t = X_tᵀ q_t; query heads
+    of a GQA group read their key head's memory. (batch, heads, tokens, dim) layouts."""
+    b, hk, n, dk = keys.shape
+    groups = query.shape[1] // hk
+    state = keys.new_zeros(b, hk, dk, values.shape[-1])
+    q = query.reshape(b, hk, groups, n, dk)
+    reads = []
+    for t in range(n):
+        state = delta_update(state, keys[:, :, t], values[:, :, t], strength[:, :, t])
+        reads.append(torch.einsum("bhgk,bhkv->bhgv", q[:, :, :, t], state))
+    return torch.stack(reads, 3).reshape(b, hk * groups, n, values.shape[-1])
+
+
 _LIB.impl("memory_write", _write, "CompositeImplicitAutograd")
 _LIB.impl("memory_read", _read, "CompositeImplicitAutograd")
+_LIB.impl("memory_delta", _delta, "CompositeImplicitAutograd")
 
 WRITE = torch.ops.archfx.memory_write.default
 READ = torch.ops.archfx.memory_read.default
+DELTA = torch.ops.archfx.memory_delta.default

@@ -30,7 +30,7 @@ import torch
 from torch import fx
 
 from archfx.ir import Inputs, PassError
-from archfx.ir.memory import READ, WRITE, weightings
+from archfx.ir.memory import DELTA, READ, WRITE, weightings
 from archfx.ir.ops import DROPOUT, IDENTITY, MATMUL, SOFTMAX, aten, is_call
 
 from .base import Option, Pass, PassResult, register
@@ -56,6 +56,22 @@ class SDNC(Pass):
             choices=("dot", "cosine"),
         ),
         Option(
+            "write",
+            str,
+            "once",
+            "once (one slot per position) or delta (a d_k × d_v fast-weight memory per key "
+            "head written by the delta rule with erase, β = 2σ(W x + b), read after each write)",
+            choices=("once", "delta"),
+        ),
+        Option(
+            "beta0",
+            float,
+            1.0,
+            "write=delta: initial β (0 < β0 < 2)",
+            minimum=1e-6,
+            maximum=2 - 1e-6,
+        ),
+        Option(
             "persistent",
             bool,
             False,
@@ -65,7 +81,8 @@ class SDNC(Pass):
     )
 
     def claims_exact(self) -> bool:
-        return self.opts["addressing"] == "dot" and not self.opts["persistent"]
+        o = self.opts
+        return o["addressing"] == "dot" and o["write"] == "once" and not o["persistent"]
 
     def run(self, graph) -> PassResult:
         sites = [
@@ -77,6 +94,13 @@ class SDNC(Pass):
         if not sites:
             raise PassError(
                 "sdnc: no attention left to rewrite (none found, or already memory reads)"
+            )
+        if self.opts["write"] == "delta" and (
+            self.opts["persistent"] or self.opts["addressing"] != "dot"
+        ):
+            raise PassError(
+                "sdnc: write=delta keeps its own normalised keys and fixed-size memory; "
+                "it does not combine with addressing=cosine or persistent=true"
             )
         g = graph.gm.graph
         plans = []
@@ -109,6 +133,13 @@ class SDNC(Pass):
         )
         if self.opts["persistent"]:
             _persist(graph, [(block.path, a) for block, a in sites], reads)
+        if self.opts["write"] == "delta":
+            _check_causal(graph, reads, [block.path for block, _ in sites], "write=delta")
+            for (block, a), read in zip(sites, reads, strict=True):
+                owner = f"sdnc.{block.path.replace('.', '_')}.r{a.core.name}"
+                _delta(graph, read, a, owner, self.opts["beta0"])
+            g.eliminate_dead_code()
+            graph.gm.recompile()
         return PassResult(changed=True, details={"sites": len(plans), **kinds})
 
 
@@ -475,6 +506,43 @@ def _unit(g: fx.Graph, like: fx.Node, x: fx.Node) -> fx.Node:
     return _node(g, like, aten.mul.Tensor, (x, inv))
 
 
+# delta-rule write ------------------------------------------------------------------------------
+
+
+def _delta(graph, read: fx.Node, a, owner: str, beta0: float) -> None:
+    """read(q, write(k, v)) → memory_delta(q/‖q‖, k/‖k‖, v, β): the slots become a fast-weight
+    memory written by the delta rule (`archfx.ir.memory.delta_update`, DDL's update over
+    tokens instead of layers), β = 2σ(W x + b) per key head and token (W = 0,
+    b = logit(β0/2))."""
+    g = graph.gm.graph
+    if len(read.args[0].meta["val"].shape) != 4:
+        raise PassError(f"sdnc(write=delta): {owner} needs (batch, heads, tokens, dim) queries")
+    memory = read.args[1].args[0]
+    keys, values = memory.args
+    x = a.q.input
+    banks, d = keys.meta["val"].shape[1], x.meta["val"].shape[-1]
+    params = []
+    for name, value in (
+        ("write_weight", torch.zeros(banks, d)),
+        ("write_bias", torch.full((banks,), math.log(beta0 / (2 - beta0)))),
+    ):
+        target = f"{owner}.{name}"
+        graph.set_tensor(target, torch.nn.Parameter(value.to(x.meta["val"].dtype)))
+        with g.inserting_before(read):
+            params.append(g.get_attr(target))
+    with g.inserting_before(memory):
+        unit = _unit(g, memory, keys)
+    memory.args = (unit, values)
+    with g.inserting_before(read):
+        logits = _node(g, read, aten.linear.default, (x, *params))  # [B, S, banks]
+        beta = _node(g, read, aten.mul.Tensor, (_node(g, read, aten.sigmoid.default, (logits,)), 2))
+        beta = _node(g, read, aten.transpose.int, (beta, 1, 2))
+        q = _unit(g, read, read.args[0])
+        delta = _node(g, read, DELTA, (q, read.args[1], read.args[2], beta))
+    read.replace_all_uses_with(delta)
+    g.erase_node(read)
+
+
 # persistent memory -----------------------------------------------------------------------------
 
 
@@ -495,7 +563,7 @@ def _persist(graph, sites: list, cores: list) -> None:
     for path, a in sites:
         if a.cross:
             raise PassError(f"sdnc(persistent=true): {path} reads another stream's memory")
-    _check_causal(graph, cores, [p for p, _ in sites])
+    _check_causal(graph, cores, [p for p, _ in sites], "persistent=true")
     tokens = graph.placeholders[0]
     seq = str(tokens.meta["val"].shape[1])
     last = graph.placeholders[-1]
@@ -586,7 +654,7 @@ def _drop_dead_asserts(g: fx.Graph) -> None:
                 changed = True
 
 
-def _check_causal(graph, cores: list, paths: list) -> None:
+def _check_causal(graph, cores: list, paths: list, what: str = "persistent=true") -> None:
     """Every read's mask allows exactly the causal slots (checked on the example inputs)."""
     masks = [c.args[3] if len(c.args) > 3 else c.kwargs.get("attn_mask") for c in cores]
     probed = graph.probe([m for m in masks if isinstance(m, fx.Node)])
@@ -596,19 +664,19 @@ def _check_causal(graph, cores: list, paths: list) -> None:
         if mask is None:
             if causal:
                 continue
-            raise PassError(f"sdnc(persistent=true): {path} reads every slot (not causal)")
+            raise PassError(f"sdnc({what}): {path} reads every slot (not causal)")
         m = next(values)
         allowed = m if m.dtype == torch.bool else m == 0
         if m.dtype != torch.bool and not bool(((m == 0) | (m <= MASKED)).all()):
             raise PassError(
-                f"sdnc(persistent=true): {path} adds a position bias to the scores, which "
-                "the next segment could not continue"
+                f"sdnc({what}): {path} adds a position bias to the scores, which "
+                "a causal memory cannot carry"
             )
         n = allowed.shape[-1]
         tril = torch.ones(n, n, dtype=torch.bool).tril()
         if causal or not bool((allowed == tril).all()):
             raise PassError(
-                f"sdnc(persistent=true): {path}'s mask is not exactly causal "
+                f"sdnc({what}): {path}'s mask is not exactly causal "
                 "(padding, a sliding window or bidirectional attention)"
             )
 

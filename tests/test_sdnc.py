@@ -7,7 +7,7 @@ import torch
 
 from archfx.ir import PassError, capture
 from archfx.ir.lower import compile_graph, to_onnx
-from archfx.ir.memory import READ, WRITE
+from archfx.ir.memory import READ, WRITE, delta_update
 from archfx.passes import Pipeline
 from archfx.passes.cli import main as cli
 from archfx.passes.sdnc import MemoryStream, memories
@@ -155,10 +155,11 @@ def test_persistent_memory_segments_equal_the_whole(name):
         whole = graph(ids)[0]  # the original model, one call
     stream = MemoryStream(result.graph)
     cuts = [0, 5, 6, 13, 21]
-    segments = torch.cat([stream(ids[:, a:b])[0] for a, b in itertools.pairwise(cuts)], 1)
-    assert stream.slots == 21
-    stream.reset()
-    decoded = torch.cat([stream(ids[:, i : i + 1])[0] for i in range(21)], 1)
+    with torch.no_grad():
+        segments = torch.cat([stream(ids[:, a:b])[0] for a, b in itertools.pairwise(cuts)], 1)
+        assert stream.slots == 21
+        stream.reset()
+        decoded = torch.cat([stream(ids[:, i : i + 1])[0] for i in range(21)], 1)
     assert float((segments - whole).abs().max()) <= 1e-5
     assert float((decoded - whole).abs().max()) <= 1e-5
 
@@ -234,3 +235,42 @@ def test_cosine_addressing_matches_dot_under_unit_gain_qk_norm():
 def test_cosine_addressing_trains_on_shakespeare():
     losses = train(byte_gpt("sdnc(addressing=cosine)"), steps=40)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+
+
+def test_delta_update_shrinks_the_error_along_k_by_one_minus_beta():
+    gen = torch.Generator().manual_seed(0)
+    state = torch.randn(2, 3, 8, 5, generator=gen)
+    k = torch.nn.functional.normalize(torch.randn(2, 3, 8, generator=gen), dim=-1)
+    v = torch.randn(2, 3, 5, generator=gen)
+    beta = torch.rand(2, 3, generator=gen) * 2
+    before = v - torch.einsum("bhk,bhkv->bhv", k, state)
+    after = v - torch.einsum("bhk,bhkv->bhv", k, delta_update(state, k, v, beta))
+    torch.testing.assert_close(after, (1 - beta)[..., None] * before, atol=1e-5, rtol=1e-5)
+
+
+def test_delta_write_is_causal_and_trains():
+    graph = capture(model("tiny-llama"))
+    result = Pipeline.parse("sdnc(write=delta)").run(graph)
+    assert result.records[-1].certificate is None and not result.records[-1].preserves
+    out = result.graph
+    ids = out.inputs.tensors[0].clone()
+    later = ids.clone()
+    later[:, -1] = (later[:, -1] + 1) % 100
+    with torch.no_grad():
+        a, b = out(ids)[0], out(later)[0]
+    assert torch.equal(a[:, :-1], b[:, :-1]) and not torch.equal(a[:, -1], b[:, -1])
+    losses = train(byte_gpt("sdnc(write=delta)"), steps=40)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "why"),
+    [
+        ("sdnc(write=delta)", "tiny-bert", "not exactly causal"),
+        ("sdnc(write=delta,persistent=true)", "tiny-llama", "does not combine"),
+        ("sdnc(addressing=cosine)", "family:bloom", "\\(batch, heads, tokens, dim\\)"),
+    ],
+)
+def test_dnc_option_refusals(text, name, why):
+    with pytest.raises(PassError, match=why):
+        Pipeline.parse(text).run(capture(model(name)))
