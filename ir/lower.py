@@ -125,6 +125,14 @@ def to_onnx(
     import onnx
 
     path = Path(path)
+    empty = [
+        n for n, t in zip(graph.inputs.names, graph.inputs.tensors, strict=True) if 0 in t.shape
+    ]
+    if empty:
+        raise LoweringError(
+            f"input {empty[0]} is empty in the example: the export would fix its size at 0 "
+            "(give the graph a non-empty example)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = path.with_suffix(".raw.onnx") if optimize else path
     t0 = time.perf_counter()

@@ -548,10 +548,10 @@ def _delta(graph, read: fx.Node, a, owner: str, beta0: float) -> None:
 
 def _persist(graph, sites: list, cores: list) -> None:
     """Memory that persists across calls: for each site, the slots written by earlier calls
-    come in as inputs (`memory.<i>.addresses` / `.contents`, empty at first), the new slots
+    come in as inputs (`past.<i>.addresses` / `.contents`, empty at first), the new slots
     are appended after them, the queries' positions start after them, each query reads every
     earlier slot and the causal part of its own segment, and the whole memory goes out as
-    outputs. Refused unless every read's mask is exactly causal (no padding, window or bias:
+    outputs (`memory.<i>.addresses` / `.contents`). Refused unless every read's mask is exactly causal (no padding, window or bias:
     those are not written down anywhere the next call could continue) and the model takes
     token ids only."""
     g = graph.gm.graph
@@ -575,11 +575,11 @@ def _persist(graph, sites: list, cores: list) -> None:
             new = memory.args[j]
             val = new.meta["val"]
             with g.inserting_after(last):
-                last = g.placeholder(f"memory_{i}_{part}")
+                last = g.placeholder(f"past_{i}_{part}")
             with val.fake_mode:
                 last.meta["val"] = val.narrow(-2, 0, 0)
             pasts.append(last)
-            names.append(f"memory.{i}.{part}")
+            names.append(f"past.{i}.{part}")
             shape = [graph.inputs.tensors[0].shape[0], *val.shape[1:-2], 0, val.shape[-1]]
             tensors.append(torch.zeros(shape, dtype=val.dtype))
             with g.inserting_before(memory):
@@ -599,7 +599,7 @@ def _persist(graph, sites: list, cores: list) -> None:
         }
     out = next(n for n in g.nodes if n.op == "output")
     out.args = ((*out.args[0], *outputs),)
-    graph.output_names = [*graph.output_names, *names]
+    graph.output_names = [*graph.output_names, *(n.replace("past.", "memory.", 1) for n in names)]
     graph.inputs = Inputs(
         [*graph.inputs.names, *names],
         [*graph.inputs.tensors, *tensors],
@@ -714,7 +714,7 @@ class MemoryStream:
         if not graph.output_names or not graph.output_names[-1].startswith("memory."):
             raise PassError("MemoryStream needs a graph rewritten by sdnc(persistent=true)")
         self.graph = graph
-        self.count = sum(n.startswith("memory.") for n in graph.inputs.names)
+        self.count = sum(n.startswith("past.") for n in graph.inputs.names)
         self.memory: list[torch.Tensor] | None = None
 
     def reset(self) -> None:

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from archfx.ir import PassError, capture
+from archfx.ir import LoweringError, PassError, capture
 from archfx.ir.lower import compile_graph, to_onnx
 from archfx.ir.memory import READ, WRITE, delta_update
 from archfx.passes import Pipeline
@@ -176,6 +176,14 @@ def test_persistent_memory_segments_equal_the_whole(name):
 def test_persistent_memory_refusals(name, why):
     with pytest.raises(PassError, match=why):
         Pipeline.parse("sdnc(persistent=true)").run(capture(model(name)))
+
+
+def test_persistent_graphs_are_not_exported_with_an_empty_memory(tmp_path):
+    out = Pipeline.parse("sdnc(persistent=true)").run(capture(model("nanogpt"))).graph
+    assert out.inputs.names[1:3] == ["past.0.addresses", "past.0.contents"]
+    assert out.output_names[-2:] == ["memory.1.addresses", "memory.1.contents"]
+    with pytest.raises(LoweringError, match="past.0.addresses is empty"):
+        to_onnx(out, tmp_path / "m.onnx")
 
 
 def test_memory_stream_needs_a_persistent_graph():
