@@ -468,26 +468,12 @@ def _cosine(graph, read: fx.Node, a, owner: str) -> None:
     β = 1 + softplus(W x + b) ≥ 1 per head and token from the attention's input x (W = 0,
     b = softplus⁻¹(√d_k − 1) at first, so β starts at √d_k); the read's own scale becomes 1."""
     g = graph.gm.graph
-    q, addresses = read.args[0], read.args[1].args[0].args[0]
-    memory = read.args[1].args[0]
+    q = read.args[0]
     heads, dk = q.meta["val"].shape[1], q.meta["val"].shape[-1]
-    x = a.q.input
-    d = x.meta["val"].shape[-1]
     b0 = math.log(math.expm1(math.sqrt(dk) - 1)) if dk > 1 else -20.0
-    params = []
-    for name, value in (
-        ("strength_weight", torch.zeros(heads, d)),
-        ("strength_bias", torch.full((heads,), b0)),
-    ):
-        target = f"{owner}.{name}"
-        graph.set_tensor(target, torch.nn.Parameter(value.to(x.meta["val"].dtype)))
-        with g.inserting_before(read):
-            params.append(g.get_attr(target))
-    with g.inserting_before(memory):
-        unit = _unit(g, memory, addresses)
-    memory.args = (unit, memory.args[1])
+    logits = _per_head_logits(graph, read, a.q.input, f"{owner}.strength", heads, b0)
+    _unit_addresses(g, read.args[1].args[0])
     with g.inserting_before(read):
-        logits = _node(g, read, aten.linear.default, (x, *params))  # [B, S, H]
         beta = _node(
             g, read, aten.add.Tensor, (_node(g, read, aten.softplus.default, (logits,)), 1)
         )
@@ -497,6 +483,28 @@ def _cosine(graph, read: fx.Node, a, owner: str) -> None:
         query = _node(g, read, aten.mul.Tensor, (_unit(g, read, q), beta))
     read.args = (query, *read.args[1:])
     read.kwargs = {**read.kwargs, "scale": 1.0}
+
+
+def _per_head_logits(graph, read: fx.Node, x: fx.Node, name: str, heads: int, bias: float):
+    """W x + b, [batch, tokens, heads], from new parameters `name`_weight = 0 and
+    `name`_bias = `bias`, inserted before `read`."""
+    g = graph.gm.graph
+    d, dtype = x.meta["val"].shape[-1], x.meta["val"].dtype
+    params = []
+    for suffix, value in (("weight", torch.zeros(heads, d)), ("bias", torch.full((heads,), bias))):
+        target = f"{name}_{suffix}"
+        graph.set_tensor(target, torch.nn.Parameter(value.to(dtype)))
+        with g.inserting_before(read):
+            params.append(g.get_attr(target))
+    with g.inserting_before(read):
+        return _node(g, read, aten.linear.default, (x, *params))
+
+
+def _unit_addresses(g: fx.Graph, memory: fx.Node) -> None:
+    """The memory write stores its addresses with unit norm."""
+    with g.inserting_before(memory):
+        unit = _unit(g, memory, memory.args[0])
+    memory.args = (unit, memory.args[1])
 
 
 def _unit(g: fx.Graph, like: fx.Node, x: fx.Node) -> fx.Node:
@@ -517,24 +525,12 @@ def _delta(graph, read: fx.Node, a, owner: str, beta0: float) -> None:
     g = graph.gm.graph
     if len(read.args[0].meta["val"].shape) != 4:
         raise PassError(f"sdnc(write=delta): {owner} needs (batch, heads, tokens, dim) queries")
-    memory = read.args[1].args[0]
-    keys, values = memory.args
-    x = a.q.input
-    banks, d = keys.meta["val"].shape[1], x.meta["val"].shape[-1]
-    params = []
-    for name, value in (
-        ("write_weight", torch.zeros(banks, d)),
-        ("write_bias", torch.full((banks,), math.log(beta0 / (2 - beta0)))),
-    ):
-        target = f"{owner}.{name}"
-        graph.set_tensor(target, torch.nn.Parameter(value.to(x.meta["val"].dtype)))
-        with g.inserting_before(read):
-            params.append(g.get_attr(target))
-    with g.inserting_before(memory):
-        unit = _unit(g, memory, keys)
-    memory.args = (unit, values)
+    banks = read.args[1].args[0].args[0].meta["val"].shape[1]  # the keys written
+    logits = _per_head_logits(
+        graph, read, a.q.input, f"{owner}.write", banks, math.log(beta0 / (2 - beta0))
+    )
+    _unit_addresses(g, read.args[1].args[0])
     with g.inserting_before(read):
-        logits = _node(g, read, aten.linear.default, (x, *params))  # [B, S, banks]
         beta = _node(g, read, aten.mul.Tensor, (_node(g, read, aten.sigmoid.default, (logits,)), 2))
         beta = _node(g, read, aten.transpose.int, (beta, 1, 2))
         q = _unit(g, read, read.args[0])
