@@ -10,13 +10,18 @@ the encoder wrote). Both ops are defined in `archfx.ir.memory`.
     causal, scale, gqa) with the same arguments.
   - Hand-written sites (q·kᵀ, then scaling, soft-capping c·tanh(x/c), additive biases and
     masks, softmax, ·v): the chain between the two matmuls is read as the read op's scale,
-    softcap and mask; anything else in it (a reshape of the scores, a bias added before the
-    soft-cap, a finite masked_fill) is refused with the op named.
+    softcap and mask (a reshape of the scores is undone for the masks); anything else in it
+    (a second reshape, a bias added before the soft-cap, a finite masked_fill) is refused with
+    the op named.
+Options (the DNC's, each changing the function): `addressing=cosine` (unit-norm addresses and
+queries, learned strength β ≥ 1), `write=delta` (a fast-weight memory per key head written by
+the delta rule with erase), `persistent=true` (the memory is an input and an output, carried
+across calls by `MemoryStream`).
 
-Exactness: SDPA sites run the same kernel with the same arguments (bit-exact); hand-written
-sites compute the same function in SDPA's arithmetic (equal up to rounding, verify ≤ 1e-5).
-The ops decompose to exactly the attention the model had, so torch.compile and ONNX run the
-fused attention kernel as before.
+Exactness: with the default options. SDPA sites run the same kernel with the same arguments
+(bit-exact); hand-written sites compute the same function in SDPA's arithmetic (equal up to
+rounding, verify ≤ 1e-5). The ops decompose to exactly the attention the model had, so
+torch.compile and ONNX run the fused attention kernel as before.
 """
 
 from __future__ import annotations
