@@ -436,14 +436,17 @@ def _extend_table(t, k, new, fresh, target, what):
         raise PassError(
             f"{what}: cannot extend the constant tensor {target} of shape {list(t.shape)}"
         )
-    ratio = t[1] / t[0]
-    if not torch.allclose(t[1:] / t[:-1], ratio.expand(t.numel() - 1), rtol=1e-4):
+    x = t.double()
+    ratio = (x[-1] / x[0]) ** (1 / (t.numel() - 1))  # from the ends: robust to rounding
+    fit = x[0] * ratio ** torch.arange(t.numel(), dtype=torch.float64)
+    # a table stored in bf16/fp16 (a model cast with .to()) is the sequence rounded to it
+    if not torch.allclose(x, fit, rtol=max(1e-4, 4 * torch.finfo(t.dtype).eps), atol=0):
         raise PassError(
             f"{what}: {target} is not a geometric sequence (scaled RoPE?); archfx cannot choose "
             "frequencies for the new pairs"
         )
     n_new = int(fresh.sum())
-    tail = t[-1].double() * ratio.double() ** torch.arange(1, n_new + 1, dtype=torch.float64)
+    tail = x[-1] * ratio ** torch.arange(1, n_new + 1, dtype=torch.float64)
     new = new.clone()
     new[fresh] = tail.to(t.dtype)
     return new
