@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .ops import ATTENTION_OPS, IDENTITY, MEMORY_WRITE, SOFTMAX, aten
+from .memory import WRITE
+from .ops import ATTENTION_OPS, IDENTITY, SOFTMAX, aten
 
 _ELEMENTWISE = {
     aten.add.Tensor,
@@ -379,7 +380,7 @@ class _Rules:
             return None  # handled by the op producing the tuple
         if t in ATTENTION_OPS:
             return self.attention(out)
-        if t is MEMORY_WRITE:  # (addresses, contents) written as they are
+        if t is WRITE:  # (addresses, contents) written as they are
             for u in self.n.users:
                 if u.target is operator.getitem:
                     self.same(self.ax(self.n.args[u.args[1]]), self.ax(u))

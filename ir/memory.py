@@ -50,8 +50,8 @@ def weightings(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """The read weightings [..., heads, queries, slots] of `memory_read` (its explicit form)."""
-    if enable_gqa and addresses.shape[-3] != query.shape[-3]:
-        addresses = addresses.repeat_interleave(query.shape[-3] // addresses.shape[-3], -3)
+    if enable_gqa:
+        addresses = _per_read_head(addresses, query)
     s = query.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(query, addresses.transpose(-2, -1)) * s
     if softcap is not None:
@@ -102,9 +102,14 @@ def _read(
     )
     if dropout_p > 0:
         w = F.dropout(w, dropout_p)
-    if enable_gqa and contents.shape[-3] != query.shape[-3]:
-        contents = contents.repeat_interleave(query.shape[-3] // contents.shape[-3], -3)
+    if enable_gqa:
+        contents = _per_read_head(contents, query)
     return torch.matmul(w, contents)
+
+
+def _per_read_head(bank: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """A GQA bank repeated for each query head that reads it."""
+    return bank.repeat_interleave(query.shape[-3] // bank.shape[-3], -3)
 
 
 _LIB.define(

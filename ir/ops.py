@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .memory import READ, WRITE
+from .memory import READ
 
 aten = torch.ops.aten
 
@@ -60,7 +60,6 @@ ATTENTION_OPS = {
     aten._scaled_dot_product_efficient_attention.default,
     READ,  # sDNC's memory read: SDPA's arguments (ir/memory.py)
 }
-MEMORY_WRITE = WRITE
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
 ACTIVATIONS = {
@@ -215,6 +214,17 @@ def as_linear(node: fx.Node, params: dict[str, torch.Tensor]) -> Linear | None:
         in_f, out_f = params[w].shape
         return Linear(node, x, w, None, in_f, out_f, "in_out", node)
     return None
+
+
+def op_arg(node: fx.Node, name: str):
+    """The argument `name` of an ATen/archfx op call, whether given by position or keyword,
+    else its schema default."""
+    for i, a in enumerate(node.target._schema.arguments):
+        if a.name == name:
+            if not a.kwarg_only and i < len(node.args):
+                return node.args[i]
+            return node.kwargs.get(name, a.default_value if a.has_default_value() else None)
+    raise KeyError(f"{node.target} has no argument {name!r}")
 
 
 def is_heavy(node) -> bool:

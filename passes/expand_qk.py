@@ -23,7 +23,7 @@ from torch import fx
 
 from archfx.ir import PassError
 from archfx.ir.dims import Dims, analyze_dims
-from archfx.ir.ops import ATTENTION_OPS, LINEAR_OPS, aten, is_call
+from archfx.ir.ops import ATTENTION_OPS, LINEAR_OPS, aten, is_call, op_arg
 
 from .base import Option, Pass, PassResult, Remark, register
 from .growth import (
@@ -93,7 +93,7 @@ class ExpandQK(Pass):
                         param_scale.update(dict.fromkeys(gains, f))
                     else:  # the outermost key-only axes, so no entry is scaled twice
                         scale.update(dict.fromkeys(_outermost(d, keys) | parts, f))
-                    if a.core.kwargs.get("scale") is not None:
+                    if op_arg(a.core, "scale") is not None:
                         scales.append((a.core, 1 / math.sqrt(size)))
         check_coupling(
             d,
@@ -146,7 +146,7 @@ def _outermost(d: Dims, ids: set[int]) -> set[int]:
 
 
 def _derived_scale(core: fx.Node, k: int) -> bool:
-    scale = core.kwargs.get("scale", core.args[6] if len(core.args) > 6 else None)
+    scale = op_arg(core, "scale")
     return scale is None or abs(scale * math.sqrt(k) - 1) < 1e-6
 
 

@@ -36,7 +36,7 @@ from torch import fx
 
 from archfx.ir import Inputs, PassError
 from archfx.ir.memory import DELTA, READ, WRITE, weightings
-from archfx.ir.ops import DROPOUT, IDENTITY, MATMUL, SOFTMAX, aten, is_call
+from archfx.ir.ops import DROPOUT, IDENTITY, MATMUL, SOFTMAX, aten, is_call, op_arg
 
 from .base import Option, Pass, PassResult, register
 
@@ -130,22 +130,24 @@ class SDNC(Pass):
             kinds["cross"] += a.cross
         if self.opts["addressing"] == "cosine":
             for (block, a), read in zip(sites, reads, strict=True):
-                _cosine(graph, read, a, f"sdnc.{block.path.replace('.', '_')}.r{a.core.name}")
+                _cosine(graph, read, a, _owner(block, a))
         g.eliminate_dead_code()
         graph.gm.recompile()
-        kinds["shared_banks"] = sum(
-            n.target is READ and bool(n.kwargs.get("enable_gqa")) for n in g.nodes
-        )
+        kinds["shared_banks"] = sum(op_arg(r, "enable_gqa") for r in reads)
         if self.opts["persistent"]:
             _persist(graph, [(block.path, a) for block, a in sites], reads)
         if self.opts["write"] == "delta":
             _check_causal(graph, reads, [block.path for block, _ in sites], "write=delta")
             for (block, a), read in zip(sites, reads, strict=True):
-                owner = f"sdnc.{block.path.replace('.', '_')}.r{a.core.name}"
-                _delta(graph, read, a, owner, self.opts["beta0"])
+                _delta(graph, read, a, _owner(block, a), self.opts["beta0"])
             g.eliminate_dead_code()
             graph.gm.recompile()
         return PassResult(changed=True, details={"sites": len(plans), **kinds})
+
+
+def _owner(block, a) -> str:
+    """Where a site's new parameters live: sdnc.<block>.r<attention kernel>."""
+    return f"sdnc.{block.path.replace('.', '_')}.r{a.core.name}"
 
 
 def _from_sdpa(g: fx.Graph, core: fx.Node) -> fx.Node:
@@ -191,20 +193,12 @@ def _unrepeat(x: fx.Node) -> tuple[fx.Node, int]:
 def _skip_full_slices(x: fx.Node) -> fx.Node:
     while (
         is_call(x, {aten.slice.Tensor})
-        and _arg(x, 2, None) in (None, 0)
-        and _arg(x, 3, None)
-        in (
-            None,
-            2**63 - 1,
-        )
-        and _arg(x, 4, 1) == 1
+        and op_arg(x, "start") in (None, 0)
+        and op_arg(x, "end") in (None, 2**63 - 1)
+        and op_arg(x, "step") == 1
     ):
         x = x.args[0]
     return x
-
-
-def _arg(n: fx.Node, i: int, default):
-    return n.args[i] if len(n.args) > i else default
 
 
 def _node(g: fx.Graph, like: fx.Node, target, args, kwargs=None) -> fx.Node:
@@ -552,9 +546,9 @@ def _persist(graph, sites: list, cores: list) -> None:
     come in as inputs (`past.<i>.addresses` / `.contents`, empty at first), the new slots
     are appended after them, the queries' positions start after them, each query reads every
     earlier slot and the causal part of its own segment, and the whole memory goes out as
-    outputs (`memory.<i>.addresses` / `.contents`). Refused unless every read's mask is exactly causal (no padding, window or bias:
-    those are not written down anywhere the next call could continue) and the model takes
-    token ids only."""
+    outputs (`memory.<i>.addresses` / `.contents`). Refused unless every read's mask is exactly
+    causal (no padding, window or bias: those are not written down anywhere the next call
+    could continue) and the model takes token ids only."""
     g = graph.gm.graph
     if len(graph.placeholders) != 1 or len(graph.placeholders[0].meta["val"].shape) != 2:
         raise PassError(
@@ -593,8 +587,7 @@ def _persist(graph, sites: list, cores: list) -> None:
     with g.inserting_before(cores[0]):
         mask = _causal_after(g, cores[0], past_len, tokens)
     for core in cores:
-        dropout = core.args[4] if len(core.args) > 4 else core.kwargs.get("dropout_p", 0.0)
-        core.args = (*core.args[:3], mask, dropout, False)
+        core.args = (*core.args[:3], mask, op_arg(core, "dropout_p"), False)
         core.kwargs = {
             k: v for k, v in core.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")
         }
@@ -655,13 +648,13 @@ def _drop_dead_asserts(g: fx.Graph) -> None:
                 changed = True
 
 
-def _check_causal(graph, cores: list, paths: list, what: str = "persistent=true") -> None:
+def _check_causal(graph, cores: list, paths: list, what: str) -> None:
     """Every read's mask allows exactly the causal slots (checked on the example inputs)."""
-    masks = [c.args[3] if len(c.args) > 3 else c.kwargs.get("attn_mask") for c in cores]
+    masks = [op_arg(c, "attn_mask") for c in cores]
     probed = graph.probe([m for m in masks if isinstance(m, fx.Node)])
     values = iter(probed)
     for core, mask, path in zip(cores, masks, paths, strict=True):
-        causal = core.args[5] if len(core.args) > 5 else core.kwargs.get("is_causal", False)
+        causal = op_arg(core, "is_causal")
         if mask is None:
             if causal:
                 continue
@@ -773,18 +766,15 @@ def memories(graph, inputs=None) -> list[LayerMemory]:
     with torch.no_grad():
         for block, a in reads:
             q, addr, cont = (values[x] for x in a.core.args[:3])
-            mask = a.core.args[3] if len(a.core.args) > 3 else a.core.kwargs.get("attn_mask")
-            causal = (
-                a.core.args[5] if len(a.core.args) > 5 else a.core.kwargs.get("is_causal", False)
-            )
+            mask = op_arg(a.core, "attn_mask")
             w = weightings(
                 q,
                 addr,
                 values[mask] if isinstance(mask, fx.Node) else None,
-                bool(causal),
-                scale=a.core.kwargs.get("scale"),
-                enable_gqa=bool(a.core.kwargs.get("enable_gqa", False)),
-                softcap=a.core.kwargs.get("softcap"),
+                op_arg(a.core, "is_causal"),
+                scale=op_arg(a.core, "scale"),
+                enable_gqa=op_arg(a.core, "enable_gqa"),
+                softcap=op_arg(a.core, "softcap"),
             )
             out.append(LayerMemory(block.path, a.cross, addr, cont, w))
     return out
