@@ -25,7 +25,7 @@ def check_path(path: str | Path) -> Path:
     return path
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
@@ -38,7 +38,7 @@ def _pyplot():
 def draw(structure: Structure, path: str | Path, title: str | None = None) -> Path:
     """Draw the block structure to an SVG or PNG file (chosen by the suffix)."""
     path = check_path(path)
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import FancyBboxPatch
 
     rows = []  # (label, [(text, color)])
@@ -112,7 +112,7 @@ def draw_memory(layers, path: str | Path, title: str | None = None, sample: int 
     """Draw each memory's read weightings (one row per attention site, one panel per read
     head: queries × memory slots) for batch element `sample`, to an SVG or PNG file."""
     path = check_path(path)
-    plt = _pyplot()
+    plt = pyplot()
     if not layers:
         raise ArchfxError("no memories to draw")
     heads = max(m.weightings.shape[-3] for m in layers)

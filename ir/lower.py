@@ -9,6 +9,7 @@ import io
 import logging
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 
 from .errors import LoweringError
+from .fuse import FusionReport
+from .fuse import fuse as fuse_for_ort
 from .graph import Graph
 from .inputs import Inputs
 from .layout import explicit_reshape_copies
@@ -98,6 +101,7 @@ class OnnxResult:
     export_seconds: float
     optimize_seconds: float
     nodes: dict = field(default_factory=dict)  # {"raw": n, "optimized": n}
+    fusions: FusionReport | None = None  # archfx's fusion stage (ir/fuse.py), when it ran
     # When max_abs_diff exceeds TOLERANCE: both fp32 runs against the graph evaluated in fp64
     reference_error: float | None = None  # PyTorch fp32 vs fp64
     onnx_error: float | None = None  # ONNX Runtime vs fp64
@@ -117,11 +121,17 @@ TOLERANCE = 1e-4
 
 
 def to_onnx(
-    graph: Graph, path: str | Path, *, optimize: bool = True, opset: int | None = None
+    graph: Graph,
+    path: str | Path,
+    *,
+    optimize: bool = True,
+    fuse: bool = True,
+    opset: int | None = None,
 ) -> OnnxResult:
-    """Export `graph` with the dynamo exporter at its dynamic shapes, optimise it with ONNX
-    Runtime (saved to `path`; the exporter's model beside it as `*.raw.onnx`), and check both
-    input sets against PyTorch."""
+    """Export `graph` with the dynamo exporter at its dynamic shapes, rewrite it into ONNX
+    Runtime's fused operators (`fuse`, ir/fuse.py: each group checked against PyTorch), optimise
+    it with ONNX Runtime (saved to `path`; the exporter's model beside it as `*.raw.onnx`), and
+    check both input sets against PyTorch. `optimize=False` saves the exporter's model alone."""
     import onnx
 
     path = Path(path)
@@ -169,6 +179,20 @@ def to_onnx(
         ) from exc
     export_s = time.perf_counter() - t0
     t1 = time.perf_counter()
+    report = None
+    if optimize and fuse:
+        fused = path.with_suffix(".fused.onnx")
+        sets = [ins for ins in (graph.inputs, graph.second_inputs()) if ins is not None]
+        expected = [graph.run(ins) for ins in sets]
+
+        def check(p: Path) -> float:
+            session, diff = ort_session(p, level="basic"), 0.0
+            for ins, want in zip(sets, expected, strict=True):
+                got = [torch.from_numpy(np.asarray(a)) for a in run_onnx(session, ins)]
+                diff = max(diff, *compare(want, got, graph.output_names).values())
+            return diff
+
+        report = fuse_for_ort(raw, fused, providers=providers(), check=check, tolerance=TOLERANCE)
     if optimize:
         import onnxruntime as ort
 
@@ -180,7 +204,7 @@ def to_onnx(
         so.log_severity_level = 3
         try:
             ort.InferenceSession(
-                str(raw),
+                str(fused if report is not None else raw),
                 so,
                 providers=["CPUExecutionProvider"],
                 disabled_optimizers=disabled_fusions(providers()),
@@ -208,7 +232,12 @@ def to_onnx(
         reference_error, onnx_error = _against_fp64(graph, runs)
     nodes = {"raw": len(onnx.load(str(raw), load_external_data=False).graph.node)}
     if optimize:
-        nodes["optimized"] = len(onnx.load(str(path), load_external_data=False).graph.node)
+        final = onnx.load(str(path), load_external_data=False).graph.node
+        nodes["optimized"] = len(final)
+        if report is not None:
+            report.runtime_ops = dict(
+                Counter(n.op_type for n in final if n.domain == "com.microsoft")
+            )
     return OnnxResult(
         path,
         raw,
@@ -217,6 +246,7 @@ def to_onnx(
         export_s,
         optimize_s,
         nodes,
+        report,
         reference_error,
         onnx_error,
     )

@@ -6,7 +6,9 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+from torch import fx
 from torch._dispatch.python import enable_python_dispatcher
+from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .errors import VerificationError
@@ -38,23 +40,77 @@ def lint(graph: Graph) -> None:
                 ) from exc
 
 
-def refresh_shapes(graph: Graph) -> None:
+def shape_signature(graph: Graph) -> dict[fx.Node, str]:
+    """What each node's propagated shape depends on besides its inputs' shapes: its op, target
+    and arguments. Taken before a pass, it lets `refresh_shapes` re-propagate only what the
+    pass touched."""
+    return {n: _signature(n) for n in graph.gm.graph.nodes}
+
+
+def _signature(n: fx.Node) -> str:
+    return repr((n.op, n.target, map_arg((n.args, n.kwargs), id)))
+
+
+def refresh_shapes(graph: Graph, since: dict[fx.Node, str] | None = None) -> None:
     """Re-propagate symbolic shapes through the graph (`meta['val']` of every node).
 
     This is the shape check: a rewrite whose ops do not compose at the traced symbolic shapes
-    fails here with the node that broke.
+    fails here with the node that broke. With `since` (a `shape_signature` taken before the
+    rewrite), only nodes that are new, have new arguments, or read a value whose shape, stride
+    or dtype changed are propagated again; every other node keeps its shape. The result is
+    the full propagation's: a node is skipped only when nothing it is computed from changed.
     """
     vals = [n.meta["val"] for n in graph.placeholders]
     mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
     if mode is None:
         return
+    prop = FakeTensorProp(graph.gm, mode) if since is None else _Incremental(graph.gm, mode, since)
     try:
         with mode, enable_python_dispatcher():
-            FakeTensorProp(graph.gm, mode).propagate_dont_convert_inputs(*vals)
+            prop.propagate_dont_convert_inputs(*vals)
     except Exception as exc:
         node = getattr(exc, "node", None)
         where = f" at node {node}" if node is not None else ""
         raise VerificationError(f"shape check failed{where}: {str(exc).splitlines()[0]}") from exc
+
+
+class _Incremental(FakeTensorProp):
+    """Fake-tensor propagation that reuses the shapes of nodes nothing changed for."""
+
+    def __init__(self, gm: fx.GraphModule, mode, since: dict[fx.Node, str]):
+        super().__init__(gm, mode)
+        self.since = since
+        self.changed: set[fx.Node] = set()
+
+    def run_node(self, n: fx.Node):
+        if n.op in ("call_function", "call_method", "call_module") and not self._dirty(n):
+            return n.meta["val"]
+        old = _layout(n.meta.get("val"))
+        result = super().run_node(n)
+        if n not in self.since or _layout(n.meta.get("val")) != old:
+            self.changed.add(n)
+        return result
+
+    def _dirty(self, n: fx.Node) -> bool:
+        return (
+            "val" not in n.meta
+            or self.since.get(n) != _signature(n)
+            or any(a in self.changed for a in n.all_input_nodes)
+        )
+
+
+def _layout(val) -> str:
+    """Shape, stride, dtype and device of a propagated value (symbolic sizes as text)."""
+    return repr(
+        map_aggregate(
+            val,
+            lambda v: (
+                (tuple(map(str, v.shape)), tuple(map(str, v.stride())), v.dtype, v.device)
+                if isinstance(v, torch.Tensor)
+                else str(v)
+            ),
+        )
+    )
 
 
 @dataclass

@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--onnx", metavar="FILE", help="export to ONNX, optimise for ONNX Runtime and check it"
     )
+    s.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="with --onnx: skip archfx's fusion into ONNX Runtime's operators (ir/fuse.py)",
+    )
     s.add_argument("--dump-ir", metavar="DIR", help="write the graph before and after every pass")
     s.set_defaults(func=cmd_apply)
     return p
@@ -331,7 +336,7 @@ def cmd_apply(args, err: Console) -> int:
         from archfx.ir.lower import TOLERANCE, to_onnx
 
         with _step(err, f"exporting ONNX to {args.onnx}"):
-            onnx = to_onnx(result.graph, args.onnx)
+            onnx = to_onnx(result.graph, args.onnx, fuse=not args.no_fuse)
         data["onnx"] = {
             "path": str(onnx.path),
             "max_abs_diff": onnx.max_abs_diff,
@@ -340,6 +345,7 @@ def cmd_apply(args, err: Console) -> int:
             "onnx_error": onnx.onnx_error,
             "ok": onnx.ok,
             "providers": list(onnx.providers),
+            "fusions": None if onnx.fusions is None else onnx.fusions.lines(),
         }
         if not onnx.ok:
             _fail(
@@ -417,6 +423,8 @@ def _print_apply(data: dict) -> None:
             out.print(
                 f"  against fp64: ONNX Runtime {o['onnx_error']:.3e}, PyTorch fp32 {o['reference_error']:.3e}"
             )
+        for line in o["fusions"] or []:
+            out.print(f"  {line}", markup=False)
     if "out" in data:
         out.print(f"saved: {data['out']}")
 

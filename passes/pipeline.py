@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from archfx.ir import ArchfxError, Graph, PassError, VerificationError
-from archfx.ir.verify import Certificate, certify, lint, refresh_shapes
+from archfx.ir.verify import Certificate, certify, lint, refresh_shapes, shape_signature
 
 from .base import Pass, Remark, get
 
@@ -167,9 +167,10 @@ class Pipeline:
             work = current if inplace else current.copy()
             t0 = time.perf_counter()
             try:
+                before = shape_signature(work)
                 result = p.run(work)
                 work.invalidate()
-                refresh_shapes(work)
+                refresh_shapes(work, since=before)
                 lint(work)
             except PassError:
                 raise  # a refusal that names its site and reason: nothing to reproduce

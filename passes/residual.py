@@ -60,8 +60,12 @@ class Emitter:
         return self._insert(lambda: self.g.get_attr(target))
 
     def param(self, name: str, value: torch.Tensor) -> fx.Node:
-        """A new trainable parameter (stored under `owner.name`) and a get_attr node reading it."""
+        """A new trainable parameter (stored under `owner.name`, on the device of the model's
+        parameters: CPU, GPU or meta) and a get_attr node reading it."""
         target = f"{self.owner}.{name}"
+        first = next(self.graph.gm.parameters(), None)
+        if first is not None:
+            value = value.to(first.device)
         self.graph.set_tensor(target, nn.Parameter(value))
         return self.get(target)
 

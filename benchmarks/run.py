@@ -1,0 +1,339 @@
+"""All of archfx's performance numbers in one run: a markdown table and plots into docs/.
+
+    python benchmarks/run.py [--out docs/results-performance] [--quick]
+
+1. The pipeline's own cost: capture + analyse + a pipeline of rewrites against torch.export
+   alone (the same dynamic shapes), on 12-, 24- and 48-layer GPT-2-shaped models on the meta
+   device (structure only), best of two.
+2. Each rewrite's runtime overhead against the plain model (eager, torch.compile, ONNX
+   Runtime): `rewrite_overhead.py` at the GPT-2-small shape.
+3. Backends: eager PyTorch, torch.compile, ONNX Runtime on the plain dynamo export with its own
+   full optimisation (what a user gets today), ONNX Runtime's transformer optimizer where it
+   runs, and archfx's ONNX (fusion stage + ONNX Runtime), at the GPT-2-small shape and on
+   SmolLM2-135M.
+
+Threads pinned to one (PyTorch and ONNX Runtime); every ratio comes from interleaved rounds of
+the same run (median). CUDA paths are used when a GPU is present. `--quick` shrinks every shape
+so the whole script runs in about a minute (CI's smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+import transformers as tf
+
+sys.path.insert(0, str(Path(__file__).parent))
+import rewrite_overhead  # noqa: E402
+
+from archfx.ir import capture  # noqa: E402
+from archfx.ir.analyze import analyze  # noqa: E402
+from archfx.ir.lower import compile_graph, device, ort_session, providers, run_onnx, to_onnx  # noqa: E402
+from archfx.passes import Pipeline  # noqa: E402
+from archfx.passes.zoo import build  # noqa: E402
+
+COST_PIPELINE = "canonicalize,altup(k=2),expand-mlp(factor=2),canonicalize"
+OVERHEAD_PIPELINES = "altup(k=2);ddl(dv=1);ddl(dv=4);sdnc"
+
+
+def pipeline_cost(layers: list[int], width: int, heads: int) -> list[dict]:
+    """Seconds of torch.export alone and of archfx's capture, analysis and pipeline."""
+    auto = torch.export.Dim.AUTO
+    rows = []
+    for n in [layers[0], *layers]:  # the first size twice: a warm-up
+        with torch.device("meta"):
+            model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=n, n_embd=width, n_head=heads)).eval()
+        example = {
+            "input_ids": torch.zeros(2, 16, dtype=torch.long, device="meta"),
+            "use_cache": False,
+        }
+        export, ours = [], []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            torch.export.export(
+                model,
+                (),
+                example,
+                dynamic_shapes={"input_ids": {0: auto, 1: auto}, "use_cache": None},
+                strict=False,
+            )
+            export.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            graph = capture(model, example)
+            t1 = time.perf_counter()
+            analyze(graph)
+            t2 = time.perf_counter()
+            Pipeline.parse(COST_PIPELINE).run(graph, verify=False)
+            t3 = time.perf_counter()
+            ours.append((t1 - t0, t2 - t1, t3 - t2))
+        best = min(ours, key=sum)
+        rows.append(
+            {
+                "layers": n,
+                "export": min(export),
+                "capture": best[0],
+                "analyse": best[1],
+                "pipeline": best[2],
+            }
+        )
+    return rows[1:]
+
+
+def _plain_session(path: Path):
+    """ONNX Runtime as a user runs it: full optimisation, nothing disabled."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 1, 1, 3
+    return ort.InferenceSession(str(path), so, providers=providers())
+
+
+def _ort_transformers(raw: Path, out: Path, heads: int, width: int):
+    """ONNX Runtime's transformer optimizer on the plain export, or why it did not run."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = optimize_model(str(raw), model_type="gpt2", num_heads=heads, hidden_size=width)
+            opt.save_model_to_file(str(out))
+        return _plain_session(out), None
+    except Exception as exc:  # its optimizer raises many kinds; the reason goes into the table
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+
+def backends(
+    name: str, model: torch.nn.Module, ids: torch.Tensor, heads: int, width: int, rounds: int
+) -> dict:
+    """Median seconds per forward of each backend, interleaved, and archfx's fusion report."""
+    dev = device()
+    graph = (
+        Pipeline.parse("canonicalize")
+        .run(capture(model, {"input_ids": ids, "use_cache": False}))
+        .graph
+    )
+    tmp = Path(tempfile.mkdtemp())
+    plain = to_onnx(graph, tmp / "plain.onnx", fuse=False)
+    ours = to_onnx(graph, tmp / "archfx.onnx")
+    feed = graph.inputs
+    fns = {}
+    model = model.to(dev)
+    ids_dev = ids.to(dev)
+    with torch.no_grad():
+        fns["eager (Hugging Face module)"] = lambda: model(ids_dev, use_cache=False)
+        compiled = compile_graph(graph).compiled
+        fns["torch.compile (inductor)"] = lambda: compiled(*feed.tensors)
+    s_plain = _plain_session(plain.raw_path)
+    fns["ORT, plain export (ORT_ENABLE_ALL)"] = lambda: run_onnx(s_plain, feed)
+    s_tr, why = _ort_transformers(plain.raw_path, tmp / "ort_transformers.onnx", heads, width)
+    if s_tr is not None:
+        fns["ORT transformer optimizer"] = lambda: run_onnx(s_tr, feed)
+    s_ours = ort_session(ours.path, threads=1)
+    fns["archfx ONNX (fusions + ORT)"] = lambda: run_onnx(s_ours, feed)
+    with torch.no_grad():
+        times = rewrite_overhead.time_rounds(fns, rounds, 1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "name": name,
+        "seconds": med,
+        "ort_transformers_error": why,
+        "fusions": ours.fusions.lines(),
+        "archfx_diff": ours.max_abs_diff,
+    }
+
+
+def _bar(path: Path, results: list[dict]) -> None:
+    from archfx.ir.draw import pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        eager = r["seconds"]["eager (Hugging Face module)"]
+        names = list(r["seconds"])
+        ax.barh(names, [eager / r["seconds"][k] for k in names], color="tab:blue")
+        ax.axvline(1.0, color="gray", lw=0.8)
+        ax.set_xlabel("speed-up over eager PyTorch (higher is better)")
+        ax.set_title(r["name"], fontsize=9)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cost_plot(path: Path, rows: list[dict]) -> None:
+    from archfx.ir.draw import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    xs = [r["layers"] for r in rows]
+    ax.plot(xs, [r["export"] for r in rows], "o-", label="torch.export alone")
+    ax.plot(
+        xs,
+        [r["capture"] + r["analyse"] + r["pipeline"] for r in rows],
+        "o-",
+        label="archfx: capture + analyse + pipeline",
+    )
+    ax.set_xlabel("layers (GPT-2 shape, meta device)")
+    ax.set_ylabel("seconds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--out", default="docs/results-performance", help="folder for results.md and the PNGs"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny shapes: a smoke run of every section"
+    )
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    q = args.quick
+    w, h = (64, 4) if q else (768, 12)
+    lines = [
+        "# Performance results",
+        "",
+        f"`python benchmarks/run.py{' --quick' if q else ''}` — one thread, {ort.get_device()} / "
+        f"{', '.join(providers())}, torch {torch.__version__}, onnxruntime {ort.__version__}.",
+        "",
+        "## 1. The pipeline's own cost against torch.export",
+        "",
+        f"GPT-2 shape ({w} wide, {h} heads) on the meta device, dynamic batch and sequence; "
+        f"pipeline `{COST_PIPELINE}` without numerical verification (no values on meta).",
+        "",
+        "| layers | torch.export | capture | analyse | pipeline | archfx total / export |",
+        "|---|---|---|---|---|---|",
+    ]
+    print("1. pipeline cost", flush=True)
+    cost = pipeline_cost([2, 4, 8] if q else [12, 24, 48], w, h)
+    for r in cost:
+        total = r["capture"] + r["analyse"] + r["pipeline"]
+        lines.append(
+            f"| {r['layers']} | {r['export']:.2f} s | {r['capture']:.2f} s | {r['analyse']:.2f} s | "
+            f"{r['pipeline']:.2f} s | {total / r['export']:.2f}× |"
+        )
+    totals = [r["capture"] + r["analyse"] + r["pipeline"] for r in cost]
+    lines += [
+        "",
+        f"Largest / smallest model, archfx total: {totals[-1] / totals[0]:.2f} "
+        f"({cost[-1]['layers'] // cost[0]['layers']}× the layers).",
+        "",
+        "![pipeline cost](pipeline_cost.png)",
+        "",
+    ]
+    _cost_plot(out / "pipeline_cost.png", cost)
+
+    print("2. rewrite overhead", flush=True)
+    shape = (
+        [
+            "--layers",
+            "2",
+            "--width",
+            "64",
+            "--heads",
+            "4",
+            "--vocab",
+            "256",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+        ]
+        if q
+        else []
+    )
+    overhead = rewrite_overhead.main(
+        ["--pipelines", OVERHEAD_PIPELINES, "--rounds", str(args.rounds), *shape]
+    )
+    names = [p.strip() for p in OVERHEAD_PIPELINES.split(";")]
+    lines += [
+        "## 2. Each rewrite's runtime overhead (latency / plain model's)",
+        "",
+        "GPT-2-small shape (12 × 768, vocabulary 50257), batch 8 × 128, random weights"
+        if not q
+        else "tiny shape (--quick)",
+        "",
+        "| backend | plain | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for backend, row in overhead.items():
+        lines.append(
+            f"| {backend} | {row['plain_seconds'] * 1000:.3g} ms | "
+            + " | ".join(f"{row[n]:.3f}×" for n in names)
+            + " |"
+        )
+    lines.append("")
+
+    print("3. backends", flush=True)
+    torch.manual_seed(0)
+    if q:
+        gpt2 = rewrite_overhead.gpt2_small(2, 64, 4, 256)
+        ids = torch.randint(0, 256, (2, 16))
+        models = [("GPT-2 shape 2 × 64 (--quick)", gpt2, ids, 4, 64)]
+    else:
+        gpt2 = rewrite_overhead.gpt2_small(12, 768, 12, 50257)
+        smol = build("smollm2")
+        models = [
+            ("GPT-2-small shape, batch 8 × 128", gpt2, torch.randint(0, 50257, (8, 128)), 12, 768),
+            (
+                "SmolLM2-135M, batch 8 × 128",
+                smol,
+                torch.randint(0, smol.config.vocab_size, (8, 128)),
+                9,
+                576,
+            ),
+        ]
+    results = []
+    for name, model, ids, heads, width in models:
+        print(f"   {name}", flush=True)
+        results.append(backends(name, model, ids, heads, width, args.rounds))
+    lines += ["## 3. Backends (seconds per forward; speed-up over eager)", ""]
+    for r in results:
+        eager = r["seconds"]["eager (Hugging Face module)"]
+        plain = r["seconds"]["ORT, plain export (ORT_ENABLE_ALL)"]
+        lines += [
+            f"### {r['name']}",
+            "",
+            "| backend | time | vs eager | vs plain ORT |",
+            "|---|---|---|---|",
+        ]
+        for k, v in r["seconds"].items():
+            lines.append(f"| {k} | {v * 1000:.3g} ms | {eager / v:.2f}× | {plain / v:.2f}× |")
+        if r["ort_transformers_error"]:
+            lines.append(
+                f"| ORT transformer optimizer | fails: {r['ort_transformers_error']} | | |"
+            )
+        lines += [
+            "",
+            f"archfx ONNX max |Δ| vs PyTorch: {r['archfx_diff']:.1e}. Fusion report:",
+            "",
+            "```",
+            *r["fusions"],
+            "```",
+            "",
+        ]
+    _bar(out / "backends.png", results)
+    lines += ["![backends](backends.png)", ""]
+    text = "\n".join(lines)
+    (out / "results.md").write_text(text)
+    print(text)
+    return {"cost": cost, "overhead": overhead, "backends": results}
+
+
+if __name__ == "__main__":
+    main()
