@@ -1,0 +1,26 @@
+"""benchmarks/run.py, the one performance entry point, runs end to end (a --quick smoke run)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).parent.parent / "benchmarks" / "run.py"
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_tables_and_plots(tmp_path):
+    sys.path.insert(0, str(RUN.parent))
+    spec = importlib.util.spec_from_file_location("run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick", "--rounds", "2", "--out", str(tmp_path)])
+    assert [r["layers"] for r in result["cost"]] == [2, 4, 8]
+    assert set(result["overhead"]) == {"eager", "compiled", "ort"}
+    (gpt2,) = result["backends"]
+    assert "archfx ONNX (fusions + ORT)" in gpt2["seconds"] and gpt2["archfx_diff"] <= 1e-4
+    text = (tmp_path / "results.md").read_text()
+    assert "## 1." in text and "## 2." in text and "## 3." in text and "MultiHeadAttention" in text
+    assert (tmp_path / "backends.png").stat().st_size > 1000
+    assert (tmp_path / "pipeline_cost.png").stat().st_size > 1000
