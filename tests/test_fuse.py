@@ -16,6 +16,8 @@ from archfx.ir.verify import compare
 from archfx.passes import Pipeline
 from archfx.passes.zoo import build
 
+from .helpers import model
+
 
 @functools.cache
 def graph(name):
@@ -54,12 +56,28 @@ def test_attention_fuses_and_every_site_is_accounted_for(tmp_path, name, attenti
     assert f"attention {sites[0].scope}: → {attention}" in text
 
 
-def test_unfused_sites_say_why(tmp_path):
-    # nanoGPT writes attention by hand (masked_fill with -inf): no fusion pattern takes it
+def test_hand_written_attention_fuses_through_masked_fill_as_bias(tmp_path):
+    # nanoGPT: masked_fill(mask, -inf) of the scores; archfx's MaskedFillAsBias makes it match
     report = to_onnx(graph("nanogpt"), tmp_path / "m.onnx").fusions
+    assert [s.fused for s in report.sites if s.kind == "attention"] == ["MultiHeadAttention"] * 2
+
+
+def test_unfused_sites_say_why(tmp_path):
+    # BLOOM adds ALiBi through baddbmm on 3-D scores: no attention pattern takes it
+    g = Pipeline.parse("canonicalize").run(capture(model("family:bloom"))).graph
+    report = to_onnx(g, tmp_path / "m.onnx").fusions
     missed = [s for s in report.sites if s.kind == "attention"]
-    assert missed and all(s.fused is None and s.reason for s in missed)
-    assert all("SDPA" in s.reason for s in missed)  # the furthest pattern and its reason
+    assert len(missed) == 2 and all(s.fused is None for s in missed)
+    assert all(s.reason.startswith(("GQA", "SDPA", "MHA")) for s in missed), missed
+
+
+def test_a_model_onnxscripts_clean_up_breaks_is_fused_as_exported(tmp_path):
+    # OPT: onnxscript's pre-fusion optimisation yields a Reshape ONNX Runtime refuses
+    g = Pipeline.parse("canonicalize").run(capture(model("family:opt"))).graph
+    result = to_onnx(g, tmp_path / "m.onnx")
+    assert result.max_abs_diff <= TOLERANCE
+    assert any("pre-fusion optimisation broke" in n for n in result.fusions.notes)
+    assert all(s.fused for s in result.fusions.sites if s.kind == "attention")
 
 
 def test_skip_norm_is_left_out_on_cpu(tmp_path):
