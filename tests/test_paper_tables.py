@@ -56,6 +56,8 @@ def test_residual_table(tables):
         assert run["tokens_per_s"] > 0
     baseline = res["rows"][0]
     assert baseline["throughput_ratio_mean"] == 1.0 and baseline["throughput_ratio_std"] == 0.0
+    assert baseline["interleaved_ratio"] == 1.0
+    assert all(0 < r["interleaved_ratio"] < 10 for r in res["rows"])
     # altup adds K² + K scalars per layer; ddl adds parameters too
     params = {r["scheme"]: r["params"] for r in res["rows"]}
     layers = res["settings"]["large"]["layers"]
