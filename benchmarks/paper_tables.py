@@ -362,6 +362,20 @@ def residual_markdown(res: dict) -> str:
             f"{r['throughput_ratio_mean']:.3f} ± {r['throughput_ratio_std']:.3f} | "
             + (f"{r['interleaved_ratio']:.3f} |" if "interleaved_ratio" in r else "— |")
         )
+    lines += [
+        "",
+        "Training runs: each run's tokens/s over its own training steps (evaluation excluded), "
+        "divided by the baseline's of the same seed, run just before it."
+        + (
+            f" Interleaved: {s['throughput_rounds']} rounds, each timing {s['throughput_steps']} "
+            "training steps of every scheme on one batch (order rotated), median round per "
+            f"scheme (`{res.get('interleaved_command', res['command'])}`); tokens/s: "
+            + ", ".join(f"{n} {v:.0f}" for n, v in res["interleaved"].items())
+            + "."
+            if "interleaved" in res
+            else ""
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -834,6 +848,28 @@ def _jsonable(s: Settings) -> dict:
     return asdict(s)
 
 
+def add_throughput(out: Path, log=print) -> dict:
+    """Measure the interleaved throughput for a residual table already in `out` (same
+    settings) and add it to its JSON and markdown, without training again."""
+    res = json.loads((out / "residual.json").read_text())
+    settings_ = dict(res["settings"])
+    for key in ("large", "small"):
+        settings_[key] = Shape(**settings_[key])
+    s = Settings(**settings_)
+    res["settings"] = _jsonable(s)
+    t0 = time.perf_counter()
+    res["interleaved"] = interleaved_throughput(s, byte_corpus(), log)
+    res["interleaved_seconds"] = time.perf_counter() - t0
+    res["interleaved_command"] = " ".join(["python", "benchmarks/paper_tables.py", *sys.argv[1:]])
+    for row in res["rows"]:
+        row["interleaved_ratio"] = (
+            res["interleaved"][row["scheme"]] / res["interleaved"]["baseline"]
+        )
+    (out / "residual.json").write_text(json.dumps(res, indent=1))
+    render("residual", res, out)
+    return res
+
+
 def run_table(name: str, s: Settings, out: Path, log=print) -> dict:
     run, markdown, plot = TABLES[name]
     t0 = time.perf_counter()
@@ -858,7 +894,7 @@ def render(name: str, res: dict, out: Path) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("table", choices=[*TABLES, "all"])
+    ap.add_argument("table", choices=[*TABLES, "all", "throughput"])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for tests")
     ap.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
     ap.add_argument("--steps", type=int, help="override the training steps (Tables 1, 2)")
@@ -868,6 +904,9 @@ def main(argv=None) -> dict:
         "--replot", action="store_true", help="no training: redraw the tables from --out's JSON"
     )
     args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.table == "throughput":
+        return {"residual": add_throughput(args.out, log=lambda m: print(m, flush=True))}
     names = list(TABLES) if args.table == "all" else [args.table]
     if args.replot:
         results = {n: json.loads((args.out / f"{n}.json").read_text()) for n in names}
