@@ -92,6 +92,7 @@ class Settings:
     large: Shape = Shape(layers=4, hidden=128, heads=4, head_dim=32, mlp=384)
     small: Shape = Shape(layers=2, hidden=64, heads=2, head_dim=32, mlp=192)
     grow_at: float = 1 / 3  # fraction of the steps trained small before growing
+    rewarm: int = 10  # grown-rewarm: steps of linear learning-rate re-warm after growing
     throughput_rounds: int = 7
     throughput_steps: int = 5
     # Table 3
@@ -118,6 +119,7 @@ def settings(smoke: bool) -> Settings:
             val_windows=4,
             throughput_rounds=2,
             throughput_steps=1,
+            rewarm=2,
             large=Shape(layers=2, hidden=32, heads=4, head_dim=8, mlp=64),
             small=Shape(layers=1, hidden=16, heads=2, head_dim=8, mlp=32),
             ft_steps=6,
@@ -432,7 +434,13 @@ def grow_pipeline(small: Shape, large: Shape) -> str:
     return ",".join(parts)
 
 
-def run_growth(s: Settings, log=print) -> dict:
+GROWTH_KINDS = ("scratch", "grown", "grown-rewarm")
+
+
+def run_growth(s: Settings, log=print, kinds: tuple[str, ...] = GROWTH_KINDS) -> dict:
+    """`scratch`: the large model from step 0. `grown`: the small model, grown at `grow_step`
+    with its optimizer, same learning-rate schedule. `grown-rewarm`: the same, with the
+    learning rate re-warmed linearly over `rewarm` steps after growing."""
     corpus = byte_corpus()
     val = corpus.val_batch(s.val_windows, s.seq)
     grow_step = max(1, int(round(s.steps * s.grow_at)))
@@ -440,7 +448,7 @@ def run_growth(s: Settings, log=print) -> dict:
     tokens_per_step = s.batch * s.seq
     runs = []
     for seed in s.seeds:
-        for kind in ("scratch", "grown"):
+        for kind in kinds:
             shape = s.large if kind == "scratch" else s.small
             graph, _ = build_graph(shape, s.seq, seed, None)
             opt = optimizer(graph, s.lr)
@@ -450,7 +458,7 @@ def run_growth(s: Settings, log=print) -> dict:
             curve = [(0, 0.0, val_loss(graph, val))]  # (step, FLOPs so far, val loss)
             growth = None
             for step in range(s.steps):
-                if kind == "grown" and step == grow_step:
+                if kind != "scratch" and step == grow_step:
                     before = val_loss(graph, val)
                     t0 = time.perf_counter()
                     result = Pipeline.parse(pipeline).run(graph)
@@ -474,12 +482,16 @@ def run_growth(s: Settings, log=print) -> dict:
                         "seconds": grow_seconds,
                     }
                     log(
-                        f"[growth] seed {seed} grew at step {step}: val {before:.6f} -> {after:.6f} "
-                        f"(|Δ| {abs(after - before):.1e}), params {old_params:,} -> {graph.num_parameters():,}"
+                        f"[growth] seed {seed} {kind} grew at step {step}: val {before:.6f} -> "
+                        f"{after:.6f} (|Δ| {abs(after - before):.1e}), params {old_params:,} -> "
+                        f"{graph.num_parameters():,}"
                     )
+                lr = lr_at(step, s)
+                if kind == "grown-rewarm" and step >= grow_step:
+                    lr *= min(1.0, (step - grow_step + 1) / s.rewarm)
                 x, y = next(data)
                 t0 = time.perf_counter()
-                train.append(train_step(graph, opt, x, y, lr_at(step, s)))
+                train.append(train_step(graph, opt, x, y, lr))
                 seconds += time.perf_counter() - t0
                 flops += fpt * tokens_per_step
                 if (
@@ -504,12 +516,27 @@ def run_growth(s: Settings, log=print) -> dict:
             }
             runs.append(run)
             log(
-                f"[growth] seed {seed} {kind:8s} val {run['final_val']:.4f} "
+                f"[growth] seed {seed} {kind:12s} val {run['final_val']:.4f} "
                 f"FLOPs {flops:.3g} ({seconds:.1f} s)"
             )
+    res = {
+        "settings": _jsonable(s),
+        "pipeline": pipeline,
+        "grow_step": grow_step,
+        "runs": runs,
+    }
+    return summarize_growth(res)
+
+
+def summarize_growth(res: dict) -> dict:
+    """Rows per kind, and per grown run the FLOPs the scratch run of its seed took to reach
+    its final loss and its training loss minus the scratch run's on the same batches."""
+    runs, g = res["runs"], res["grow_step"]
     rows = []
-    for kind in ("scratch", "grown"):
+    for kind in GROWTH_KINDS:
         mine = [r for r in runs if r["kind"] == kind]
+        if not mine:
+            continue
         finals = [r["final_val"] for r in mine]
         rows.append(
             {
@@ -521,65 +548,66 @@ def run_growth(s: Settings, log=print) -> dict:
                 "train_seconds": statistics.mean(r["train_seconds"] for r in mine),
             }
         )
-    # FLOPs the scratch run needed to first reach the grown runs' final loss (per seed)
-    reach = []
-    for seed in s.seeds:
-        scratch = next(r for r in runs if r["kind"] == "scratch" and r["seed"] == seed)
-        grown = next(r for r in runs if r["kind"] == "grown" and r["seed"] == seed)
-        hit = next((p[1] for p in scratch["val_curve"] if p[2] <= grown["final_val"]), None)
-        reach.append(
-            {"seed": seed, "scratch_flops_to_grown_final": hit, "grown_flops": grown["flops"]}
+    for r in runs:
+        scratch = next((x for x in runs if x["kind"] == "scratch" and x["seed"] == r["seed"]), None)
+        if r["kind"] == "scratch" or scratch is None:  # (a merge adds its runs to scratch's)
+            continue
+        r["scratch_flops_to_final"] = next(
+            (p[1] for p in scratch["val_curve"] if p[2] <= r["final_val"]), None
         )
-    return {
-        "settings": _jsonable(s),
-        "pipeline": pipeline,
-        "grow_step": grow_step,
-        "runs": runs,
-        "rows": rows,
-        "reach": reach,
-    }
+        lo, hi = max(0, g - 3), min(len(r["train_loss"]), g + 6)
+        r["minus_scratch_around"] = {
+            i: r["train_loss"][i] - scratch["train_loss"][i] for i in range(lo, hi)
+        }
+    res["rows"] = rows
+    return res
 
 
 def growth_markdown(res: dict) -> str:
     s = res["settings"]
-    scratch, grown = res["rows"]
+    rows = {r["kind"]: r for r in res["rows"]}
+    scratch = rows["scratch"]
     lines = [
         f"Small {_shape_text(s['small'])} trained {res['grow_step']} steps, grown by "
         f"`{res['pipeline']}` (optimizer state grown with `grow_optimizer`), trained on to "
         f"{s['steps']} steps; large {_shape_text(s['large'])} from scratch for {s['steps']} steps. "
         f"Same batches ({s['steps']} × {s['batch']} × {s['seq']} bytes), seeds {s['seeds']}. "
+        "`grown` keeps the learning-rate schedule through the growth; `grown-rewarm` also "
+        f"re-warms it linearly over {s.get('rewarm')} steps after growing. "
         "FLOPs: 6 × non-embedding parameters × tokens + attention (6 × layers × context × width).",
         "",
-        "| run | val loss (mean ± std) | per seed | training FLOPs | train time (s) |",
-        "|---|---|---|---|---|",
+        "| run | val loss (mean ± std) | per seed | training FLOPs | vs scratch | "
+        "scratch FLOPs to reach this loss, per seed | train time (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in (scratch, grown):
+    for r in res["rows"]:
+        mine = [x for x in res["runs"] if x["kind"] == r["kind"]]
+        reach = (
+            "—"
+            if r["kind"] == "scratch"
+            else ", ".join(
+                f"{x['scratch_flops_to_final']:.3g}"
+                if x["scratch_flops_to_final"]
+                else f"not within {s['steps']} steps"
+                for x in mine
+            )
+        )
         lines.append(
             f"| {r['kind']} | {r['val_mean']:.4f} ± {r['val_std']:.4f} | "
             f"{', '.join(f'{v:.4f}' for v in r['val_per_seed'])} | {r['flops']:.3g} | "
-            f"{r['train_seconds']:.1f} |"
+            f"{r['flops'] / scratch['flops']:.3f} | {reach} | {r['train_seconds']:.1f} |"
         )
     lines += [
         "",
-        f"Grown / scratch FLOPs: {grown['flops'] / scratch['flops']:.3f}. FLOPs the scratch run "
-        "took to first reach the grown run's final validation loss (evaluated every "
-        f"{s['eval_every']} steps): "
-        + ", ".join(
-            f"seed {r['seed']}: "
-            + (
-                f"{r['scratch_flops_to_grown_final']:.3g}"
-                if r["scratch_flops_to_grown_final"]
-                else "never"
-            )
-            for r in res["reach"]
-        )
-        + ".",
+        "At the growth point: validation loss on the fixed held-out windows right before and "
+        "right after growing, and the training loss of the steps around it (step "
+        f"{res['grow_step']} is the first batch the grown model sees; its loss is computed "
+        "before any update of the grown model), as it is and minus the scratch run's loss on "
+        "the same batch:",
         "",
-        "At the growth point (validation loss on the fixed held-out windows right before and right "
-        "after growing; training loss of the steps around it):",
-        "",
-        "| seed | step | params | val before | val after | abs diff | certificate max abs diff | training loss, steps before → after |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | seed | params | val before | val after | abs diff | certificate | "
+        "training loss, steps before → after | minus scratch's, same steps |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["runs"]:
         g = r["growth"]
@@ -588,22 +616,25 @@ def growth_markdown(res: dict) -> str:
         around = {int(k): v for k, v in g["train_loss_around"].items()}
         pre = " ".join(f"{around[k]:.3f}" for k in sorted(around) if k < g["step"])
         post = " ".join(f"{around[k]:.3f}" for k in sorted(around) if k >= g["step"])
+        diff = {int(k): v for k, v in r["minus_scratch_around"].items()}
+        dpre = " ".join(f"{diff[k]:+.3f}" for k in sorted(diff) if k < g["step"])
+        dpost = " ".join(f"{diff[k]:+.3f}" for k in sorted(diff) if k >= g["step"])
         lines.append(
-            f"| {r['seed']} | {g['step']} | {g['params_before']:,} → {g['params_after']:,} | "
+            f"| {r['kind']} | {r['seed']} | {g['params_before']:,} → {g['params_after']:,} | "
             f"{g['val_before']:.6f} | {g['val_after']:.6f} | {g['val_abs_diff']:.1e} | "
-            f"{g['certificate_max_abs_diff']:.1e} | {pre} → {post} |"
+            f"{g['certificate_max_abs_diff']:.1e} | {pre} → {post} | {dpre} → {dpost} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def growth_plot(res: dict, path: Path) -> None:
     plt = _pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for kind in ("scratch", "grown"):
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
+    g = res["grow_step"]
+    for j, kind in enumerate(GROWTH_KINDS):
         mine = [r for r in res["runs"] if r["kind"] == kind]
         for i, r in enumerate(mine):
-            color = "C0" if kind == "scratch" else "C1"
-            label = kind if i == 0 else None
+            color, label = f"C{j}", kind if i == 0 else None
             a.plot(
                 [p[1] for p in r["val_curve"]],
                 [p[2] for p in r["val_curve"]],
@@ -612,14 +643,27 @@ def growth_plot(res: dict, path: Path) -> None:
                 alpha=0.8,
             )
             b.plot(
-                range(1, len(r["train_loss"]) + 1),
+                range(len(r["train_loss"])),
                 _smooth(r["train_loss"], 5),
                 color=color,
                 label=label,
                 alpha=0.8,
             )
-    g = res["grow_step"]
-    b.axvline(g, color="gray", ls="--", label="growth")
+            if kind != "scratch":
+                scratch = next(
+                    x for x in res["runs"] if x["kind"] == "scratch" and x["seed"] == r["seed"]
+                )
+                lo, hi = max(0, g - 15), min(len(r["train_loss"]), g + 40)
+                c.plot(
+                    range(lo, hi),
+                    [r["train_loss"][k] - scratch["train_loss"][k] for k in range(lo, hi)],
+                    color=color,
+                    label=label,
+                    alpha=0.8,
+                )
+    for ax in (b, c):
+        ax.axvline(g, color="gray", ls="--", label="growth")
+    c.axhline(0, color="black", lw=0.5)
     a.set(
         xlabel="training FLOPs",
         ylabel="validation loss (nats/byte)",
@@ -630,10 +674,16 @@ def growth_plot(res: dict, path: Path) -> None:
         ylabel="training loss (smoothed over 5)",
         title="training loss; growth at the dashed line",
     )
-    for ax in (a, b):
+    c.set(
+        xlabel="step",
+        ylabel="training loss − scratch's (same batch)",
+        title="around the growth point (per step)",
+    )
+    for ax in (a, b, c):
         ax.grid(alpha=0.3)
         ax.legend()
-        _zoom(ax)
+    _zoom(a)
+    _zoom(b)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -762,8 +812,15 @@ def upcycle_markdown(res: dict) -> str:
 
 def upcycle_plot(res: dict, path: Path) -> None:
     plt = _pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
+    original = next(r for r in res["runs"] if r["pipeline"] == "original")
     for r in res["runs"]:
+        c.plot(
+            [p[0] for p in r["val_curve"]],
+            [p[1] - q[1] for p, q in zip(r["val_curve"], original["val_curve"], strict=True)],
+            marker="o",
+            label=r["pipeline"],
+        )
         a.plot(
             [p[0] for p in r["val_curve"]],
             [p[1] for p in r["val_curve"]],
@@ -778,7 +835,12 @@ def upcycle_plot(res: dict, path: Path) -> None:
         title=f"{res['model']}: validation",
     )
     b.set(xlabel="fine-tune step", ylabel="training loss", title="training (per batch)")
-    for ax in (a, b):
+    c.set(
+        xlabel="fine-tune step",
+        ylabel="validation loss − original's",
+        title="rewritten minus original (both fine-tuned alike)",
+    )
+    for ax in (a, b, c):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -848,15 +910,43 @@ def _jsonable(s: Settings) -> dict:
     return asdict(s)
 
 
+def _settings_from(res: dict) -> Settings:
+    """The settings a stored table ran with (fields added since take their defaults)."""
+    fields = dict(res["settings"])
+    for key in ("large", "small"):
+        fields[key] = Shape(**fields[key])
+    s = Settings(**fields)
+    res["settings"] = _jsonable(s)
+    return s
+
+
+def merge_growth(out: Path, kinds: tuple[str, ...], log=print) -> dict:
+    """Run more kinds of growth runs with a stored growth table's settings and add them to
+    it (runs of the same kind and seed are replaced)."""
+    res = json.loads((out / "growth.json").read_text())
+    s = _settings_from(res)
+    t0 = time.perf_counter()
+    new = run_growth(s, log=log, kinds=kinds)
+    done = {(r["kind"], r["seed"]) for r in new["runs"]}
+    res["runs"] = [r for r in res["runs"] if (r["kind"], r["seed"]) not in done] + new["runs"]
+    res.setdefault("merged", []).append(
+        {
+            "kinds": list(kinds),
+            "wall_seconds": time.perf_counter() - t0,
+            "command": " ".join(["python", "benchmarks/paper_tables.py", *sys.argv[1:]]),
+        }
+    )
+    summarize_growth(res)
+    (out / "growth.json").write_text(json.dumps(res, indent=1))
+    render("growth", res, out)
+    return res
+
+
 def add_throughput(out: Path, log=print) -> dict:
     """Measure the interleaved throughput for a residual table already in `out` (same
     settings) and add it to its JSON and markdown, without training again."""
     res = json.loads((out / "residual.json").read_text())
-    settings_ = dict(res["settings"])
-    for key in ("large", "small"):
-        settings_[key] = Shape(**settings_[key])
-    s = Settings(**settings_)
-    res["settings"] = _jsonable(s)
+    s = _settings_from(res)
     t0 = time.perf_counter()
     res["interleaved"] = interleaved_throughput(s, byte_corpus(), log)
     res["interleaved_seconds"] = time.perf_counter() - t0
@@ -873,7 +963,7 @@ def add_throughput(out: Path, log=print) -> dict:
 def run_table(name: str, s: Settings, out: Path, log=print) -> dict:
     run, markdown, plot = TABLES[name]
     t0 = time.perf_counter()
-    res = run(s, log=log)
+    res = run(s, log=log, **({"kinds": s.extra["growth_kinds"]} if name == "growth" else {}))
     res["wall_seconds"] = time.perf_counter() - t0
     res["command"] = " ".join(["python", "benchmarks/paper_tables.py", *sys.argv[1:]])
     out.mkdir(parents=True, exist_ok=True)
@@ -903,14 +993,32 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--replot", action="store_true", help="no training: redraw the tables from --out's JSON"
     )
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=GROWTH_KINDS,
+        default=list(GROWTH_KINDS),
+        help="growth: which runs (scratch, grown, grown-rewarm)",
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="growth: add --kinds to the table already in --out (same settings)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.table == "growth" and args.merge:
+        return {
+            "growth": merge_growth(args.out, tuple(args.kinds), log=lambda m: print(m, flush=True))
+        }
     if args.table == "throughput":
         return {"residual": add_throughput(args.out, log=lambda m: print(m, flush=True))}
     names = list(TABLES) if args.table == "all" else [args.table]
     if args.replot:
         results = {n: json.loads((args.out / f"{n}.json").read_text()) for n in names}
         for n, res in results.items():
+            if n == "growth":
+                summarize_growth(res)
             render(n, res, args.out)
         return results
 
@@ -922,6 +1030,7 @@ def main(argv=None) -> dict:
         s.steps = args.steps
     if args.ft_steps:
         s.ft_steps = args.ft_steps
+    s.extra["growth_kinds"] = tuple(args.kinds)
     return {n: run_table(n, s, args.out, log=lambda m: print(m, flush=True)) for n in names}
 
 

@@ -25,6 +25,11 @@ def tables(tmp_path_factory):
     spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("tables")
     results = module.main(["all", "--smoke", "--out", str(out)])
+    # growth runs added to a stored table (same settings) replace those of their kind
+    merged = module.main(
+        ["growth", "--smoke", "--kinds", "grown-rewarm", "--merge", "--out", str(out)]
+    )["growth"]
+    results["growth"] = merged
     return out, results
 
 
@@ -71,21 +76,32 @@ def test_growth_table(tables):
     out, results = tables
     res = results["growth"]
     md = _files_written(out, "growth")
-    scratch = [r for r in res["runs"] if r["kind"] == "scratch"]
-    grown = [r for r in res["runs"] if r["kind"] == "grown"]
-    assert len(scratch) == len(grown) == len(res["settings"]["seeds"])
-    for s, g in zip(scratch, grown, strict=True):
-        growth = g["growth"]
-        assert growth["step"] == res["grow_step"]
-        assert growth["val_abs_diff"] <= 1e-5  # no jump at the growth point
-        assert growth["certificate_max_abs_diff"] <= 1e-5
-        assert growth["params_before"] < growth["params_after"] == s["params_final"]
-        assert g["flops"] < s["flops"]  # trained small for a while
-        assert len(g["train_loss"]) == len(s["train_loss"])  # equal tokens
-        assert all(math.isfinite(v) for v in g["train_loss"])
-        assert g["val_curve"][-1][2] < growth["val_after"]  # and it keeps learning
-        assert len(growth["train_loss_around"]) >= 2
+    seeds = res["settings"]["seeds"]
+    assert [r["kind"] for r in res["rows"]] == ["scratch", "grown", "grown-rewarm"]
+    for seed in seeds:
+        scratch = next(r for r in res["runs"] if r["kind"] == "scratch" and r["seed"] == seed)
+        for kind in ("grown", "grown-rewarm"):
+            g = next(r for r in res["runs"] if r["kind"] == kind and r["seed"] == seed)
+            growth = g["growth"]
+            assert growth["step"] == res["grow_step"]
+            assert growth["val_abs_diff"] <= 1e-5  # no jump at the growth point
+            assert growth["certificate_max_abs_diff"] <= 1e-5
+            assert growth["params_before"] < growth["params_after"] == scratch["params_final"]
+            assert g["flops"] < scratch["flops"]  # trained small for a while
+            assert len(g["train_loss"]) == len(scratch["train_loss"])  # equal tokens
+            assert all(math.isfinite(v) for v in g["train_loss"])
+            assert g["val_curve"][-1][2] < growth["val_after"]  # and it keeps learning
+            assert len(growth["train_loss_around"]) >= 2 and g["minus_scratch_around"]
+        # the first batch after growing: both grown runs have the same model, same loss
+        step = res["grow_step"]
+        a, b = (
+            next(r for r in res["runs"] if r["kind"] == k and r["seed"] == seed)
+            for k in ("grown", "grown-rewarm")
+        )
+        assert a["train_loss"][step] == b["train_loss"][step]
+        assert a["train_loss"][step + 1] != b["train_loss"][step + 1]  # re-warm changed the step
     assert "val before" in md and res["pipeline"] in md
+    assert len(res["runs"]) == 3 * len(seeds) and res["merged"][0]["kinds"] == ["grown-rewarm"]
 
 
 def test_upcycle_table(tables):
