@@ -555,6 +555,9 @@ def summarize_growth(res: dict) -> dict:
         r["scratch_flops_to_final"] = next(
             (p[1] for p in scratch["val_curve"] if p[2] <= r["final_val"]), None
         )
+        r["flops_to_scratch_final"] = next(
+            (p[1] for p in r["val_curve"] if p[2] <= scratch["final_val"]), None
+        )
         lo, hi = max(0, g - 3), min(len(r["train_loss"]), g + 6)
         r["minus_scratch_around"] = {
             i: r["train_loss"][i] - scratch["train_loss"][i] for i in range(lo, hi)
@@ -577,8 +580,9 @@ def growth_markdown(res: dict) -> str:
         "FLOPs: 6 × non-embedding parameters × tokens + attention (6 × layers × context × width).",
         "",
         "| run | val loss (mean ± std) | per seed | training FLOPs | vs scratch | "
-        "scratch FLOPs to reach this loss, per seed | train time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "scratch FLOPs to reach this loss, per seed | FLOPs to reach scratch's final loss, "
+        "per seed (vs scratch's) | train time (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         mine = [x for x in res["runs"] if x["kind"] == r["kind"]]
@@ -588,14 +592,25 @@ def growth_markdown(res: dict) -> str:
             else ", ".join(
                 f"{x['scratch_flops_to_final']:.3g}"
                 if x["scratch_flops_to_final"]
-                else f"not within {s['steps']} steps"
+                else f"not in {s['steps']} steps"
+                for x in mine
+            )
+        )
+        to_scratch = (
+            "—"
+            if r["kind"] == "scratch"
+            else ", ".join(
+                f"{x['flops_to_scratch_final']:.3g} ({x['flops_to_scratch_final'] / scratch['flops']:.2f})"
+                if x["flops_to_scratch_final"]
+                else "not reached"
                 for x in mine
             )
         )
         lines.append(
             f"| {r['kind']} | {r['val_mean']:.4f} ± {r['val_std']:.4f} | "
             f"{', '.join(f'{v:.4f}' for v in r['val_per_seed'])} | {r['flops']:.3g} | "
-            f"{r['flops'] / scratch['flops']:.3f} | {reach} | {r['train_seconds']:.1f} |"
+            f"{r['flops'] / scratch['flops']:.3f} | {reach} | {to_scratch} | "
+            f"{r['train_seconds']:.1f} |"
         )
     lines += [
         "",
@@ -624,6 +639,11 @@ def growth_markdown(res: dict) -> str:
             f"{g['val_before']:.6f} | {g['val_after']:.6f} | {g['val_abs_diff']:.1e} | "
             f"{g['certificate_max_abs_diff']:.1e} | {pre} → {post} | {dpre} → {dpost} |"
         )
+    for m in res.get("merged", []):
+        lines += [
+            "",
+            f"Runs {', '.join(m['kinds'])} added by `{m['command']}` in {m['wall_seconds']:.0f} s.",
+        ]
     return "\n".join(lines) + "\n"
 
 
