@@ -372,7 +372,7 @@ def residual_markdown(res: dict) -> str:
     lines += [
         "",
         "Training runs: each run's tokens/s over its own training steps (evaluation excluded), "
-        "divided by the baseline's of the same seed, run just before it."
+        "divided by that of the baseline run of the same seed (run 1–3 runs, i.e. minutes, earlier)."
         + (
             f" Interleaved: {s['throughput_rounds']} rounds, each timing {s['throughput_steps']} "
             "training steps of every scheme on one batch (order rotated), median round per "
