@@ -147,8 +147,13 @@ def backends(
         "seconds": med,
         "ort_transformers_error": why,
         "fusions": ours.fusions.lines(),
+        "checks": {"plain export": plain, "archfx ONNX": ours},
         "archfx_diff": ours.max_abs_diff,
     }
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds >= 0.1 else f"{seconds * 1000:.3g} ms"
 
 
 def _bar(path: Path, results: list[dict]) -> None:
@@ -273,7 +278,7 @@ def main(argv=None) -> dict:
     ]
     for backend, row in overhead.items():
         lines.append(
-            f"| {backend} | {row['plain_seconds'] * 1000:.3g} ms | "
+            f"| {backend} | {_ms(row['plain_seconds'])} | "
             + " | ".join(f"{row[n]:.3f}×" for n in names)
             + " |"
         )
@@ -313,14 +318,27 @@ def main(argv=None) -> dict:
             "|---|---|---|---|",
         ]
         for k, v in r["seconds"].items():
-            lines.append(f"| {k} | {v * 1000:.3g} ms | {eager / v:.2f}× | {plain / v:.2f}× |")
+            lines.append(f"| {k} | {_ms(v)} | {eager / v:.2f}× | {plain / v:.2f}× |")
         if r["ort_transformers_error"]:
             lines.append(
                 f"| ORT transformer optimizer | fails: {r['ort_transformers_error']} | | |"
             )
         lines += [
             "",
-            f"archfx ONNX max |Δ| vs PyTorch: {r['archfx_diff']:.1e}. Fusion report:",
+            "Checks against PyTorch (example and second input shapes; above 1e-4, both fp32 runs "
+            "are compared with the graph in fp64):",
+            "",
+        ]
+        for k, c in r["checks"].items():
+            fp64 = (
+                ""
+                if c.reference_error is None
+                else f"; vs fp64: ONNX Runtime {c.onnx_error:.1e}, PyTorch fp32 {c.reference_error:.1e}"
+            )
+            lines.append(f"- {k}: max |Δ| {c.max_abs_diff:.1e}{fp64} ({'ok' if c.ok else 'FAILS'})")
+        lines += [
+            "",
+            "Fusion report:",
             "",
             "```",
             *r["fusions"],
