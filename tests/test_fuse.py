@@ -129,3 +129,12 @@ def test_a_rewrite_that_changes_the_outputs_is_undone(tmp_path):
 def test_fuse_can_be_turned_off(tmp_path):
     result = to_onnx(graph("tiny-gpt2"), tmp_path / "m.onnx", fuse=False)
     assert result.fusions is None and "MultiHeadAttention" not in ops(result.path)
+
+
+@pytest.mark.parametrize("pipeline", ["altup(k=2)", "ddl(dv=4)"])
+def test_rewritten_models_fuse_the_same_sites(tmp_path, pipeline):
+    g = Pipeline.parse(pipeline + ",canonicalize").run(graph("tiny-llama")).graph
+    result = to_onnx(g, tmp_path / "m.onnx")
+    assert result.max_abs_diff <= TOLERANCE
+    assert result.fusions.counts()["attention"] == (2, 2)
+    assert result.fusions.counts()["norm"] == (5, 5)
