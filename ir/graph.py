@@ -101,6 +101,12 @@ class Graph:
     def num_nodes(self) -> int:
         return len(self.gm.graph.nodes)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live (CPU, GPU or meta): new parameters go there too."""
+        first = next(self.gm.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
     def set_tensor(self, target: str, value: torch.Tensor) -> None:
         """Replace (or create) the parameter or buffer behind a get_attr target."""
         *path, leaf = target.split(".")

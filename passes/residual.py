@@ -63,10 +63,7 @@ class Emitter:
         """A new trainable parameter (stored under `owner.name`, on the device of the model's
         parameters: CPU, GPU or meta) and a get_attr node reading it."""
         target = f"{self.owner}.{name}"
-        first = next(self.graph.gm.parameters(), None)
-        if first is not None:
-            value = value.to(first.device)
-        self.graph.set_tensor(target, nn.Parameter(value))
+        self.graph.set_tensor(target, nn.Parameter(value.to(self.graph.device)))
         return self.get(target)
 
 

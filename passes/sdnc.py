@@ -492,7 +492,7 @@ def _per_head_logits(graph, read: fx.Node, x: fx.Node, name: str, heads: int, bi
     params = []
     for suffix, value in (("weight", torch.zeros(heads, d)), ("bias", torch.full((heads,), bias))):
         target = f"{name}_{suffix}"
-        graph.set_tensor(target, torch.nn.Parameter(value.to(dtype)))
+        graph.set_tensor(target, torch.nn.Parameter(value.to(dtype=dtype, device=graph.device)))
         with g.inserting_before(read):
             params.append(g.get_attr(target))
     with g.inserting_before(read):
@@ -549,6 +549,7 @@ def _persist(graph, sites: list, cores: list) -> None:
     outputs (`memory.<i>.addresses` / `.contents`). Refused unless every read's mask is exactly
     causal (no padding, window or bias: those are not written down anywhere the next call
     could continue) and the model takes token ids only."""
+    _needs_values(graph, "persistent=true")
     g = graph.gm.graph
     if len(graph.placeholders) != 1 or len(graph.placeholders[0].meta["val"].shape) != 2:
         raise PassError(
@@ -648,8 +649,17 @@ def _drop_dead_asserts(g: fx.Graph) -> None:
                 changed = True
 
 
+def _needs_values(graph, what: str) -> None:
+    if graph.device.type == "meta":
+        raise PassError(
+            f"sdnc({what}) checks its claim by running the example inputs, which a model on "
+            "the meta device (structure only, no values) cannot do; load the weights first"
+        )
+
+
 def _check_causal(graph, cores: list, paths: list, what: str) -> None:
     """Every read's mask allows exactly the causal slots (checked on the example inputs)."""
+    _needs_values(graph, what)
     masks = [op_arg(c, "attn_mask") for c in cores]
     probed = graph.probe([m for m in masks if isinstance(m, fx.Node)])
     values = iter(probed)

@@ -68,3 +68,22 @@ def byte_gpt(pipeline: str):
     )
     example = {"input_ids": torch.randint(0, 256, (2, 8)), "use_cache": False}
     return Pipeline.parse(pipeline).run(capture(tf.GPT2LMHeadModel(config), example)).graph
+
+
+def meta_llama(**sizes):
+    """A Hugging Face Llama built on the meta device (structure only) and captured there."""
+    config = tf.LlamaConfig(
+        **{
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 256,
+            **sizes,
+        }
+    )
+    with torch.device("meta"):
+        llama = tf.LlamaForCausalLM(config).eval()
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    return capture(llama, {"input_ids": ids, "use_cache": False})

@@ -14,7 +14,7 @@ from archfx.passes import Pipeline
 from archfx.passes.hf_export import save_pretrained
 from archfx.passes.optimizer import grow_optimizer
 
-from .helpers import EVERY, byte_gpt, hamlet, loss_of, model, train
+from .helpers import EVERY, byte_gpt, hamlet, loss_of, meta_llama, model, train
 
 PASSES = [
     "expand-mlp(factor=1.5)",
@@ -287,18 +287,8 @@ def test_training_continues_after_growing_mid_run():
 
 
 def test_meta_device_growth_is_structure_only():
-    config = transformers.LlamaConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=1000,
-    )
-    with torch.device("meta"):
-        big = transformers.LlamaForCausalLM(config)
-    graph = capture(
-        big, {"input_ids": torch.zeros(2, 8, dtype=torch.long, device="meta"), "use_cache": False}
+    graph = meta_llama(
+        hidden_size=256, intermediate_size=512, num_attention_heads=8, vocab_size=1000
     )
     grown = (
         Pipeline.parse("expand-mlp(factor=2),add-heads(n=2),add-layers(n=1)")
