@@ -18,7 +18,8 @@ def random_hf(rng: random.Random) -> tuple[str, torch.nn.Module, dict]:
     layers = rng.choice([1, 2, 3])
     inter = rng.choice([32, 64, 96])
     tie = rng.random() < 0.5
-    hidden = heads * head_dim if rng.random() < 0.5 else rng.choice([32, 48])
+    # a multiple of heads (Llama's and Gemma 2's configs insist), not always heads × head_dim
+    hidden = heads * rng.choice([8, 12, 16])
     common = dict(vocab_size=64, num_hidden_layers=layers, tie_word_embeddings=tie)
     exp = dict(
         blocks=layers, heads=heads, kv=kv, head_dim=head_dim, mlp=inter, tied=tie,
@@ -71,18 +72,19 @@ def random_hf(rng: random.Random) -> tuple[str, torch.nn.Module, dict]:
             use_parallel_residual=parallel, attention_bias=rng.random() < 0.5,
             rotary_pct=rotary, **common,
         )  # fmt: skip
-        exp.update(kv=heads, norm="layernorm", gated=False, neox_full_rotary=rotary == 1.0)
+        exp.update(kv=heads, norm="layernorm", gated=False, full_rotary_slice=rotary == 1.0)
         exp.update(placement="parallel" if parallel else "pre")
     else:  # phi: one LayerNorm feeds attention and MLP in parallel; partial rotary
         hidden = heads * head_dim
         qk = rng.random() < 0.5
+        rotary = rng.choice([0.5, 1.0])
         cls = tf.PhiForCausalLM
         config = tf.PhiConfig(
             hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
-            num_key_value_heads=kv, partial_rotary_factor=rng.choice([0.5, 1.0]),
-            qk_layernorm=qk, **common,
+            num_key_value_heads=kv, partial_rotary_factor=rotary, qk_layernorm=qk, **common,
         )  # fmt: skip
         exp.update(norm="layernorm", gated=False, placement="parallel", qk_norm=qk)
+        exp.update(full_rotary_slice=rotary == 1.0)
     exp["hidden"] = hidden
     torch.manual_seed(rng.randrange(2**31))
     model = cls(config).eval()
