@@ -2,8 +2,9 @@
 
 Hypothesis profiles (select with HYPOTHESIS_PROFILE=<name>, or pytest's --hypothesis-profile):
 `ci` (the default) runs a few examples per property test, so the suite stays fast; `long` runs
-hundreds (tests/test_random_architectures.py: about 20 minutes on one core). Tests that set
-max_examples themselves keep it under either profile.
+300 per test (tests/test_random_architectures.py: well over half an hour on one core).
+HYPOTHESIS_MAX_EXAMPLES=N sets another number under either profile. Tests that set
+max_examples themselves keep it.
 """
 
 import os
@@ -19,4 +20,12 @@ hf_logging.get_logger("transformers")
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=6, deadline=None, suppress_health_check=_SLOW_OK)
 settings.register_profile("long", max_examples=300, deadline=None, suppress_health_check=_SLOW_OK)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+_profile = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+if os.environ.get("HYPOTHESIS_MAX_EXAMPLES"):  # the profile, with another number of examples
+    settings.register_profile(
+        f"{_profile}-n",
+        settings.get_profile(_profile),
+        max_examples=int(os.environ["HYPOTHESIS_MAX_EXAMPLES"]),
+    )
+    _profile = f"{_profile}-n"
+settings.load_profile(_profile)

@@ -131,6 +131,12 @@ def check_structure(graph, exp: dict) -> None:
 REFUSALS = [
     # SPEC §3: Norm(x + 0) ≠ x, so an inserted post-LN block cannot start as the identity
     (lambda e, before, p: p.startswith("add-layers") and e["placement"] == "post", r"post-LN"),
+    # ddl after ddl: the second finds no blocks (the known limit below) before it could see
+    # the first scheme
+    (
+        lambda e, before, p: p.startswith("ddl") and any(b.startswith("ddl") for b in before),
+        r"no Transformer blocks found",
+    ),
     # one residual scheme per stack (docs/passes.md, altup)
     (
         lambda e, before, p: (
