@@ -654,7 +654,7 @@ class _Analyzer:
                 idx = n.args[1]
                 while is_call(idx, SHAPE) or is_identity(idx):
                     idx = idx.args[0]
-                anc = self._value_ancestors(n.args[1])
+                anc = self._value_ancestors(n.args[1]) | {n.args[1], idx}  # the index too
                 if idx.op == "placeholder":
                     kind = "token"
                 elif num <= _MAX_TOKEN_TYPES:

@@ -438,7 +438,9 @@ class _Rules:
                 continue
             for k in range(1, min(len(xa), len(out)) + 1):
                 sx, so = self.d.size[xa[-k]], self.d.size[out[-k]]
-                if sx == so and sx != 1:
+                # a unit axis of an operand of the output's rank is the output's axis (nothing
+                # broadcast along it): single-head q * cos keeps its head axis through RoPE
+                if sx == so and (sx != 1 or len(xa) == len(out)):
                     self.d.union(xa[-k], out[-k])
 
     def linear(self, x, w, b, out) -> None:
@@ -501,13 +503,26 @@ class _Rules:
         for j, s in enumerate(sizes):
             if isinstance(s, int) and s != -1:
                 self.d.literals.append(Literal(self.n, (sizes_at, j), out[j]))
-        xs = [a for a in x if self.d.size[a] != 1]
-        os = [a for a in out if self.d.size[a] != 1]
+        xi = [k for k, a in enumerate(x) if self.d.size[a] != 1]
+        oi = [k for k, a in enumerate(out) if self.d.size[a] != 1]
+        xs, os = [x[k] for k in xi], [out[k] for k in oi]
         i = j = 0
         while i < len(xs) and j < len(os):
             si, sj = self.d.size[xs[i]], self.d.size[os[j]]
             if si == sj:
-                self.d.union(xs[i], os[j])
+                # a unit axis split off (or merged into) this one: one head of (1, head dim),
+                # one key/value group of (1, queries per group); keep it as a factor, so the
+                # axis is (1 × n) as it is (k × n) for k > 1 and a pass can grow the 1
+                ux, uo = _unit_before(self.d, x, xi[i]), _unit_before(self.d, out, oi[j])
+                if isinstance(si, int) and si > 1 and (ux is None) != (uo is None):
+                    if uo is not None:
+                        self.d.define(xs[i], "prod", [uo, os[j]])
+                    else:
+                        self.d.define(os[j], "prod", [ux, xs[i]])
+                else:
+                    self.d.union(xs[i], os[j])
+                    if ux is not None and uo is not None:
+                        self.d.union(ux, uo)  # the unit axis kept where it was
                 i, j = i + 1, j + 1
                 continue
             gi, gj = [xs[i]], [os[j]]
@@ -683,6 +698,11 @@ def _size(s):
         expr = s.node.expr
         return int(expr) if expr.is_number else expr
     return int(s)
+
+
+def _unit_before(d: Dims, axes: list[int], k: int) -> int | None:
+    """The size-1 axis just before position k of a shape, if there is one."""
+    return axes[k - 1] if k > 0 and d.size[axes[k - 1]] == 1 else None
 
 
 def _lt(a, b) -> bool:

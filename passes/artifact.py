@@ -1,7 +1,8 @@
 """Save and load rewritten models: weights as safetensors plus a recipe (source model,
 capture inputs, pipeline text, library versions). Loading rebuilds the source architecture,
 captures it on the recorded inputs, replays the pipeline and loads the weights: no pickle,
-no code in the recipe, nothing evaluated."""
+no code in the recipe, nothing evaluated; a recipe whose source runs code (a `module:callable`,
+a checkpoint's own model code) is refused unless the caller passes trust_remote_code=True."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from archfx.ir import ArtifactError, Graph, Inputs, capture
+from archfx.ir import ArtifactError, Graph, Inputs, ModelSpecError, capture
 from archfx.ir.serialize import load_tensors, read_json, save_tensors, state, write_dir, write_json
 
 from .pipeline import Pipeline
@@ -79,8 +80,11 @@ def save(
     return write_dir(out, fill, force=force)
 
 
-def load(path: str | Path) -> Graph:
-    """Rebuild a saved model as a runnable `Graph` with the saved weights."""
+def load(path: str | Path, *, trust_remote_code: bool = False) -> Graph:
+    """Rebuild a saved model as a runnable `Graph` with the saved weights.
+
+    The recipe is data: a source that rebuilds the model by running code — a `module:callable`,
+    or a checkpoint that ships its own model code — is refused unless `trust_remote_code`."""
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"{path} is not a directory saved by archfx (`archfx apply --out`)")
@@ -103,7 +107,7 @@ def load(path: str | Path) -> Graph:
     missing = [n for n in cap["inputs"] if n not in inputs]
     if missing:
         raise ArtifactError(f"{path}/{ex['file']} lacks the example inputs {missing}")
-    model = _rebuild(source, path)
+    model = _rebuild(source, path, trust_remote_code)
     dtype = getattr(torch, str(recipe.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         raise ArtifactError(f"{path}/recipe.json names an unknown dtype {recipe.get('dtype')!r}")
@@ -122,7 +126,16 @@ def load(path: str | Path) -> Graph:
     return graph
 
 
-def _rebuild(source: dict, path: Path) -> torch.nn.Module:
+def _rebuild(source: dict, path: Path, trust_remote_code: bool) -> torch.nn.Module:
+    if not isinstance(source, dict):
+        raise ArtifactError(f"{path}/recipe.json: source must be an object, got {source!r}")
+    if source.get("kind") == "callable" and not trust_remote_code:
+        raise ArtifactError(
+            f"{path}/recipe.json rebuilds the model by calling {source.get('target')!r}, which "
+            "runs code the artifact names; pass trust_remote_code=True if you trust it"
+        )
+    if source.get("kind") == "hf-dir":  # only the caller's flag counts, never the recipe's
+        source = {**source, "trust_remote_code": trust_remote_code}
     if source.get("kind") == "hf-config":
         cls_name = source.get("class", "")
         cls = getattr(transformers, cls_name, None)
@@ -140,7 +153,10 @@ def _rebuild(source: dict, path: Path) -> torch.nn.Module:
         return cls(config).eval()
     from .models import rebuild
 
-    return rebuild(source).eval()
+    try:
+        return rebuild(source).eval()
+    except ModelSpecError as exc:
+        raise ArtifactError(f"{path}: cannot rebuild the saved model: {exc}") from None
 
 
 def _load_weights(graph: Graph, tensors: dict, aliases: dict, path: Path) -> None:

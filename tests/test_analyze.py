@@ -162,3 +162,12 @@ def test_a_model_without_blocks_is_refused_with_the_reason():
     g = capture(model, (torch.randint(0, 10, (2, 5)),))
     with pytest.raises(AnalysisError, match="no Transformer blocks found"):
         _ = g.structure
+
+
+def test_learned_positions_indexed_by_an_arange_are_positions():
+    """nanoGPT (and RandomArch) index their position table with `arange(T)` directly; the
+    analysis looked only at the index's ancestors, not the index, and called it 'other'."""
+    assert [e.kind for e in capture(build("nanogpt")).structure.embeddings] == [
+        "token",
+        "position",
+    ]

@@ -11,6 +11,7 @@ from archfx.ir.verify import certify
 from archfx.passes import Pipeline
 from archfx.passes.artifact import load, save
 from archfx.passes.zoo import build
+from archfx.passes.zoo.random_arch import build_random
 
 
 def saved(tmp_path, name="tiny-gpt2", pipeline="canonicalize"):
@@ -134,3 +135,46 @@ def test_loaded_model_trains(tmp_path):
     logits.float().pow(2).mean().backward()
     assert all(p.grad is not None for p in graph.gm.parameters())
     assert isinstance(graph.gm, torch.nn.Module)
+
+
+CALLED = []
+
+
+def _record_call():
+    """Stands for any zero-argument callable a tampered recipe could name."""
+    CALLED.append(True)
+    return build("tiny-gpt2")
+
+
+def test_a_recipe_runs_no_code_unless_trusted(tmp_path):
+    """The recipe is data: a source that rebuilds the model by calling `module:callable`
+    (saved from a user's own model, or put there by whoever edited the file) is refused
+    before anything is imported or called, unless the caller passes trust_remote_code=True."""
+    graph = capture(build_random())  # the architecture random_config draws from seed 0
+    target = "archfx.passes.zoo.random_arch:build_random"
+    out = save(graph, tmp_path / "arch", source={"kind": "callable", "target": target}, pipeline="")
+    with pytest.raises(ArtifactError, match="trust_remote_code=True"):
+        load(out)
+    again = load(out, trust_remote_code=True)
+    assert certify(graph, again, tolerance=0.0).max_abs_diff == 0.0
+
+    recipe = json.loads((out / "recipe.json").read_text())
+    recipe["source"]["target"] = f"{__name__}:_record_call"
+    (out / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(ArtifactError, match="trust_remote_code=True"):
+        load(out)
+    assert CALLED == []
+
+
+def test_a_recipe_cannot_turn_on_remote_code(tmp_path):
+    """A recipe whose checkpoint source says trust_remote_code=true does not get it: only the
+    caller's flag counts (the checkpoint ships its own model code in auto_map)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"auto_map": {"AutoModel": "x.Y"}, "architectures": ["Y"]}')
+    _, out = saved(tmp_path, "nanogpt")
+    recipe = json.loads((out / "recipe.json").read_text())
+    recipe["source"] = {"kind": "hf-dir", "path": str(ckpt), "trust_remote_code": True}
+    (out / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(ArtifactError, match="ships its own model code"):
+        load(out)

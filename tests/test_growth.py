@@ -13,6 +13,7 @@ from archfx.ir import ArtifactError, PassError, capture
 from archfx.passes import Pipeline
 from archfx.passes.hf_export import save_pretrained
 from archfx.passes.optimizer import grow_optimizer
+from archfx.passes.zoo.random_arch import ArchConfig, build_random
 
 from .helpers import EVERY, byte_gpt, hamlet, loss_of, meta_llama, model, train
 
@@ -357,3 +358,96 @@ def test_smollm2_grown_round_trips_through_hugging_face(tmp_path):
     ids = graph.inputs.tensors[0]
     with torch.no_grad():
         assert (back(input_ids=ids).logits - grown(ids)[0]).abs().max() <= 1e-5
+
+
+# Regressions found by tests/test_random_architectures.py: a size-1 axis (one key/value head,
+# or one attention head) used to vanish from the coupled-dimension analysis.
+
+
+def test_expand_qk_is_exact_with_one_key_value_head():
+    """MQA with separate k and v projections (any Llama/Mistral/Qwen2 config with
+    num_key_value_heads=1): the key projection's rows are (1 × head dim). They used to be read
+    as the head dim itself, shared with the queries, so the new key rows were drawn instead of
+    zeroed and the certificate failed (max |Δ| 1e-3 on Llama, 0.13 on RandomArch)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    llama = transformers.LlamaForCausalLM(config).eval()
+    arch = build_random(ArchConfig(heads=2, kv_heads=1, head_dim=8, positions="learned"))
+    for m, hd in ((llama, 16), (arch, 8)):
+        result = Pipeline.parse(f"expand-qk(size={hd + 4})").run(capture(m))
+        assert result.records[0].certificate.ok
+        assert result.graph.structure.blocks[0].attention.head_dim == hd + 4
+
+
+def _single_head_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
+    return transformers.LlamaForCausalLM(config).eval(), "model.layers.0.self_attn"
+
+
+SINGLE_HEAD = {
+    "rope": lambda: (build_random(ArchConfig(heads=1, kv_heads=1, head_dim=8)), "blocks.0.attn"),
+    "learned": lambda: (
+        build_random(ArchConfig(heads=1, kv_heads=1, head_dim=8, positions="learned")),
+        "blocks.0.attn",
+    ),
+    "llama": _single_head_llama,
+}
+
+
+@pytest.mark.parametrize("which", sorted(SINGLE_HEAD))
+def test_a_single_head_grows_into_several(which):
+    """heads = 1: add-heads used to refuse ('not laid out as heads × head dim'), because the
+    unit head axis vanished from the analysis. Keeping it takes three rules: a view that splits
+    off a unit axis makes the axis (1 × n); an operand's unit axis is the output's (q · cos with
+    RoPE keeps the head axis); a reshape that keeps a unit axis in place keeps it (Llama's
+    (b, 1, t, d) → (b, -1, t, d)). Now q, k, v and o all grow and the Structure sees the heads."""
+    m, prefix = SINGLE_HEAD[which]()
+    result = Pipeline.parse("add-heads(n=2),expand-qk(size=12),expand-head-dim(size=10)").run(
+        capture(m)
+    )
+    assert all(r.certificate.ok for r in result.records)
+    att = result.graph.structure.blocks[0].attention
+    assert (att.heads, att.kv_heads, att.head_dim) == (3, 3, 12)
+    shapes = {k: tuple(v.shape) for k, v in result.graph.gm.state_dict().items()}
+    d = 32
+    q, k, v, o = (
+        shapes[f"{prefix}.{n}.weight"]
+        for n in (
+            ("q", "k", "v", "o") if "blocks" in prefix else ("q_proj", "k_proj", "v_proj", "o_proj")
+        )
+    )
+    assert q == k == (36, d) and v == (30, d) and o == (d, 30)
+
+
+def test_neox_full_rotary_expand_qk_is_refused():
+    """Known limit (excluded in tests/test_random_architectures.py): GPT-NeoX with
+    partial_rotary_factor=1.0 concatenates the rotated head dim with an empty pass-through
+    slice; expand-qk cannot follow that layout and refuses with the reason."""
+    torch.manual_seed(0)
+    config = transformers.GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        rotary_pct=1.0,
+    )
+    graph = capture(transformers.GPTNeoXForCausalLM(config).eval())
+    with pytest.raises(PassError, match="laid out in a way archfx cannot grow"):
+        Pipeline.parse("expand-qk(size=12)").run(graph)
