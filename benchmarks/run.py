@@ -204,27 +204,53 @@ def main(argv=None) -> dict:
         "--quick", action="store_true", help="tiny shapes: a smoke run of every section"
     )
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--sections",
+        default="1,2,3",
+        help="which sections to (re)run; the others keep their last results in --out",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     q = args.quick
-    w, h = (64, 4) if q else (768, 12)
-    lines = [
+    chosen = {int(x) for x in args.sections.split(",")}
+    runs = {1: _cost_section, 2: _overhead_section, 3: _backends_section}
+    result = {}
+    for n in sorted(chosen):
+        print(f"section {n}", flush=True)
+        key, value, lines = runs[n](out, q, args.rounds)
+        result[key] = value
+        (out / f"section{n}.md").write_text("\n".join(lines) + "\n")
+    header = [
         "# Performance results",
         "",
-        f"`python benchmarks/run.py{' --quick' if q else ''}` — one thread, {ort.get_device()} / "
-        f"{', '.join(providers())}, torch {torch.__version__}, onnxruntime {ort.__version__}.",
+        "`python benchmarks/run.py` (each section can be rerun alone with `--sections N`); one "
+        f"thread, {ort.get_device()} / {', '.join(providers())}, torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}.",
         "",
+    ]
+    parts = [
+        (out / f"section{n}.md").read_text() for n in runs if (out / f"section{n}.md").exists()
+    ]
+    text = "\n".join(header) + "\n".join(parts)
+    (out / "results.md").write_text(text)
+    print(text)
+    return result
+
+
+def _cost_section(out: Path, q: bool, rounds: int):
+    w, h = (64, 4) if q else (768, 12)
+    lines = [
         "## 1. The pipeline's own cost against torch.export",
         "",
         f"GPT-2 shape ({w} wide, {h} heads) on the meta device, dynamic batch and sequence; "
-        f"pipeline `{COST_PIPELINE}` without numerical verification (no values on meta).",
+        f"pipeline `{COST_PIPELINE}` without numerical verification (no values on meta); best of "
+        "two, torch.export and archfx alternating.",
         "",
         "| layers | torch.export | capture | analyse | pipeline | archfx total / export |",
         "|---|---|---|---|---|---|",
     ]
-    print("1. pipeline cost", flush=True)
     cost = pipeline_cost([2, 4, 8] if q else [12, 24, 48], w, h)
     for r in cost:
         total = r["capture"] + r["analyse"] + r["pipeline"]
@@ -242,8 +268,10 @@ def main(argv=None) -> dict:
         "",
     ]
     _cost_plot(out / "pipeline_cost.png", cost)
+    return "cost", cost, lines
 
-    print("2. rewrite overhead", flush=True)
+
+def _overhead_section(out: Path, q: bool, rounds: int):
     shape = (
         [
             "--layers",
@@ -263,10 +291,10 @@ def main(argv=None) -> dict:
         else []
     )
     overhead = rewrite_overhead.main(
-        ["--pipelines", OVERHEAD_PIPELINES, "--rounds", str(args.rounds), *shape]
+        ["--pipelines", OVERHEAD_PIPELINES, "--rounds", str(rounds), *shape]
     )
     names = [p.strip() for p in OVERHEAD_PIPELINES.split(";")]
-    lines += [
+    lines = [
         "## 2. Each rewrite's runtime overhead (latency / plain model's)",
         "",
         "GPT-2-small shape (12 × 768, vocabulary 50257), batch 8 × 128, random weights"
@@ -283,8 +311,10 @@ def main(argv=None) -> dict:
             + " |"
         )
     lines.append("")
+    return "overhead", overhead, lines
 
-    print("3. backends", flush=True)
+
+def _backends_section(out: Path, q: bool, rounds: int):
     torch.manual_seed(0)
     if q:
         gpt2 = rewrite_overhead.gpt2_small(2, 64, 4, 256)
@@ -306,8 +336,8 @@ def main(argv=None) -> dict:
     results = []
     for name, model, ids, heads, width in models:
         print(f"   {name}", flush=True)
-        results.append(backends(name, model, ids, heads, width, args.rounds))
-    lines += ["## 3. Backends (seconds per forward; speed-up over eager)", ""]
+        results.append(backends(name, model, ids, heads, width, rounds))
+    lines = ["## 3. Backends (seconds per forward; speed-up over eager)", ""]
     for r in results:
         eager = r["seconds"]["eager (Hugging Face module)"]
         plain = r["seconds"]["ORT, plain export (ORT_ENABLE_ALL)"]
@@ -347,10 +377,7 @@ def main(argv=None) -> dict:
         ]
     _bar(out / "backends.png", results)
     lines += ["![backends](backends.png)", ""]
-    text = "\n".join(lines)
-    (out / "results.md").write_text(text)
-    print(text)
-    return {"cost": cost, "overhead": overhead, "backends": results}
+    return "backends", results, lines
 
 
 if __name__ == "__main__":
