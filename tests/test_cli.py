@@ -64,6 +64,7 @@ def test_apply_canonicalize_verify_onnx(capsys, tmp_path, name):
         assert onnx["ok"] and onnx["onnx_error"] <= onnx["reference_error"], onnx
     else:
         assert onnx["max_abs_diff"] <= 1e-4 and onnx["onnx_error"] is None
+    assert onnx["fusions"][0].startswith("fused ") and "attention" in onnx["fusions"][0]
     assert data["passes"][0]["name"] == "canonicalize" and data["passes"][0]["changed"]
     assert data["params"]["before"] >= data["params"]["after"] > 0
 
