@@ -43,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 import transformers as tf  # noqa: E402
 
 from archfx.ir import capture  # noqa: E402
+from archfx.ir.draw import pyplot  # noqa: E402
 from archfx.passes import Pipeline  # noqa: E402
 from archfx.passes.optimizer import grow_optimizer  # noqa: E402
 from archfx.passes.zoo.text import batches, byte_tokens, shakespeare  # noqa: E402
@@ -387,7 +388,7 @@ def residual_markdown(res: dict) -> str:
 
 
 def residual_plot(res: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     tokens_per_step = res["settings"]["batch"] * res["settings"]["seq"]
     for name in RESIDUAL:
@@ -653,7 +654,7 @@ def growth_markdown(res: dict) -> str:
 
 
 def growth_plot(res: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
     g = res["grow_step"]
     for j, kind in enumerate(GROWTH_KINDS):
@@ -836,7 +837,7 @@ def upcycle_markdown(res: dict) -> str:
 
 
 def upcycle_plot(res: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
     original = next(r for r in res["runs"] if r["pipeline"] == "original")
     for r in res["runs"]:
@@ -881,15 +882,6 @@ TABLES = {
     "growth": (run_growth, growth_markdown, growth_plot),
     "upcycle": (run_upcycle, upcycle_markdown, upcycle_plot),
 }
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _zoom(ax, skip: float = 0.1) -> None:

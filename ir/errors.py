@@ -1,6 +1,13 @@
 """The errors archfx raises. Each carries a one-line message that says what to do."""
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """`Type: first line of the message` (the line cut to `limit` characters), for wrapping a
+    library's exception into one of ours."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:limit]}" if text else type(exc).__name__
+
+
 class ArchfxError(Exception):
     """Base class: a problem with the user's input or with a rewrite, explained in one line."""
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import first_line
+
 GROUP_OPS = {
     "norm": {"SimplifiedLayerNormalization", "LayerNormalization"},
     "skip-norm": {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"},
@@ -210,7 +212,7 @@ def fuse(
     groups = _rule_sets() if groups is None else groups
     on_gpu = "CUDAExecutionProvider" in providers
     report = FusionReport()
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         model = ir.load(str(raw))
         common.ShapeInferencePass()(model)
         optimize(model)
@@ -221,7 +223,7 @@ def fuse(
             report.baseline_diff = check(last)
         except Exception as exc:  # onnxscript's clean-up broke it: fuse the export as it is
             report.notes.append(
-                f"onnxscript's pre-fusion optimisation broke the model ({_first(exc)}); "
+                f"onnxscript's pre-fusion optimisation broke the model ({first_line(exc, 160)}); "
                 "the exporter's model was fused as it is"
             )
             model, last = ir.load(str(raw)), Path(raw)
@@ -247,7 +249,7 @@ def fuse(
             except Exception as exc:  # ONNX Runtime refuses or fails on the rewritten model
                 result.max_abs_diff, error = (
                     float("inf"),
-                    f"broke the model ({_first(exc)}); undone",
+                    f"broke the model ({first_line(exc, 160)}); undone",
                 )
             if result.max_abs_diff <= limit:
                 last = stage
@@ -266,11 +268,6 @@ def fuse(
     return report
 
 
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
-
-
 def _save(model, path: Path) -> Path:
     import onnx_ir as ir
 
@@ -280,11 +277,8 @@ def _save(model, path: Path) -> Path:
 
 def _scope(node) -> str:
     """The module that computed `node` (the exporter's name scopes, without the op's own)."""
-    text = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if not text:
-        return node.name or ""
-    scopes = ast.literal_eval(text)
-    return scopes[-2] if len(scopes) >= 2 else ""
+    scopes = _scopes(node)
+    return scopes[-2] if len(scopes) >= 2 else scopes[0]
 
 
 def _find_sites(model) -> list[Site]:
@@ -294,7 +288,8 @@ def _find_sites(model) -> list[Site]:
     for node in model.graph:
         kind = _site_kind(node)
         if kind is not None:
-            seen.setdefault((kind, _scope(node)), Site(kind, _scope(node)))
+            scope = _scope(node)
+            seen.setdefault((kind, scope), Site(kind, scope))
     return list(seen.values())
 
 
@@ -368,10 +363,3 @@ def _misses(model, rule_sets) -> dict[str, tuple[int, str]]:
     for rules in rule_sets:
         rules.apply_to_model(model, tracer=PerScope())
     return best
-
-
-@contextlib.contextmanager
-def _quiet():
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink):
-        yield

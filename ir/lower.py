@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import LoweringError
+from .errors import LoweringError, first_line
 from .fuse import FusionReport
 from .fuse import fuse as fuse_for_ort
 from .graph import Graph
@@ -70,7 +70,7 @@ def ort_session(
             str(path), so, providers=chosen, disabled_optimizers=disabled_fusions(chosen)
         )
     except Exception as exc:
-        raise LoweringError(f"ONNX Runtime cannot load {path}: {_first(exc)}") from exc
+        raise LoweringError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from exc
 
 
 def _LEVELS(ort) -> dict:
@@ -175,24 +175,38 @@ def to_onnx(
             program.save(str(raw))
     except Exception as exc:
         raise LoweringError(
-            f"ONNX export failed: {_first(exc)}; try canonicalize first, or report the op it names"
+            f"ONNX export failed: {first_line(exc)}; try canonicalize first, or report the op it names"
         ) from exc
     export_s = time.perf_counter() - t0
+    sets = [ins for ins in (graph.inputs, graph.second_inputs()) if ins is not None]
+    expected = [graph.run(ins) for ins in sets]
+
+    def against_pytorch(session) -> tuple[float, list]:
+        """Max |Δ| of ONNX Runtime's outputs from PyTorch's on every input set, and those outputs."""
+        diff, actuals = 0.0, []
+        for ins, want in zip(sets, expected, strict=True):
+            got = [torch.from_numpy(np.asarray(a)) for a in run_onnx(session, ins)]
+            try:
+                diffs = compare(want, got, graph.output_names)
+            except Exception as exc:
+                raise LoweringError(
+                    f"ONNX Runtime's outputs do not match PyTorch's: {exc}"
+                ) from exc
+            diff = max(diff, *diffs.values())
+            actuals.append(got)
+        return diff, actuals
+
     t1 = time.perf_counter()
     report = None
     if optimize and fuse:
         fused = path.with_suffix(".fused.onnx")
-        sets = [ins for ins in (graph.inputs, graph.second_inputs()) if ins is not None]
-        expected = [graph.run(ins) for ins in sets]
-
-        def check(p: Path) -> float:
-            session, diff = ort_session(p, level="basic"), 0.0
-            for ins, want in zip(sets, expected, strict=True):
-                got = [torch.from_numpy(np.asarray(a)) for a in run_onnx(session, ins)]
-                diff = max(diff, *compare(want, got, graph.output_names).values())
-            return diff
-
-        report = fuse_for_ort(raw, fused, providers=providers(), check=check, tolerance=TOLERANCE)
+        report = fuse_for_ort(
+            raw,
+            fused,
+            providers=providers(),
+            check=lambda p: against_pytorch(ort_session(p, level="basic"))[0],
+            tolerance=TOLERANCE,
+        )
     if optimize:
         import onnxruntime as ort
 
@@ -211,22 +225,12 @@ def to_onnx(
             )
         except Exception as exc:
             raise LoweringError(
-                f"ONNX Runtime cannot optimise the exported model: {_first(exc)}"
+                f"ONNX Runtime cannot optimise the exported model: {first_line(exc)}"
             ) from exc
     optimize_s = time.perf_counter() - t1
     session = ort_session(path)
-    diff, runs = 0.0, []
-    for ins in [graph.inputs, graph.second_inputs()]:
-        if ins is None:
-            continue
-        expected = graph.run(ins)
-        actual = [torch.from_numpy(np.asarray(a)) for a in run_onnx(session, ins)]
-        try:
-            diffs = compare(expected, actual, graph.output_names)
-        except Exception as exc:
-            raise LoweringError(f"ONNX Runtime's outputs do not match PyTorch's: {exc}") from exc
-        diff = max(diff, *diffs.values())
-        runs.append((ins, expected, actual))
+    diff, actuals = against_pytorch(session)
+    runs = list(zip(sets, expected, actuals, strict=True))
     reference_error = onnx_error = None
     if diff > TOLERANCE:
         reference_error, onnx_error = _against_fp64(graph, runs)
@@ -322,10 +326,5 @@ def compile_graph(
     except LoweringError:
         raise
     except Exception as exc:
-        raise LoweringError(f"torch.compile failed: {_first(exc)}") from exc
+        raise LoweringError(f"torch.compile failed: {first_line(exc)}") from exc
     return CompileResult(compiled, diff, seconds)
-
-
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
