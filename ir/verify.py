@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 from torch._dispatch.python import enable_python_dispatcher
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils import _pytree as pytree
 
 from .errors import VerificationError
 from .graph import Graph
@@ -59,6 +62,10 @@ def refresh_shapes(graph: Graph, since: dict[fx.Node, str] | None = None) -> Non
     rewrite), only nodes that are new, have new arguments, or read a value whose shape, stride
     or dtype changed are propagated again; every other node keeps its shape. The result is
     the full propagation's: a node is skipped only when nothing it is computed from changed.
+    A rewrite usually repeats itself in every layer: an operator applied to inputs of the same
+    layout as one already propagated in this run (same op, same arguments, same symbolic
+    shapes, strides, dtypes) takes that node's result instead of dispatching again; ops that
+    introduce new (data-dependent) symbols or read a constant's value are always propagated.
     """
     vals = [n.meta["val"] for n in graph.placeholders]
     mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
@@ -81,15 +88,39 @@ class _Incremental(FakeTensorProp):
         super().__init__(gm, mode)
         self.since = since
         self.changed: set[fx.Node] = set()
+        self.seen: dict[tuple, tuple] = {}
 
     def run_node(self, n: fx.Node):
         if n.op in ("call_function", "call_method", "call_module") and not self._dirty(n):
             return n.meta["val"]
+        if n.op == "get_attr" and "val" in n.meta:
+            value = self.fetch_attr(n.target)
+            if _same_tensor(value, n.meta["val"]):  # the pass left this attribute alone
+                return value
         old = _layout(n.meta.get("val"))
-        result = super().run_node(n)
+        key = self._key(n)
+        if key in self.seen:
+            result, n.meta["val"] = self.seen[key]
+        else:
+            n.meta.pop("unbacked_bindings", None)
+            result = super().run_node(n)
+            if key is not None and "unbacked_bindings" not in n.meta:
+                self.seen[key] = result, n.meta["val"]
         if n not in self.since or _layout(n.meta.get("val")) != old:
             self.changed.add(n)
         return result
+
+    def _key(self, n: fx.Node) -> tuple | None:
+        """What an operator's result is a function of under fake tensors: the op and the
+        layouts of its arguments. None for nodes that are not plain operator calls."""
+        if n.op != "call_function" or not (
+            isinstance(n.target, torch._ops.OpOverload) or n.target is operator.getitem
+        ):
+            return None
+        args = map_arg((n.args, n.kwargs), self.env.__getitem__)
+        if any(map(_may_hold_value, pytree.tree_leaves(args))):
+            return None
+        return n.target, _layout(args)
 
     def _dirty(self, n: fx.Node) -> bool:
         return (
@@ -99,13 +130,42 @@ class _Incremental(FakeTensorProp):
         )
 
 
+def _may_hold_value(v) -> bool:
+    """Whether fake propagation may read this argument's value, not just its layout: a
+    one-element tensor with data (fake tensors keep such constants, `item()` reads them)."""
+    if isinstance(v, FakeTensor):
+        return v.constant is not None
+    return isinstance(v, torch.Tensor) and v.device.type != "meta" and v.numel() <= 1
+
+
+def _same_tensor(value, val) -> bool:
+    """Whether a (static-shaped) attribute still has the layout its propagated value records."""
+    return (
+        isinstance(value, torch.Tensor)
+        and isinstance(val, torch.Tensor)
+        and value.shape == val.shape
+        and value.stride() == val.stride()
+        and value.storage_offset() == val.storage_offset()
+        and value.dtype == val.dtype
+        and value.device == val.device
+    )
+
+
 def _layout(val) -> str:
-    """Shape, stride, dtype and device of a propagated value (symbolic sizes as text)."""
+    """Shape, stride, offset, dtype, device and grad flag of a propagated value (symbolic
+    sizes as text); other values as text."""
     return repr(
         map_aggregate(
             val,
             lambda v: (
-                (tuple(map(str, v.shape)), tuple(map(str, v.stride())), v.dtype, v.device)
+                (
+                    tuple(map(str, v.shape)),
+                    tuple(map(str, v.stride())),
+                    str(v.storage_offset()),
+                    v.dtype,
+                    v.device,
+                    v.requires_grad,
+                )
                 if isinstance(v, torch.Tensor)
                 else str(v)
             ),

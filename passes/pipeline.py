@@ -153,18 +153,22 @@ class Pipeline:
     ) -> PipelineResult:
         """Run every pass on a copy of `graph` (which is never modified). With `inplace`, the
         passes edit `graph` itself: no second copy of the weights, for models too large to
-        hold twice; there is then no input to certify against, so `verify` must be False."""
+        hold twice; there is then no input to certify against, so `verify` must be False.
+        The copy is made once; a pass whose function is certified gets a copy of its own,
+        since its input is kept to run against."""
         if inplace and verify:
             raise PassError(
                 "inplace=True leaves no input graph to certify against; pass verify=False "
                 "(or certify on a smaller model)"
             )
-        current = graph
+        current, owned = graph, inplace
         records = []
         for i, p in enumerate(self.passes):
             if on_pass:
                 on_pass(i, p)
-            work = current if inplace else current.copy()
+            certified = verify and p.claims_exact()
+            work = current if owned and not certified else current.copy()
+            code, nodes, params = current.gm.code, current.num_nodes(), current.num_parameters()
             t0 = time.perf_counter()
             try:
                 before = shape_signature(work)
@@ -175,10 +179,10 @@ class Pipeline:
             except PassError:
                 raise  # a refusal that names its site and reason: nothing to reproduce
             except ArchfxError as exc:
-                self._reproduce(i, p, current, exc, dump_dir)
+                self._reproduce(i, p, graph, code, exc, dump_dir)
                 raise
             except Exception as exc:  # a bug in a pass: keep the reproducer, raise a clear error
-                where = self._reproduce(i, p, current, exc, dump_dir)
+                where = self._reproduce(i, p, graph, code, exc, dump_dir)
                 raise PassError(
                     f"pass {p} failed: {type(exc).__name__}: {exc}; reproducer in {where}"
                 ) from exc
@@ -188,18 +192,18 @@ class Pipeline:
                 preserves=p.claims_exact(),
                 changed=result.changed,
                 seconds=seconds,
-                nodes_before=current.num_nodes(),
+                nodes_before=nodes,
                 nodes_after=work.num_nodes(),
-                params_before=current.num_parameters(),
+                params_before=params,
                 params_after=work.num_parameters(),
                 remarks=result.remarks,
                 details=result.details,
                 tensor_maps=result.tensor_maps,
             )
-            if verify and p.claims_exact():
+            if certified:
                 record.certificate = certify(current, work, widened=p.widens_outputs)
                 if not record.certificate.ok:
-                    where = self._reproduce(i, p, current, None, dump_dir)
+                    where = self._reproduce(i, p, graph, code, None, dump_dir)
                     raise VerificationError(
                         f"pass {p} claims to preserve the function but changed it: max |Δ| = "
                         f"{record.certificate.max_abs_diff:.3g} > "
@@ -208,13 +212,17 @@ class Pipeline:
             if dump_dir is not None:
                 d = Path(dump_dir)
                 d.mkdir(parents=True, exist_ok=True)
-                (d / f"{i:02d}-{p.name}.before.py").write_text(current.gm.code)
+                (d / f"{i:02d}-{p.name}.before.py").write_text(code)
                 (d / f"{i:02d}-{p.name}.after.py").write_text(work.gm.code)
             records.append(record)
-            current = work
+            current, owned = work, True
         return PipelineResult(current, records)
 
-    def _reproduce(self, i: int, p: Pass, graph: Graph, exc: BaseException | None, dump_dir) -> str:
+    def _reproduce(
+        self, i: int, p: Pass, graph: Graph, code: str, exc: BaseException | None, dump_dir
+    ) -> str:
+        """Write what reproduces pass `i`'s failure: the pipeline, the IR the pass received
+        (`code`), the model it came from and the error."""
         d = (
             Path(dump_dir)
             if dump_dir is not None
@@ -224,7 +232,7 @@ class Pipeline:
         (d / "pipeline.txt").write_text(
             f"{self}\nfailed at pass {i}: {p}\nmodel: {graph.provenance}\n"
         )
-        (d / "input-graph.py").write_text(graph.gm.code)
+        (d / "input-graph.py").write_text(code)
         if exc is not None:
             (d / "error.txt").write_text("".join(traceback.format_exception(exc)))
         return str(d)

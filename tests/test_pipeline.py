@@ -1,11 +1,15 @@
-"""The pass contract and the pipeline text: parsing, printing, options, errors."""
+"""The pass contract and the pipeline text: parsing, printing, options, errors; what a run
+leaves behind: the input graph untouched, a reproducer when a pass fails."""
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from archfx.ir import PassError
+from archfx.ir import PassError, capture
 from archfx.passes import REGISTRY, Option, Pass, PassResult, Pipeline, register
+
+from .helpers import model
 
 
 @pytest.fixture
@@ -128,3 +132,54 @@ def test_options_checked_when_built_from_python(toy_pass):
     with pytest.raises(PassError, match="unknown option"):
         toy_pass(q=1)
     assert toy_pass(k=5).opts == {"k": 5, "beta": 1.0, "flag": False, "mode": "static"}
+
+
+@pytest.fixture
+def breaking_pass():
+    """A pass that rewires the graph, then fails like a buggy pass would."""
+
+    class Breaking(Pass):
+        name = "breaking-pass"
+        summary = "test-only"
+
+        def run(self, graph):
+            out = graph.gm.graph.output_node()
+            out.args = (tuple(reversed(out.args[0])),)  # a change the failure leaves behind
+            raise RuntimeError("bug in the pass")
+
+    register(Breaking)
+    yield Breaking
+    del REGISTRY["breaking-pass"]
+
+
+def _state(graph):
+    return graph.gm.code, {k: v.clone() for k, v in graph.gm.state_dict().items()}
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_the_input_graph_is_never_modified(verify):
+    graph = capture(model("tiny-llama"))
+    code, tensors = _state(graph)
+    text = "canonicalize,altup(k=2),expand-mlp(factor=2),add-layers(n=1)"
+    out = Pipeline.parse(text).run(graph, verify=verify).graph
+    assert out.gm.code != code
+    assert graph.gm.code == code
+    after = graph.gm.state_dict()
+    assert after.keys() == tensors.keys()
+    assert all(torch.equal(after[k], t) for k, t in tensors.items())
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_failing_pass_leaves_the_ir_it_received(breaking_pass, tmp_path, verify):
+    graph = capture(model("tiny-llama"))
+    code = graph.gm.code
+    received = Pipeline.parse("canonicalize,altup(k=2)").run(graph, verify=False).graph.gm.code
+    with pytest.raises(PassError, match="bug in the pass; reproducer in") as err:
+        Pipeline.parse("canonicalize,altup(k=2),breaking-pass").run(
+            graph, verify=verify, dump_dir=tmp_path
+        )
+    assert str(tmp_path) in str(err.value)
+    assert (tmp_path / "input-graph.py").read_text() == received
+    assert "failed at pass 2: breaking-pass" in (tmp_path / "pipeline.txt").read_text()
+    assert "RuntimeError: bug in the pass" in (tmp_path / "error.txt").read_text()
+    assert graph.gm.code == code

@@ -4,8 +4,10 @@ only, no values), keeping its new parameters there."""
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from archfx.ir import PassError, capture
+from archfx.ir import Graph, PassError, capture
 from archfx.ir.verify import refresh_shapes
 from archfx.passes import Pipeline
 
@@ -49,3 +51,24 @@ def test_every_pass_runs_on_the_meta_device():
         out = Pipeline.parse(text).run(graph, verify=False).graph
         devices = {t.device.type for t in [*out.gm.parameters(), *out.gm.buffers()]}
         assert devices == {"meta"}, (text, devices)
+
+
+def test_repeated_ops_on_different_constants_keep_their_own_shapes():
+    """Propagation reuses the result of an op repeated on same-layout inputs, but not when it
+    reads a value: `item()` of the constants 3 and 5 sizes two different tensors."""
+    root = torch.nn.Module()
+    root.register_buffer("c3", torch.tensor(3))
+    root.register_buffer("c5", torch.tensor(5))
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    outs = []
+    for name in ["c3", "c5"]:
+        lifted = g.call_function(torch.ops.aten.lift_fresh_copy.default, (g.get_attr(name),))
+        size = g.call_function(torch.ops.aten._local_scalar_dense.default, (lifted,))
+        outs.append(g.call_function(torch.ops.aten.new_zeros.default, (x, [size])))
+    g.output(tuple(outs))
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    x.meta["val"] = mode.from_tensor(torch.zeros(2))
+    graph = Graph(torch.fx.GraphModule(root, g), None, ["a", "b"], {}, {})
+    refresh_shapes(graph, since={})  # every node new: all propagated incrementally
+    assert [tuple(o.meta["val"].shape) for o in outs] == [(3,), (5,)]
