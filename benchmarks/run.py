@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import statistics
 import sys
@@ -46,8 +47,9 @@ COST_PIPELINE = "canonicalize,altup(k=2),expand-mlp(factor=2),canonicalize"
 OVERHEAD_PIPELINES = "altup(k=2);ddl(dv=1);ddl(dv=4);sdnc"
 
 
-def pipeline_cost(layers: list[int], width: int, heads: int) -> list[dict]:
-    """Seconds of torch.export alone and of archfx's capture, analysis and pipeline."""
+def pipeline_cost(layers: list[int], width: int, heads: int, rounds: int) -> list[dict]:
+    """Seconds of torch.export alone and of archfx's capture, analysis and pipeline: the best
+    of `rounds` alternating runs, each after a garbage collection."""
     auto = torch.export.Dim.AUTO
     rows = []
     for n in [layers[0], *layers]:  # the first size twice: a warm-up
@@ -58,7 +60,8 @@ def pipeline_cost(layers: list[int], width: int, heads: int) -> list[dict]:
             "use_cache": False,
         }
         export, ours = [], []
-        for _ in range(2):
+        for _ in range(rounds):
+            gc.collect()
             t0 = time.perf_counter()
             torch.export.export(
                 model,
@@ -68,6 +71,7 @@ def pipeline_cost(layers: list[int], width: int, heads: int) -> list[dict]:
                 strict=False,
             )
             export.append(time.perf_counter() - t0)
+            gc.collect()
             t0 = time.perf_counter()
             graph = capture(model, example)
             t1 = time.perf_counter()
@@ -246,12 +250,12 @@ def _cost_section(out: Path, q: bool, rounds: int):
         "",
         f"GPT-2 shape ({w} wide, {h} heads) on the meta device, dynamic batch and sequence; "
         f"pipeline `{COST_PIPELINE}` without numerical verification (no values on meta); best of "
-        "two, torch.export and archfx alternating.",
+        f"{rounds} rounds, torch.export and archfx alternating, each after a garbage collection.",
         "",
         "| layers | torch.export | capture | analyse | pipeline | archfx total / export |",
         "|---|---|---|---|---|---|",
     ]
-    cost = pipeline_cost([2, 4, 8] if q else [12, 24, 48], w, h)
+    cost = pipeline_cost([2, 4, 8] if q else [12, 24, 48], w, h, rounds)
     for r in cost:
         total = r["capture"] + r["analyse"] + r["pipeline"]
         lines.append(

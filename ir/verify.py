@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -151,26 +152,29 @@ def _same_tensor(value, val) -> bool:
     )
 
 
-def _layout(val) -> str:
-    """Shape, stride, offset, dtype, device and grad flag of a propagated value (symbolic
-    sizes as text); other values as text."""
-    return repr(
-        map_aggregate(
-            val,
-            lambda v: (
-                (
-                    tuple(map(str, v.shape)),
-                    tuple(map(str, v.stride())),
-                    str(v.storage_offset()),
-                    v.dtype,
-                    v.device,
-                    v.requires_grad,
-                )
-                if isinstance(v, torch.Tensor)
-                else str(v)
-            ),
+def _layout(val):
+    """Shape, stride, offset, dtype, device and grad flag of a propagated value, symbolic sizes
+    as their expressions; other values with their type (1, 1.0 and True differ). Hashable."""
+    return map_aggregate(val, _value)
+
+
+def _value(v):
+    if isinstance(v, torch.Tensor):
+        return (
+            tuple(map(_scalar, v.shape)),
+            tuple(map(_scalar, v.stride())),
+            _scalar(v.storage_offset()),
+            v.dtype,
+            v.device,
+            v.requires_grad,
         )
-    )
+    return _scalar(v)
+
+
+def _scalar(v):
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return "symbolic", v.node.expr
+    return type(v), v if isinstance(v, Hashable) else repr(v)
 
 
 @dataclass
