@@ -20,7 +20,9 @@ def test_quick_run_writes_the_tables_and_plots(tmp_path):
     assert set(result["overhead"]) == {"eager", "compiled", "ort"}
     (gpt2,) = result["backends"]
     assert "archfx ONNX (fusions + ORT)" in gpt2["seconds"] and gpt2["archfx_diff"] <= 1e-4
+    assert 0 < gpt2["matmul_share"] < 1
     text = (tmp_path / "results.md").read_text()
     assert "## 1." in text and "## 2." in text and "## 3." in text and "MultiHeadAttention" in text
+    assert "Matrix products (MatMul, FusedMatMul, Gemm) take" in text
     assert (tmp_path / "backends.png").stat().st_size > 1000
     assert (tmp_path / "pipeline_cost.png").stat().st_size > 1000
