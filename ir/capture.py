@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from . import inputs as _inputs
-from .errors import CaptureError
+from .errors import CaptureError, first_line
 from .graph import Graph
 
 METHODS = ("export", "fx")
@@ -76,14 +76,9 @@ def _check_fx_traceable(model: nn.Module) -> None:
         fx.symbolic_trace(model)
     except Exception as exc:
         raise CaptureError(
-            f"torch.fx could not trace {type(model).__name__}: {_first_line(exc)}; "
+            f"torch.fx could not trace {type(model).__name__}: {first_line(exc)}; "
             "use method='export' (the default), which handles Python control flow on shapes"
         ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _explain(model: nn.Module, exc: BaseException) -> str:
@@ -106,7 +101,7 @@ def _explain(model: nn.Module, exc: BaseException) -> str:
         hint = "a dynamic dimension was fixed by the model; pass dynamic=False"
     elif "unsupported" in low or "not supported" in low:
         hint = "rewrite that construct, or try method='fx' for plain Python modules"
-    return f"cannot capture {type(model).__name__}: {type(exc).__name__}: {_first_line(exc)}{where}; {hint}"
+    return f"cannot capture {type(model).__name__}: {first_line(exc)}{where}; {hint}"
 
 
 def _flatten(gm: fx.GraphModule) -> tuple[fx.GraphModule, pytree.TreeSpec]:
