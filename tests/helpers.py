@@ -1,5 +1,6 @@
 """Shared test utilities: every zoo model, and a short training loop on real text."""
 
+import pytest
 import torch
 import transformers as tf
 
@@ -12,6 +13,14 @@ from .families import FAMILIES, build_family
 
 ZOO = [name for name, b in BUILTINS.items() if not b.real]
 EVERY = [*ZOO, *(f"family:{f}" for f in sorted(FAMILIES))]
+# ONNX exports are the slow part of the suite: every run exports a LayerNorm decoder, an RMSNorm
+# decoder with RoPE and GQA, and an encoder-decoder; `make test-all` exports every model
+ONNX_SAMPLE = ("tiny-gpt2", "tiny-llama", "tiny-t5")
+
+
+def onnx_params(names: list[str]) -> list:
+    """`names` as test parameters: those in `ONNX_SAMPLE` in every run, the others marked slow."""
+    return [n if n in ONNX_SAMPLE else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
 def model(name: str) -> torch.nn.Module:

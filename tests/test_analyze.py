@@ -5,11 +5,10 @@ import torch
 import transformers as tf
 
 from archfx.ir import AnalysisError, capture
-from archfx.passes.zoo import BUILTINS, build
+from archfx.passes.zoo import build
 
 from .families import FAMILIES, TRAITS, build_family
-
-ZOO = [name for name, b in BUILTINS.items() if not b.real]
+from .helpers import ZOO
 
 
 def _first(cfg, *names, default=None):

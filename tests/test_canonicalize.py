@@ -6,11 +6,10 @@ import torch
 from archfx.ir import capture
 from archfx.ir.ops import aten
 from archfx.passes import Pipeline
-from archfx.passes.zoo import BUILTINS, build
+from archfx.passes.zoo import build
 
 from .families import FAMILIES, build_family
-
-ZOO = [name for name, b in BUILTINS.items() if not b.real]
+from .helpers import ZOO
 
 
 def run(model):

@@ -8,9 +8,8 @@ import pytest
 
 from archfx.passes import REGISTRY, Option, Pass, PassResult, register
 from archfx.passes.cli import main
-from archfx.passes.zoo import BUILTINS
 
-ZOO = [name for name, b in BUILTINS.items() if not b.real]
+from .helpers import ZOO, onnx_params
 
 
 def run(capsys, *argv):
@@ -54,7 +53,9 @@ def test_inspect_json(capsys, name):
         assert all("kind" in r for r in b["residuals"])
 
 
-@pytest.mark.parametrize("name", [*ZOO, "minilm", pytest.param("smollm2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name", [*onnx_params(ZOO), "minilm", pytest.param("smollm2", marks=pytest.mark.slow)]
+)
 def test_apply_canonicalize_verify_onnx(capsys, tmp_path, name):
     onnx = str(tmp_path / "m.onnx")
     data = run_json(capsys, "apply", name, "--pipeline", "canonicalize", "--verify", "--onnx", onnx)

@@ -6,7 +6,7 @@ import torch
 from archfx.ir import capture
 from archfx.passes import Pipeline
 
-from .helpers import EVERY, ZOO, byte_gpt, model, train
+from .helpers import EVERY, ZOO, byte_gpt, model, onnx_params, train
 
 EXACT = ["ddl(dv=1,value=compat)", "ddl(dv=4,value=compat)"]
 
@@ -33,7 +33,7 @@ def test_compat_exact_on_smollm2():
         assert Pipeline.parse(text).run(graph).records[-1].certificate.max_abs_diff <= 1e-5
 
 
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name", onnx_params(ZOO))
 def test_onnx_dv1(tmp_path, name):
     from archfx.ir.lower import to_onnx
 
