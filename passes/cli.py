@@ -324,13 +324,10 @@ def cmd_apply(args, err: Console) -> int:
     }
     if args.verify:
         with _step(err, "verifying against the input model"):
-            widened = any(p.widens_outputs for p in pipeline.passes)
-            cert = certify(graph, result.graph, widened=widened)
+            cert = _verify(graph, result, pipeline)
         data["verify"] = {**cert.to_json(), "expected_equal": result.preserves}
         if result.preserves and not cert.ok:
-            _fail(
-                f"verification failed: max |Δ| = {cert.max_abs_diff:.3g} > {cert.tolerance * cert.scale:.3g}"
-            )
+            _fail(f"verification failed: {_reason(cert)}")
             status = 1
     if args.onnx:
         from archfx.ir.lower import TOLERANCE, to_onnx
@@ -377,6 +374,37 @@ def cmd_apply(args, err: Console) -> int:
         return status
     _print_apply(data)
     return status
+
+
+def _verify(graph, result, pipeline):
+    """The whole pipeline's certificate: the pipeline's own where it made one (every pass
+    preserves), else the rewritten graph run against the input. A graph whose memory persists
+    across calls (sdnc(persistent=true)) takes its memory as extra inputs and returns it as
+    extra outputs: it is compared as its first call, with the memory empty."""
+    from .sdnc import first_call, is_persistent
+
+    cert = getattr(result, "certificate", None)
+    if cert is not None:
+        return cert
+    candidate, note = result.graph, None
+    if is_persistent(candidate):
+        candidate = first_call(candidate)
+        note = (
+            "persistent memory: compared as the first call (memory empty); the memory "
+            "inputs and outputs are not compared"
+        )
+    widened = any(p.widens_outputs for p in pipeline.passes)
+    cert = certify(graph, candidate, widened=widened)
+    if note:
+        cert.notes.append(note)
+    return cert
+
+
+def _reason(cert) -> str:
+    """Why a certificate failed, in one line."""
+    if hasattr(cert, "reason"):
+        return cert.reason()
+    return f"max |Δ| = {cert.max_abs_diff:.3g} > {cert.tolerance * cert.scale:.3g}"
 
 
 def _print_apply(data: dict) -> None:

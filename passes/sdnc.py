@@ -26,6 +26,7 @@ torch.compile and ONNX run the fused attention kernel as before.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import operator
@@ -34,9 +35,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from archfx.ir import Inputs, PassError
+from archfx.ir import Graph, Inputs, PassError
 from archfx.ir.memory import DELTA, READ, WRITE, weightings
 from archfx.ir.ops import DROPOUT, IDENTITY, MATMUL, SOFTMAX, aten, is_call, op_arg
+from archfx.ir.verify import refresh_shapes
 
 from .base import Option, Pass, PassResult, register
 
@@ -706,6 +708,55 @@ def _causal_after(g: fx.Graph, like: fx.Node, past_len: fx.Node, tokens: fx.Node
     k = _node(g, like, aten.arange.default, (total,), {"device": device})
     q = _node(g, like, aten.unsqueeze.default, (q, -1))
     return _node(g, like, aten.le.Tensor, (k, q))
+
+
+def is_persistent(graph) -> bool:
+    """Whether `graph` was rewritten by `sdnc(persistent=true)` (takes and returns its memory)."""
+    return bool(graph.output_names) and graph.output_names[-1].startswith("memory.")
+
+
+def first_call(graph) -> Graph:
+    """An `sdnc(persistent=true)` graph as its first call, comparable with the graph the pass
+    rewrote: the memory inputs replaced by empty memories (batch taken from the tokens), the
+    memory outputs dropped. With an empty memory the rewrite computes what the model computed,
+    so `certify(original, first_call(persistent))` checks it. Shares the parameters."""
+    if not is_persistent(graph):
+        raise PassError("first_call needs a graph rewritten by sdnc(persistent=true)")
+    count = sum(n.startswith("past.") for n in graph.inputs.names)
+    g = copy.deepcopy(graph.gm.graph)
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    tokens, pasts = placeholders[0], placeholders[-count:]
+    device = tokens.meta["val"].device
+    with g.inserting_after(placeholders[-1]):
+        batch = g.call_function(aten.sym_size.int, (tokens, 0))
+    last = batch
+    for ph, t in zip(pasts, graph.inputs.tensors[-count:], strict=True):
+        with g.inserting_after(last):
+            last = g.call_function(
+                aten.zeros.default,
+                ([batch, *t.shape[1:]],),
+                {"dtype": t.dtype, "device": device},
+            )
+        ph.replace_all_uses_with(last)
+        g.erase_node(ph)
+    out = next(n for n in g.nodes if n.op == "output")
+    out.args = (tuple(out.args[0][:-count]),)
+    g.eliminate_dead_code()
+    gm = fx.GraphModule(graph.gm, g)  # the same parameters, not a copy
+    result = Graph(
+        gm,
+        Inputs(
+            graph.inputs.names[:-count],
+            graph.inputs.tensors[:-count],
+            graph.inputs.positional,
+            graph.inputs.fixed,
+        ),
+        graph.output_names[:-count],
+        dict(graph.provenance),
+        dict(graph.range_constraints),
+    )
+    refresh_shapes(result)
+    return result
 
 
 class MemoryStream:

@@ -1,6 +1,7 @@
 """sdnc: attention as explicit memory write / read ops (SPEC.md §4)."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from archfx.ir.lower import compile_graph, to_onnx
 from archfx.ir.memory import READ, WRITE, delta_update
 from archfx.passes import Pipeline
 from archfx.passes.cli import main as cli
-from archfx.passes.sdnc import MemoryStream, memories
+from archfx.passes.sdnc import MemoryStream, first_call, memories
 
 from .helpers import EVERY, byte_gpt, model, train
 
@@ -184,6 +185,26 @@ def test_persistent_graphs_are_not_exported_with_an_empty_memory(tmp_path):
     assert out.output_names[-2:] == ["memory.1.addresses", "memory.1.contents"]
     with pytest.raises(LoweringError, match="past.0.addresses is empty"):
         to_onnx(out, tmp_path / "m.onnx")
+
+
+def test_persistent_graph_as_its_first_call_certifies_and_the_cli_verifies(capsys):
+    from archfx.ir.verify import certify
+
+    graph = capture(model("tiny-llama"))
+    out = Pipeline.parse("sdnc(persistent=true)").run(graph).graph
+    first = first_call(out)  # empty memory in, memory out dropped: the model's own signature
+    assert first.inputs.names == graph.inputs.names and first.output_names == graph.output_names
+    assert first.gm.get_parameter("lm_head.weight") is out.gm.get_parameter("lm_head.weight")
+    cert = certify(graph, first)
+    assert cert.ok and cert.max_abs_diff <= 1e-5 and len(cert.input_sets) == 2
+    with pytest.raises(PassError, match="persistent=true"):
+        first_call(graph)
+    code = cli(["apply", "tiny-llama", "--pipeline", "sdnc(persistent=true)", "--verify", "--json"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    verify = json.loads(stdout)["verify"]
+    assert verify["ok"] and verify["max_abs_diff"] <= 1e-5
+    assert any("first call" in note for note in verify["notes"])
 
 
 def test_memory_stream_needs_a_persistent_graph():
