@@ -90,13 +90,13 @@ class Graph:
     # bookkeeping ----------------------------------------------------------------------------
 
     def num_parameters(self) -> int:
-        seen = set()
-        total = 0
-        for t in list(self.gm.parameters()) + list(self.gm.buffers()):
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel()
-        return total
+        """Parameters only, each tied tensor once: `sum(p.numel() for p in model.parameters())`
+        of the captured model (buffers such as rotary frequencies: `num_buffers`)."""
+        return sum(p.numel() for p in self.gm.parameters())
+
+    def num_buffers(self) -> int:
+        """Buffers (rotary frequencies, causal masks, AltUp's fixed coefficients …), each once."""
+        return sum(b.numel() for b in self.gm.buffers())
 
     def num_nodes(self) -> int:
         return len(self.gm.graph.nodes)

@@ -233,6 +233,7 @@ def cmd_inspect(args, err: Console) -> int:
         "model": args.model,
         "class": type(loaded.model).__name__,
         "parameters": graph.num_parameters(),
+        "buffers": graph.num_buffers(),
         **structure.to_json(),
     }
     if args.memory:
@@ -243,6 +244,7 @@ def cmd_inspect(args, err: Console) -> int:
     out = _out()
     out.print(
         f"[bold]{args.model}[/bold]  {data['class']}  hidden {data['hidden_size']}  {data['parameters']:,} parameters"
+        + (f" (+ {data['buffers']:,} in buffers)" if data["buffers"] else "")
     )
     out.print(
         "embeddings: " + ", ".join(f"{e['kind']} {e['num']}×{e['dim']}" for e in data["embeddings"])
@@ -320,7 +322,7 @@ def cmd_apply(args, err: Console) -> int:
         "model": args.model,
         "pipeline": str(pipeline),
         "passes": [r.to_json() for r in result.records],
-        "params": {"before": graph.num_parameters(), "after": result.graph.num_parameters()},
+        "params": _params(graph, result.graph),
     }
     if args.verify:
         with _step(err, "verifying against the input model"):
@@ -376,6 +378,15 @@ def cmd_apply(args, err: Console) -> int:
     return status
 
 
+def _params(before, after) -> dict:
+    """Parameter counts (tied weights once, as `model.parameters()`), buffers apart."""
+    return {
+        "before": before.num_parameters(),
+        "after": after.num_parameters(),
+        "buffers": {"before": before.num_buffers(), "after": after.num_buffers()},
+    }
+
+
 def _verify(graph, result, pipeline):
     """The whole pipeline's certificate: the pipeline's own where it made one (every pass
     preserves), else the rewritten graph run against the input. A graph whose memory persists
@@ -423,6 +434,10 @@ def _print_apply(data: dict) -> None:
             f"{cert['max_abs_diff']:.2e}" if cert else ("—" if p["preserves"] else "changes"),
         )
     out.print(table)
+    n, b = data["params"], data["params"]["buffers"]
+    out.print(
+        f"parameters: {n['before']:,} → {n['after']:,} (buffers apart: {b['before']:,} → {b['after']:,})"
+    )
     for p in data["passes"]:
         for r in p["remarks"]:
             out.print(f"[yellow]remark[/yellow] {p['name']}: {r}")

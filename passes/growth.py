@@ -216,9 +216,15 @@ GROWTH_LIMIT = 64  # larger single-step growth is almost surely a typo; grow in 
 
 
 def _check_scale(d: Dims, graph: Graph, new_size: dict, what: str) -> None:
-    """Refuse, before allocating, a growth that multiplies the model's size by more than 64."""
+    """Refuse, before allocating, a growth that multiplies the model's size by more than 64.
+    Counted as `Graph.num_parameters` counts: parameters only, each tied tensor once."""
     before = after = 0
-    for ids in d.params.values():
+    seen = set()
+    for target, ids in d.params.items():
+        t = graph.tensor(target)
+        if not isinstance(t, torch.nn.Parameter) or id(t) in seen:
+            continue
+        seen.add(id(t))
         before += math.prod(d.size[d.find(i)] for i in ids)
         after += math.prod(new_size.get(d.find(i), d.size[d.find(i)]) for i in ids)
     if after > GROWTH_LIMIT * max(before, 1):

@@ -113,3 +113,34 @@ def test_loading_writes_nothing(tmp_path):
     load(str(ckpt))
     assert {p: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
     assert torch.is_tensor(next(load(str(ckpt)).model.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("tiny-gpt2", 116_480), pytest.param("smollm2", 134_515_008, marks=pytest.mark.slow)],
+)
+def test_one_parameter_count_everywhere(capsys, name, expected):
+    """Parameters as Hugging Face counts them (tied weights once, no buffers), in the graph,
+    `inspect --json`, `apply --json` and a growth refusal; buffers reported apart."""
+    import json
+
+    from archfx.ir import capture
+    from archfx.passes.cli import main
+    from archfx.passes.zoo import build
+
+    model = build(name)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    graph = capture(model)
+    assert graph.num_parameters() == expected
+    assert graph.num_buffers() == sum(b.numel() for b in model.buffers())
+    assert main(["inspect", name, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["parameters"] == expected and data["buffers"] == graph.num_buffers()
+    if name != "tiny-gpt2":
+        return
+    assert main(["apply", name, "--pipeline", "canonicalize", "--json"]) == 0
+    params = json.loads(capsys.readouterr().out)["params"]
+    assert params["before"] == params["after"] == expected
+    assert params["buffers"] == {"before": 0, "after": 0}
+    assert main(["apply", name, "--pipeline", "expand-mlp(factor=1000)"]) != 0
+    assert f"from {expected:,} to" in capsys.readouterr().err
