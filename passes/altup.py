@@ -146,10 +146,12 @@ class AltUp(Pass):
         Option("seed", int, 0, "seed of the router's initial weights", minimum=0),
     )
 
+    def validate(self) -> None:
+        if self.opts["active"] >= self.opts["k"]:
+            raise PassError(f"altup: active={self.opts['active']} must be < k={self.opts['k']}")
+
     def run(self, graph) -> PassResult:
         o = self.opts
-        if o["active"] >= o["k"]:
-            raise PassError(f"altup: active={o['active']} must be < k={o['k']}")
         if any(n.meta.get("archfx_scheme") for n in graph.gm.graph.nodes):
             raise PassError(
                 "altup: the residual stream is already rethreaded by a residual scheme; apply altup once, first"

@@ -122,6 +122,12 @@ class Pass:
                 raise PassError(f"{self.name}: unknown option {key!r}{_suggest(key, declared)}")
             self.given[key] = declared[key].check(self.name, value)
         self.opts = {o.name: self.given.get(o.name, o.default) for o in self.options}
+        self.validate()
+
+    def validate(self) -> None:
+        """Check combinations of options (one option alone is checked by its `Option`). Runs
+        at construction, so `Pipeline.parse` (and the CLI, before it loads a model) reports
+        the error; raise PassError. What depends on the model belongs in `run`."""
 
     @classmethod
     def from_text(cls, args: dict[str, str]) -> Pass:

@@ -29,10 +29,12 @@ class ExpandHeadDim(Pass):
         Option("seed", int, 0, SEED_DOC),
     )
 
-    def run(self, graph) -> PassResult:
-        size = self.opts["size"]
+    def validate(self) -> None:
         if "size" not in self.given:
             raise PassError(f"{self.name}: give size (the new value dimension per head)")
+
+    def run(self, graph) -> PassResult:
+        size = self.opts["size"]
         d = analyze_dims(graph.gm)
         blocks = select_blocks(graph, self.opts["layers"], self.name)
 

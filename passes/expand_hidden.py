@@ -50,10 +50,12 @@ class ExpandHidden(Pass):
     def claims_exact(self) -> bool:
         return self.opts["method"] != "approximate"
 
+    def validate(self) -> None:
+        if (self.opts["size"] > 0) == (self.opts["factor"] > 0):
+            raise PassError(f"{self.name}: give exactly one of size or factor")
+
     def run(self, graph) -> PassResult:
         size, factor, method = self.opts["size"], self.opts["factor"], self.opts["method"]
-        if (size > 0) == (factor > 0):
-            raise PassError(f"{self.name}: give exactly one of size or factor")
         d = analyze_dims(graph.gm)
         blocks = graph.structure.blocks
         if not blocks:

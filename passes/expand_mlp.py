@@ -32,10 +32,12 @@ class ExpandMLP(Pass):
         Option("seed", int, 0, SEED_DOC),
     )
 
+    def validate(self) -> None:
+        if (self.opts["factor"] > 0) == (self.opts["size"] > 0):
+            raise PassError(f"{self.name}: give exactly one of factor or size")
+
     def run(self, graph) -> PassResult:
         factor, size = self.opts["factor"], self.opts["size"]
-        if (factor > 0) == (size > 0):
-            raise PassError(f"{self.name}: give exactly one of factor or size")
         d = analyze_dims(graph.gm)
         blocks = select_blocks(graph, self.opts["layers"], self.name)
 

@@ -47,10 +47,12 @@ class ExpandQK(Pass):
         Option("seed", int, 0, SEED_DOC),
     )
 
-    def run(self, graph) -> PassResult:
-        size = self.opts["size"]
+    def validate(self) -> None:
         if "size" not in self.given:
             raise PassError(f"{self.name}: give size (the new query/key dimension per head)")
+
+    def run(self, graph) -> PassResult:
+        size = self.opts["size"]
         d = analyze_dims(graph.gm)
         blocks = select_blocks(graph, self.opts["layers"], self.name)
         sizes, modes, zero, scale, param_scale = {}, {}, set(), {}, {}

@@ -91,6 +91,15 @@ class SDNC(Pass):
         o = self.opts
         return o["addressing"] == "dot" and o["write"] == "once" and not o["persistent"]
 
+    def validate(self) -> None:
+        if self.opts["write"] == "delta" and (
+            self.opts["persistent"] or self.opts["addressing"] != "dot"
+        ):
+            raise PassError(
+                "sdnc: write=delta keeps its own normalised keys and fixed-size memory; "
+                "it does not combine with addressing=cosine or persistent=true"
+            )
+
     def run(self, graph) -> PassResult:
         sites = [
             (block, r.attention)
@@ -101,13 +110,6 @@ class SDNC(Pass):
         if not sites:
             raise PassError(
                 "sdnc: no attention left to rewrite (none found, or already memory reads)"
-            )
-        if self.opts["write"] == "delta" and (
-            self.opts["persistent"] or self.opts["addressing"] != "dot"
-        ):
-            raise PassError(
-                "sdnc: write=delta keeps its own normalised keys and fixed-size memory; "
-                "it does not combine with addressing=cosine or persistent=true"
             )
         g = graph.gm.graph
         plans = []

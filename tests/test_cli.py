@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from archfx.ir import PassError
 from archfx.passes import REGISTRY, Option, Pass, PassResult, register
 from archfx.passes.cli import main
 
@@ -147,6 +148,34 @@ def test_bad_input_exits_nonzero_with_one_line(capsys, tmp_path, ranged_pass, ar
     assert "Traceback" not in err
     assert fragment in err
     assert (tmp_path / "nonempty" / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "fragment"),
+    [
+        ("expand-mlp", "expand-mlp: give exactly one of factor or size"),
+        ("canonicalize,expand-mlp(factor=2,size=300)", "exactly one of factor or size"),
+        ("expand-hidden", "expand-hidden: give exactly one of size or factor"),
+        ("expand-head-dim", "expand-head-dim: give size"),
+        ("expand-qk(layers=0)", "expand-qk: give size"),
+        ("altup(k=2,schedule=same,active=2)", "active=2 must be < k=2"),
+        ("sdnc(write=delta,persistent=true)", "does not combine"),
+        ("sdnc(write=delta,addressing=cosine)", "does not combine"),
+    ],
+)
+def test_option_errors_come_before_the_model_loads(capsys, monkeypatch, pipeline, fragment):
+    from archfx.passes import Pipeline, models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the pipeline was checked")
+
+    with pytest.raises(PassError, match=fragment):  # at parse time, not in run()
+        Pipeline.parse(pipeline)
+    for spec in ("/no/such/model", "tiny-llama"):  # a bogus model: the pipeline error wins
+        monkeypatch.setattr(models, "load", never)
+        code, _, err = run(capsys, "apply", spec, "--pipeline", pipeline)
+        assert code == 1 and err.count("archfx: error:") == 1 and fragment in err, err
+        assert "does not exist" not in err and "loaded before" not in err
 
 
 def test_console_script_and_debug_flag(tmp_path):
