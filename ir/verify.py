@@ -15,8 +15,9 @@ from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
-from .errors import VerificationError
+from .errors import VerificationError, first_line
 from .graph import Graph
+from .inputs import Inputs
 from .ops import is_assert
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -179,44 +180,83 @@ def _scalar(v):
 
 @dataclass
 class Certificate:
-    """Max |Δ| of every output between two graphs, on the example inputs and a second shape."""
+    """The evidence that a rewrite preserved the function.
 
-    max_abs_diff: float
-    per_output: dict[str, float]
+    The math is checked in `precision` (fp64 unless the graph cannot run there): the rewrite is
+    applied to an fp64 copy of its input, and the two fp64 graphs must agree on every output,
+    on the example inputs and a second shape, within `tolerance` of that output's own scale
+    (`per_output`). The rewritten model in its own dtype is tied to that fp64 rewrite by its
+    parameters (`rounding`): every parameter or buffer the pass created or changed must be the
+    fp64 rewrite's value rounded once to its dtype. `max_abs_diff` is the model's own-dtype
+    figure (rewritten against input, in the model's dtype), reported beside the input's own
+    rounding error against fp64 (`input_rounding`) and the rewrite's (`output_rounding`).
+    """
+
+    per_output: dict[str, float]  # relative |Δ| per output in `precision`
+    precision: str  # "float64", or "float32" where the graph cannot run in fp64
+    tolerance: float  # relative, per output, in `precision`
     input_sets: list[str]
-    tolerance: float
+    max_abs_diff: float  # in the model's own dtype
+    dtype_per_output: dict[str, float] = field(default_factory=dict)
+    rounding: dict | None = None  # parameters the pass changed against the fp64 rewrite's
+    input_rounding: float | None = None  # the input model in its dtype against fp64, relative
+    output_rounding: float | None = None  # the rewritten model in its dtype against fp64, relative
     notes: list[str] = field(default_factory=list)
-    scale: float = 1.0  # max(1, largest |output|): rounding is relative, so is the tolerance
-    fp64_diff: float | None = None  # both graphs run in fp64, when the fp32 diff exceeds tolerance
+
+    @property
+    def math_diff(self) -> float:
+        return max(self.per_output.values(), default=0.0)
 
     @property
     def ok(self) -> bool:
-        """Within tolerance in the model's dtype; or, where fp32 rounding alone exceeds it (deep
-        models with large outputs: another summation order, weights rescaled by irrational
-        factors), the two graphs run in fp64 agree within tolerance × the output magnitude."""
-        if self.max_abs_diff <= self.tolerance:
-            return True
-        return self.fp64_diff is not None and self.fp64_diff <= self.tolerance * self.scale
+        return self.math_diff <= self.tolerance and (
+            self.rounding is None or not self.rounding["violations"]
+        )
+
+    def reason(self) -> str:
+        """One line: why the certificate failed (empty when it holds)."""
+        if self.math_diff > self.tolerance:
+            name = max(self.per_output, key=self.per_output.get)
+            return (
+                f"output {name!r} differs by {self.math_diff:.3g} of its scale in "
+                f"{self.precision} (allowed {self.tolerance:g})"
+            )
+        if self.rounding and self.rounding["violations"]:
+            v = self.rounding["violations"][0]
+            return (
+                f"{len(self.rounding['violations'])} parameter(s) are not the {self.precision} "
+                f"rewrite rounded once to their dtype: {v['name']} off by {v['diff']:.3g} "
+                f"where rounding explains {v['bound']:.3g}"
+            )
+        return ""
 
     def to_json(self) -> dict:
         return {
-            "max_abs_diff": self.max_abs_diff,
-            "per_output": self.per_output,
-            "inputs": self.input_sets,
-            "tolerance": self.tolerance,
-            "scale": self.scale,
-            "fp64_diff": self.fp64_diff,
             "ok": self.ok,
+            "precision": self.precision,
+            "tolerance": self.tolerance,
+            "math_diff": self.math_diff,
+            "per_output": self.per_output,
+            "max_abs_diff": self.max_abs_diff,
+            "dtype_per_output": self.dtype_per_output,
+            "input_rounding": self.input_rounding,
+            "output_rounding": self.output_rounding,
+            "rounding": self.rounding,
+            "inputs": self.input_sets,
             "notes": self.notes,
         }
 
 
+MATH_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
+
+
 def compare(
-    expected, actual, names: list[str], widened: bool = False, notes=None
+    expected, actual, names: list[str], widened: bool = False, notes=None, relative=False
 ) -> dict[str, float]:
-    """Max |Δ| per output; a missing output or a shape mismatch is an error. With `widened`
-    (a pass that grows the model width), an output whose last axis grew is compared on its
-    leading features: the original output must be there, unchanged."""
+    """Max |Δ| per output (with `relative`, divided by the output's largest |value|); a
+    missing output or a shape mismatch is an error. With `widened` (a pass that grows the
+    model width), an output whose last axis grew is compared on its leading features: the
+    original output must be there, unchanged."""
     if len(expected) != len(actual):
         raise VerificationError(
             f"the rewritten graph returns {len(actual)} outputs, the original {len(expected)}"
@@ -242,71 +282,241 @@ def compare(
         if e.numel() == 0:
             out[name] = 0.0
         elif e.is_floating_point():
-            out[name] = float((e.double() - a.double()).abs().max())
+            diff = float((e.double() - a.double()).abs().max())
+            if relative:
+                scale = float(e.double().abs().max())
+                diff = diff / scale if scale > 0 else diff
+            out[name] = diff
         else:
             out[name] = 0.0 if torch.equal(e, a) else float("inf")
     return out
 
 
 def certify(
-    reference: Graph, candidate: Graph, tolerance: float | None = None, widened: bool = False
+    reference: Graph,
+    candidate: Graph,
+    widened: bool = False,
+    *,
+    exact: tuple[Graph, Graph] | None = None,
+    tolerance: float | None = None,
 ) -> Certificate:
-    """Run both graphs on the reference's example inputs and on a second input shape."""
-    tolerance = tolerance_for(reference) if tolerance is None else tolerance
+    """Certify that `candidate` computes what `reference` computes.
+
+    `exact` is the pair (reference, candidate) in the precision the math is checked in: the
+    pipeline builds it by applying the pass to an fp64 copy of its input (`in_precision`).
+    Without it, both graphs are upcast to fp64 as they are (rounding of the candidate's new
+    parameters to the model's dtype then counts as a difference: right for comparing a
+    reloaded or re-exported model with its source). `tolerance` overrides the relative
+    tolerance per output of that precision."""
     sets = [("example " + _describe(reference.inputs.tensors), reference.inputs)]
-    notes = []
+    notes: list[str] = []
     second = reference.second_inputs()
     if second is not None:
         sets.append(("second " + _describe(second.tensors), second))
     else:
         notes.append("the graph has static shapes: checked at the example shape only")
+    if exact is None:
+        exact = exact_pair(reference, candidate, notes)
+    ref_x, cand_x = exact
+    precision = precision_of(ref_x)
+    tol = MATH_TOLERANCE[precision] if tolerance is None else tolerance
     per: dict[str, float] = {}
-    scale = 1.0
-    runs = []
+    dtype_per: dict[str, float] = {}
+    input_rounding = output_rounding = 0.0
     for _, ins in sets:
-        expected = reference.run(ins)
-        runs.append((ins, expected))
-        scale = max(
-            [scale]
-            + [float(e.abs().max()) for e in expected if e.is_floating_point() and e.numel()]
+        expected, actual = reference.run(ins), candidate.run(ins)
+        _merge(dtype_per, compare(expected, actual, reference.output_names, widened, notes))
+        ins_x = _cast_inputs(ins, precision)
+        exp_x, act_x = ref_x.run(ins_x), cand_x.run(ins_x)
+        names = reference.output_names
+        _merge(per, compare(exp_x, act_x, names, widened, notes, relative=True))
+        input_rounding = max(
+            input_rounding, *compare(exp_x, expected, names, relative=True).values(), 0.0
         )
-        diffs = compare(expected, candidate.run(ins), reference.output_names, widened, notes)
-        for k, v in diffs.items():
-            per[k] = max(per.get(k, 0.0), v)
-    notes = list(dict.fromkeys(notes))
-    worst = max(per.values(), default=0.0)
-    fp64 = None
-    if worst > tolerance:
-        fp64 = own = 0.0
-        ref64, cand64 = in_fp64(reference.gm), in_fp64(candidate.gm)
-        for ins, expected in runs:
-            args = [t.double() if t.is_floating_point() else t for t in ins.tensors]
-            with torch.no_grad():
-                exact = ref64(*args)
-                diffs = compare(exact, cand64(*args), reference.output_names, widened)
-            own = max([own, *compare(exact, expected, reference.output_names).values()])
-            fp64 = max([fp64, *diffs.values()])
-        notes.append(
-            f"max |Δ| {worst:.3g} > {tolerance:g} on outputs up to |{scale:.3g}|; the input "
-            f"graph's own fp32 error (against itself in fp64) is {own:.3g}; in fp64 the two "
-            f"graphs differ by {fp64:.3g}"
+        output_rounding = max(
+            output_rounding, *compare(act_x, actual, names, widened, relative=True).values(), 0.0
         )
-    return Certificate(worst, per, [s for s, _ in sets], tolerance, notes, scale, fp64)
+    if precision != torch.float64:
+        notes.append(f"checked in {_name(precision)}: the graph cannot run in fp64")
+    return Certificate(
+        per_output=per,
+        precision=_name(precision),
+        tolerance=tol,
+        input_sets=[s for s, _ in sets],
+        max_abs_diff=max(dtype_per.values(), default=0.0),
+        dtype_per_output=dtype_per,
+        input_rounding=input_rounding,
+        output_rounding=output_rounding,
+        notes=list(dict.fromkeys(notes)),
+    )
+
+
+def exact_pair(reference: Graph, candidate: Graph, notes: list[str]) -> tuple[Graph, Graph]:
+    """Both graphs upcast to fp64 as they are (fp32 where fp64 cannot run)."""
+    ref_x = in_precision(reference, notes=notes)
+    return ref_x, in_precision(candidate, precision_of(ref_x))
+
+
+def in_precision(graph: Graph, dtype: torch.dtype | None = None, notes=None) -> Graph:
+    """A copy of `graph` computing in `dtype`: every floating parameter, buffer, input and
+    dtype argument converted (casts to lower precisions included), dtype asserts dropped.
+    Without `dtype`: fp64, or fp32 when the graph cannot run in fp64 (an op with no fp64
+    kernel), noted in `notes`."""
+    if dtype is None:
+        try:
+            out = in_precision(graph, torch.float64)
+            out.run()
+            return out
+        except Exception as exc:
+            if notes is not None:
+                notes.append(f"fp64 run failed ({first_line(exc, 120)}); fp32 used")
+            return in_precision(graph, torch.float32)
+    gm = _convert(copy.deepcopy(graph.gm), dtype)
+    inputs = _cast_inputs(graph.inputs, dtype)
+    out = Graph(
+        gm,
+        inputs,
+        list(graph.output_names),
+        dict(graph.provenance),
+        dict(graph.range_constraints),
+    )
+    _retype_placeholders(out, dtype)
+    return out
+
+
+def redo_in_precision(graph: Graph, dtype: torch.dtype) -> None:
+    """After a pass ran on a graph `in_precision(…, dtype)`: convert what the pass created in
+    another precision by design (DDL's fp32 gates, casts) to `dtype`, in place."""
+    _convert(graph.gm, dtype)
+
+
+def check_rounding(before: Graph, after: Graph, after_exact: Graph) -> dict:
+    """Every parameter and buffer the pass created or changed (in `after`, against `before`)
+    must be the exact rewrite's value rounded once to its dtype.
+
+    A pass does its arithmetic in fp64 and rounds once: the bound per entry is half a unit in
+    the last place of the tensor's dtype (plus fp64 roundoff), relative to the exact value, plus half the dtype's subnormal spacing (an exact
+    zero stays zero to within underflow). A 1% error in any new
+    or rescaled parameter fails in every dtype (bf16's half-ulp is 0.39%)."""
+    old = _tensors(before)
+    exact = _tensors(after_exact)
+    checked, worst, violations = 0, 0.0, []
+    for name, t in _tensors(after).items():
+        if not t.is_floating_point() or t.is_meta:
+            continue
+        t = t.detach()
+        o = old.get(name)
+        if o is not None and o.shape == t.shape and o.dtype == t.dtype and torch.equal(o, t):
+            continue
+        x = exact.get(name)
+        if x is None or x.shape != t.shape:
+            violations.append({"name": name, "diff": float("inf"), "bound": 0.0})
+            continue
+        checked += 1
+        x = x.detach().double()
+        info = torch.finfo(t.dtype)
+        u = info.eps / 2 + 16 * torch.finfo(torch.float64).eps
+        diff = (t.double() - x).abs()
+        bound = u * x.abs() + info.tiny * info.eps / 2  # + half the subnormal spacing
+        ratio = float((diff / bound).max())
+        worst = max(worst, ratio)
+        if bool((diff > bound).any()):
+            i = int((diff - bound).argmax())
+            violations.append(
+                {
+                    "name": name,
+                    "diff": float(diff.flatten()[i]),
+                    "bound": float(bound.flatten()[i]),
+                }
+            )
+    return {"checked": checked, "worst": worst, "violations": violations}
 
 
 def in_fp64(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A float64 copy of a graph: no dtype asserts, no casts back to fp32."""
-    gm = copy.deepcopy(gm).double()
+    """A float64 copy of a GraphModule: no dtype asserts, no casts to lower precisions."""
+    return _convert(copy.deepcopy(gm), torch.float64)
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _convert(gm: torch.fx.GraphModule, dtype: torch.dtype) -> torch.fx.GraphModule:
+    done: dict[int, torch.Tensor] = {}  # tied tensors stay tied
+
+    def conv(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in done:
+            new = t.detach().to(dtype)
+            done[id(t)] = (
+                torch.nn.Parameter(new, t.requires_grad)
+                if isinstance(t, torch.nn.Parameter)
+                else new
+            )
+        return done[id(t)]
+
+    for mod in gm.modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, t in store.items():
+                if t is not None and t.is_floating_point() and t.dtype != dtype:
+                    store[k] = conv(t)
+    for name, value in list(vars(gm).items()):  # constants held as plain attributes
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+            setattr(gm, name, conv(value))
+
+    def swap(a):
+        return dtype if a in _FLOATS else a
+
     for node in list(gm.graph.nodes):
         if is_assert(node):
             gm.graph.erase_node(node)
             continue
-        node.args = tuple(torch.float64 if a is torch.float32 else a for a in node.args)
-        node.kwargs = {
-            k: torch.float64 if v is torch.float32 else v for k, v in node.kwargs.items()
-        }
+        node.args = map_aggregate(node.args, swap)
+        node.kwargs = map_aggregate(node.kwargs, swap)
     gm.recompile()
     return gm
+
+
+def _retype_placeholders(graph: Graph, dtype: torch.dtype) -> None:
+    """Give the placeholders' symbolic values the new dtype and propagate shapes again."""
+    vals = [n.meta.get("val") for n in graph.placeholders]
+    mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
+    if mode is None:
+        return
+    with mode:
+        for n in graph.placeholders:
+            v = n.meta["val"]
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                n.meta["val"] = v.to(dtype)
+    refresh_shapes(graph)
+
+
+def _cast_inputs(inputs: Inputs, dtype: torch.dtype) -> Inputs:
+    return Inputs(
+        inputs.names,
+        [t.to(dtype) if t.is_floating_point() else t for t in inputs.tensors],
+        inputs.positional,
+        inputs.fixed,
+    )
+
+
+def _tensors(graph: Graph) -> dict[str, torch.Tensor]:
+    return dict(graph.gm.state_dict(keep_vars=True))
+
+
+def precision_of(graph: Graph) -> torch.dtype:
+    """The floating dtype of a graph made by `in_precision` (its first floating tensor's)."""
+    return next(
+        (t.dtype for t in graph.gm.state_dict().values() if t.is_floating_point()),
+        torch.float64,
+    )
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        into[k] = max(into.get(k, 0.0), v)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _describe(tensors) -> str:

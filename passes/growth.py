@@ -130,7 +130,7 @@ def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> t
         done.add(id(t))
         aliases = names[target]
         roles = _roles(d, [n for name in aliases for n in attrs.get(name, [])])
-        new = t.detach()
+        new = _wide(t.detach())  # surgery in fp64, rounded once to the tensor's dtype
         layouts[target] = [axis(i).src if _grows(d, i, atoms) else None for i in ids]
         for k, i in enumerate(ids):
             if _grows(d, i, atoms) or _scaled(d, i, scale):
@@ -146,14 +146,13 @@ def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> t
                 )
         if target in rescale and not new.is_meta:
             offset, s = rescale[target]
-            wide = new.double()  # rescale in fp64, round once
-            new = ((1 + wide) * s - 1 if offset else wide * s).to(new.dtype)
-        _set(graph, aliases, t, new)
+            new = (1 + new) * s - 1 if offset else new * s
+        _set(graph, aliases, t, new.to(t.dtype))
         changed.append(target)
     for target, s in final_scale.items():
         t = graph.tensor(target)
         if not t.is_meta:
-            _set(graph, names[target], t, t.detach() * s)
+            _set(graph, names[target], t, (t.detach().double() * s).to(t.dtype))
     literals = _literals(d, new_size, atoms)
     graph.gm.recompile()
     graph.invalidate()
@@ -413,22 +412,22 @@ def _resize(t, k, ax: _Axis, role, trainable, gen, target, what):
         size = list(new.shape)
         size[k] = fresh.numel()
         zero_feat = ax.zero[fresh].reshape(shape)
-        noise = torch.randn(size, generator=gen, dtype=torch.float32).to(t.dtype) * spread
+        noise = torch.randn(size, generator=gen, dtype=torch.float32).to(new.dtype) * spread
         if role in ("producer", "tied"):
             fill = noise.masked_fill_(zero_feat, 0)
         elif role == "consumer":
             fill = noise.masked_fill_(~zero_feat, 0)
         elif role == "gain":
-            fill = torch.ones(size, dtype=t.dtype)
+            fill = torch.ones(size, dtype=new.dtype)
         else:  # bias, offset, other element-wise tensors: neutral
-            fill = torch.zeros(size, dtype=t.dtype)
+            fill = torch.zeros(size, dtype=new.dtype)
         new.index_copy_(k, fresh, fill)
     if ax.tiled and role == "consumer":
-        count = torch.bincount(kept, minlength=old).to(t.dtype)
+        count = torch.bincount(kept, minlength=old).to(new.dtype)
         per = count[kept].reshape(shape)
-        eps = torch.randn(new.shape, generator=gen, dtype=torch.float32).to(t.dtype) * spread
+        eps = torch.randn(new.shape, generator=gen, dtype=torch.float32).to(new.dtype) * spread
         eps = eps / per
-        mean = torch.zeros_like(t).index_add_(k, kept, eps) / count.reshape(shape)
+        mean = torch.zeros(t.shape, dtype=new.dtype).index_add_(k, kept, eps) / count.reshape(shape)
         eps = eps - mean.index_select(k, kept)
         new = torch.where(per > 1, new / per + eps, new)
     if not bool((ax.mult == 1).all()):
@@ -445,8 +444,10 @@ def _extend_table(t, k, new, fresh, target, what):
     x = t.double()
     ratio = (x[-1] / x[0]) ** (1 / (t.numel() - 1))  # from the ends: robust to rounding
     fit = x[0] * ratio ** torch.arange(t.numel(), dtype=torch.float64)
-    # a table stored in bf16/fp16 (a model cast with .to()) is the sequence rounded to it
-    if not torch.allclose(x, fit, rtol=max(1e-4, 4 * torch.finfo(t.dtype).eps), atol=0):
+    # a table stored in bf16/fp16 (a model cast with .to(), or such a table upcast again) is
+    # the sequence rounded to the narrowest dtype that holds its values exactly
+    held = next(f for f in _FLOATS if torch.equal(x.to(f).double(), x))
+    if not torch.allclose(x, fit, rtol=max(1e-4, 4 * torch.finfo(held).eps), atol=0):
         raise PassError(
             f"{what}: {target} is not a geometric sequence (scaled RoPE?); archfx cannot choose "
             "frequencies for the new pairs"
@@ -454,8 +455,19 @@ def _extend_table(t, k, new, fresh, target, what):
     n_new = int(fresh.sum())
     tail = x[-1] * ratio ** torch.arange(1, n_new + 1, dtype=torch.float64)
     new = new.clone()
-    new[fresh] = tail.to(t.dtype)
+    new[fresh] = tail.to(new.dtype)
     return new
+
+
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in fp64, growth's arithmetic precision: every new or rescaled entry is its exact
+    value rounded once to the model's dtype (fp32 arithmetic would add several fp32 roundings
+    where duplication subtracts a mean). One tensor at a time, so the fp64 temporary is the
+    size of the largest tensor, not of the model."""
+    return t.double() if t.is_floating_point() else t
 
 
 def _scale(t: torch.Tensor) -> float:

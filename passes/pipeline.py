@@ -20,9 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from archfx.ir import ArchfxError, Graph, PassError, VerificationError
-from archfx.ir.verify import Certificate, certify, lint, refresh_shapes, shape_signature
+from archfx.ir.verify import (
+    Certificate,
+    certify,
+    check_rounding,
+    in_precision,
+    lint,
+    precision_of,
+    redo_in_precision,
+    refresh_shapes,
+    shape_signature,
+)
 
-from .base import Pass, Remark, get
+from .base import Pass, PassResult, Remark, get
 
 _NAME = re.compile(r"[a-z][a-z0-9_-]*")
 _VALUE = re.compile(r"[^,()=\s]+")
@@ -61,6 +71,7 @@ class PassRecord:
 class PipelineResult:
     graph: Graph
     records: list[PassRecord]
+    certificate: Certificate | None = None  # the whole pipeline, when every pass preserves
 
     @property
     def preserves(self) -> bool:
@@ -162,6 +173,8 @@ class Pipeline:
                 "(or certify on a smaller model)"
             )
         current, owned = graph, inplace
+        exact = self._exact(graph) if verify else None
+        first_exact = exact
         records = []
         for i, p in enumerate(self.passes):
             if on_pass:
@@ -170,22 +183,7 @@ class Pipeline:
             work = current if owned and not certified else current.copy()
             code, nodes, params = current.gm.code, current.num_nodes(), current.num_parameters()
             t0 = time.perf_counter()
-            try:
-                before = shape_signature(work)
-                result = p.run(work)
-                work.invalidate()
-                refresh_shapes(work, since=before)
-                lint(work)
-            except PassError:
-                raise  # a refusal that names its site and reason: nothing to reproduce
-            except ArchfxError as exc:
-                self._reproduce(i, p, graph, code, exc, dump_dir)
-                raise
-            except Exception as exc:  # a bug in a pass: keep the reproducer, raise a clear error
-                where = self._reproduce(i, p, graph, code, exc, dump_dir)
-                raise PassError(
-                    f"pass {p} failed: {type(exc).__name__}: {exc}; reproducer in {where}"
-                ) from exc
+            result = self._apply(i, p, work, graph, code, dump_dir)
             seconds = time.perf_counter() - t0
             record = PassRecord(
                 name=str(p),
@@ -200,15 +198,21 @@ class Pipeline:
                 details=result.details,
                 tensor_maps=result.tensor_maps,
             )
-            if certified:
-                record.certificate = certify(current, work, widened=p.widens_outputs)
-                if not record.certificate.ok:
-                    where = self._reproduce(i, p, graph, code, None, dump_dir)
-                    raise VerificationError(
-                        f"pass {p} claims to preserve the function but changed it: max |Δ| = "
-                        f"{record.certificate.max_abs_diff:.3g} > "
-                        f"{record.certificate.tolerance * record.certificate.scale:.3g}; reproducer in {where}"
-                    )
+            if exact is not None:
+                before_x = exact
+                exact = before_x.copy() if certified or before_x is first_exact else before_x
+                self._apply(i, p, exact, graph, code, dump_dir, exact=True)
+                redo_in_precision(exact, precision_of(first_exact))
+                if certified:
+                    cert = certify(current, work, widened=p.widens_outputs, exact=(before_x, exact))
+                    cert.rounding = check_rounding(current, work, exact)
+                    record.certificate = cert
+                    if not cert.ok:
+                        where = self._reproduce(i, p, graph, code, None, dump_dir)
+                        raise VerificationError(
+                            f"pass {p} claims to preserve the function but changed it: "
+                            f"{cert.reason()}; reproducer in {where}"
+                        )
             if dump_dir is not None:
                 d = Path(dump_dir)
                 d.mkdir(parents=True, exist_ok=True)
@@ -216,7 +220,55 @@ class Pipeline:
                 (d / f"{i:02d}-{p.name}.after.py").write_text(work.gm.code)
             records.append(record)
             current, owned = work, True
-        return PipelineResult(current, records)
+        whole = None
+        if exact is not None and all(r.preserves for r in records):
+            widened = any(p.widens_outputs for p in self.passes)
+            whole = certify(graph, current, widened=widened, exact=(first_exact, exact))
+            whole.rounding = check_rounding(graph, current, exact)
+        return PipelineResult(current, records, whole)
+
+    def _exact(self, graph: Graph) -> Graph | None:
+        """The input in the precision the math is certified in (fp64, or fp32 where fp64
+        cannot run), when some pass claims exactness; the passes run on it too."""
+        if not any(p.claims_exact() for p in self.passes):
+            return None
+        if graph.device.type == "meta":
+            raise VerificationError(
+                "a meta-device model has no values to certify; run with verify off "
+                "(--verify not given) or on a model with weights"
+            )
+        return in_precision(graph)
+
+    def _apply(
+        self, i: int, p: Pass, work: Graph, graph: Graph, code: str, dump_dir, exact=False
+    ) -> PassResult:
+        """Run pass `i` on `work` (in place), then the shape check and lint. Errors that are
+        not a refusal keep a reproducer. `exact`: `work` is the fp64 copy the certificate
+        runs the pass on."""
+        try:
+            before = shape_signature(work)
+            result = p.run(work)
+            work.invalidate()
+            refresh_shapes(work, since=before)
+            lint(work)
+        except PassError as exc:
+            if exact:  # the pass ran in the model's dtype but refuses in fp64
+                where = self._reproduce(i, p, graph, code, exc, dump_dir)
+                raise VerificationError(
+                    f"pass {p} cannot be certified: on the fp64 copy of its input it "
+                    f"refused: {exc}; reproducer in {where}"
+                ) from exc
+            raise  # a refusal that names its site and reason: nothing to reproduce
+        except ArchfxError as exc:
+            self._reproduce(i, p, graph, code, exc, dump_dir)
+            raise
+        except Exception as exc:  # a bug in a pass: keep the reproducer, raise a clear error
+            where = self._reproduce(i, p, graph, code, exc, dump_dir)
+            on = " on the fp64 copy of its input" if exact else ""
+            raise PassError(
+                f"pass {p} failed{on}: {type(exc).__name__}: {exc}; reproducer in {where}"
+            ) from exc
+        return result
 
     def _reproduce(
         self, i: int, p: Pass, graph: Graph, code: str, exc: BaseException | None, dump_dir

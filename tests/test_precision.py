@@ -1,12 +1,15 @@
-"""Precision: fp16 and bf16 models keep their dtype through every pass, and the preserving
-ones certify within the dtype's tolerance (ir/verify.py TOLERANCE)."""
+"""Precision: fp16 and bf16 models keep their dtype through every pass; the certificate checks
+the math in fp64 (the pass applied to an fp64 copy of its input) and ties the model's own
+dtype to it by rounding, so an arithmetic error is rejected in every dtype."""
 
 import pytest
 import torch
 
-from archfx.ir import capture
-from archfx.ir.verify import TOLERANCE
+from archfx.ir import VerificationError, capture
 from archfx.passes import REGISTRY, Pipeline
+from archfx.passes.altup import AltUp
+from archfx.passes.expand_hidden import ExpandHidden
+from archfx.passes.expand_mlp import ExpandMLP
 
 from .helpers import model
 
@@ -45,4 +48,87 @@ def test_low_precision_models_keep_their_dtype(dtype):
                 name,
             )
         if record.preserves:
-            assert record.certificate.ok and record.certificate.tolerance == TOLERANCE[dtype], text
+            cert = record.certificate
+            assert cert.ok and cert.precision == "float64" and cert.math_diff <= 1e-9, text
+            assert cert.rounding["violations"] == [], text
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _bugged(base, edit, only_low_precision=False):
+    """`base` with `edit(name, tensor)` applied to the parameters it creates or changes: an
+    arithmetic bug in a pass. `only_low_precision`: the bug is in the pass's low-precision path
+    only (its fp64 run is right), which only the rounding check can see."""
+
+    class Bugged(base):
+        def run(self, graph):
+            before = {k: v.clone() for k, v in graph.gm.state_dict().items()}
+            result = super().run(graph)
+            low = next(graph.gm.parameters()).dtype != torch.float64
+            if low or not only_low_precision:
+                with torch.no_grad():
+                    for name, t in graph.gm.named_parameters():
+                        old = before.get(name)
+                        if old is None or old.shape != t.shape or not torch.equal(old, t):
+                            edit(name, t)
+            return result
+
+    return Bugged
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_altup_gain_error_rejected_in_every_dtype(dtype):
+    """AltUp's correction gain g = 0.98 instead of 1 changes the function by ~1e-2: in fp32,
+    bf16 and fp16 alike the certificate must reject it (bf16's own rounding is larger)."""
+    graph = capture(model("tiny-llama").to(dtype))
+    assert Pipeline([AltUp(k=2)]).run(graph).records[-1].certificate.ok
+
+    def gain(name, t):
+        if name.endswith(".correct"):
+            t.mul_(0.98)
+
+    with pytest.raises(VerificationError, match="of its scale in float64"):
+        Pipeline([_bugged(AltUp, gain)(k=2)]).run(graph)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "base, options",
+    [(ExpandMLP, {"factor": 2.0}), (ExpandHidden, {"size": 96})],
+    ids=["expand-mlp", "expand-hidden"],
+)
+def test_one_percent_growth_error_rejected_in_every_dtype(dtype, base, options):
+    """A 1% error in the weights a growth creates or rescales: rejected in every dtype, both when
+    the error is in the math (the fp64 rewrite differs) and when it is only in the model's
+    dtype (the parameters are then not the fp64 rewrite rounded once)."""
+    graph = capture(model("tiny-llama").to(dtype))
+    assert Pipeline([base(**options)]).run(graph).records[-1].certificate.ok
+
+    def one_percent(name, t):
+        if name.endswith(("down_proj.weight", "norm.weight", "layernorm.weight")):
+            t.add_(t.abs().max() * 0.01)  # the zero columns and rescaled gains are now off
+
+    with pytest.raises(VerificationError, match="of its scale in float64"):
+        Pipeline([_bugged(base, one_percent)(**options)]).run(graph)
+
+    def one_percent_low(name, t):
+        t.mul_(1.01)
+
+    with pytest.raises(VerificationError, match="rounded once to their dtype"):
+        Pipeline([_bugged(base, one_percent_low, only_low_precision=True)(**options)]).run(graph)
+
+
+def test_every_exact_pass_gets_a_tight_fp64_certificate():
+    """The math of an exact rewrite agrees in fp64 to ~1e-15: the certificate holds it to 1e-9
+    of each output's own scale, and reports the model's own dtype beside it."""
+    graph = capture(model("tiny-gpt2"))
+    for text in PIPELINES:
+        text = text.replace("expand-hidden(size=96)", "expand-hidden(factor=2)")  # LayerNorm
+        record = Pipeline.parse(text).run(graph).records[-1]
+        if not record.preserves:
+            continue
+        cert = record.certificate
+        assert cert.precision == "float64" and cert.tolerance == 1e-9, text
+        assert cert.math_diff <= 1e-12, (text, cert.per_output)
+        assert cert.max_abs_diff <= 1e-5 and cert.input_rounding > 0, text
