@@ -18,6 +18,12 @@ from safetensors.torch import load_file, save_file
 from .errors import ArtifactError
 
 
+def cache_dir() -> Path:
+    """Where archfx keeps what it derives once: converted models, failure reproducers.
+    $ARCHFX_CACHE, or ~/.cache/archfx."""
+    return Path(os.environ.get("ARCHFX_CACHE", Path.home() / ".cache" / "archfx"))
+
+
 def state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Unique tensors by name, and the aliases (tied names) pointing at them."""
     tensors: dict[str, torch.Tensor] = {}

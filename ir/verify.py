@@ -74,13 +74,20 @@ def refresh_shapes(graph: Graph, since: dict[fx.Node, str] | None = None) -> Non
     if mode is None:
         return
     prop = FakeTensorProp(graph.gm, mode) if since is None else _Incremental(graph.gm, mode, since)
+    at: list[fx.Node] = []
+    run_node = prop.run_node
+
+    def tracked(n: fx.Node):
+        at[:] = [n]
+        return run_node(n)
+
+    prop.run_node = tracked
     try:
         with mode, enable_python_dispatcher():
             prop.propagate_dont_convert_inputs(*vals)
     except Exception as exc:
-        node = getattr(exc, "node", None)
-        where = f" at node {node}" if node is not None else ""
-        raise VerificationError(f"shape check failed{where}: {str(exc).splitlines()[0]}") from exc
+        where = f" at node {at[0].name} ({at[0].target})" if at else ""
+        raise VerificationError(f"shape check failed{where}: {first_line(exc)}") from exc
 
 
 class _Incremental(FakeTensorProp):

@@ -1,4 +1,4 @@
-"""add-heads: add attention heads to selected blocks, SPEC.md §3.
+"""add-heads: add attention heads to selected blocks (docs/passes.md, Growth).
 
 Rewrite: n new heads per attention site (self and cross). Multi-head attention: q, k and v
 get one new block of rows per head (drawn at the scale of the existing weights), the output
@@ -34,42 +34,38 @@ class AddHeads(Pass):
     def run(self, graph) -> PassResult:
         n = self.opts["n"]
         d = analyze_dims(graph.gm)
-        blocks = select_blocks(graph, self.opts["layers"], self.name)
+        blocks = select_blocks(graph, self.opts["layers"])
 
         def grown(b):
-            return [self._atom(d, a, n, b.path)[0] for a in attentions(b, self.name)]
+            return [self._atom(d, a, n, b.path)[0] for a in attentions(b)]
 
         sizes = {}
         for b in blocks:
-            for a in attentions(b, self.name):
+            for a in attentions(b):
                 atom, new = self._atom(d, a, n, b.path)
                 sizes[atom] = new
-        check_coupling(d, graph, blocks, grown, self.name)
+        check_coupling(d, graph, blocks, grown)
         out, maps = grow(
-            graph, Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"]), self.name, d
+            graph, Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"]), d
         )
         return PassResult(changed=True, details=out, tensor_maps=maps)
 
     def _atom(self, d, attention, n: int, path: str) -> tuple[int, int]:
-        heads, _ = head_axes(d, attention, self.name)
+        heads, _ = head_axes(d, attention)
         parts = d.parts(heads)
         if parts is None:
             return heads, d.size[heads] + n
         if parts[0] != "prod" or len(parts[1]) != 2:
-            raise PassError(
-                f"{self.name}: the heads of {path} are not laid out as groups × heads per group"
-            )
+            raise PassError(f"the heads of {path} are not laid out as groups × heads per group")
         groups, per = parts[1]
         if d.parts(groups) is not None or d.parts(per) is not None:
-            raise PassError(
-                f"{self.name}: the head groups of {path} are built from other dimensions"
-            )
+            raise PassError(f"the head groups of {path} are built from other dimensions")
         g, r = d.size[groups], d.size[per]
         if n % g == 0:
             return per, r + n // g
         if n % r == 0:
             return groups, g + n // r
         raise PassError(
-            f"{self.name}: {path} has {g} key/value groups of {r} query heads; n={n} is neither a "
+            f"{path} has {g} key/value groups of {r} query heads; n={n} is neither a "
             f"multiple of {g} (one more query head per group) nor of {r} (whole groups)"
         )

@@ -1,4 +1,4 @@
-"""add-layers: insert new blocks into a stack, SPEC.md §3.
+"""add-layers: insert new blocks into a stack (docs/passes.md, Growth).
 
 Rewrite: n copies of a neighbouring block (the one before the insertion point, or the first
 block when inserting at the start of a stack) are inserted at `at`; every copy's writers to
@@ -38,9 +38,9 @@ class AddLayers(Pass):
         n, at = self.opts["n"], self.opts["at"]
         blocks = graph.structure.blocks
         if not blocks:
-            raise PassError(f"{self.name}: no Transformer blocks found")
+            raise PassError("no Transformer blocks found")
         if at > len(blocks):
-            raise PassError(f"{self.name}: at={at} is past the last block ({len(blocks)} blocks)")
+            raise PassError(f"at={at} is past the last block ({len(blocks)} blocks)")
         if at == -1 or at == len(blocks):
             template, before = blocks[-1], False
         elif at > 0 and blocks[at - 1].stack == blocks[at].stack:
@@ -55,10 +55,10 @@ class AddLayers(Pass):
         for r in template.residuals:
             if r.post_norm is not None or r.placement == "post":
                 raise PassError(
-                    f"{self.name}: {template.path} normalises after the residual add (post-LN): "
+                    f"{template.path} normalises after the residual add (post-LN): "
                     "Norm(x + 0) ≠ x, so a new block cannot start as the identity"
                 )
-        writers = _writers(template, self.name)
+        writers = _writers(template)
         stack = template.stack
         local = template.index if before else template.index + 1
         before_names = [name for name, _ in graph.gm.named_parameters()]
@@ -81,14 +81,14 @@ class AddLayers(Pass):
         return PassResult(changed=True, details=details, tensor_maps={"renamed": renamed})
 
 
-def _writers(block, what: str) -> dict[str, float]:
+def _writers(block) -> dict[str, float]:
     """The parameters, and the value, that make the block add nothing to its stream."""
     out: dict[str, float] = {}
     for r in block.residuals:
         norm = r.output_norm
         if norm is not None:
             if not norm.weight:
-                raise PassError(f"{what}: {block.path}'s branch norm has no gain to zero")
+                raise PassError(f"{block.path}'s branch norm has no gain to zero")
             out[norm.weight] = -1.0 if norm.unit_offset else 0.0  # a (1 + w) gain: w = -1
             if norm.bias:
                 out[norm.bias] = 0.0
@@ -103,16 +103,12 @@ def _writers(block, what: str) -> dict[str, float]:
             or None in linears
             or not linears
         ):
-            raise PassError(
-                f"{what}: {block.path} has a residual branch ({r.kind}) archfx cannot silence"
-            )
+            raise PassError(f"{block.path} has a residual branch ({r.kind}) archfx cannot silence")
         out.update({t: 0.0 for lin in linears for t in (lin.weight, lin.bias) if t})
     prefix = block.path + "."
     shared = [t for t in out if not t.startswith(prefix)]
     if shared:
-        raise PassError(
-            f"{what}: {block.path} writes through {shared[0]}, shared with other blocks"
-        )
+        raise PassError(f"{block.path} writes through {shared[0]}, shared with other blocks")
     return out
 
 

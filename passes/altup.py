@@ -154,7 +154,7 @@ class AltUp(Pass):
         o = self.opts
         if any(n.meta.get("archfx_scheme") for n in graph.gm.graph.nodes):
             raise PassError(
-                "altup: the residual stream is already rethreaded by a residual scheme; apply altup once, first"
+                "the residual stream is already rethreaded by a residual scheme; apply altup once, first"
             )
         structure = graph.structure
         x = structure.blocks[0].input.meta["val"]
@@ -164,7 +164,7 @@ class AltUp(Pass):
             missing = [s.path for s, f in zip(structure.stacks, finals, strict=True) if f is None]
             if missing and o["k"] > 1:
                 raise PassError(
-                    f"altup: readout=sum is exact only before a final norm, and {', '.join(missing)} has none; use readout=mean"
+                    f"readout=sum is exact only before a final norm, and {', '.join(missing)} has none; use readout=mean"
                 )
         threads = rethread(graph, scheme, OWNER)
         if o["readout"] == "sum" and o["k"] > 1:
@@ -195,7 +195,7 @@ def _scale_eps(norm, factor: int) -> None:
             )
             if eps is None:
                 raise PassError(
-                    "altup: readout=sum needs the final norm's eps, which this rms_norm leaves to the dtype"
+                    "readout=sum needs the final norm's eps, which this rms_norm leaves to the dtype"
                 )
             args[idx] = eps * factor
             n.args = tuple(args)
@@ -208,4 +208,4 @@ def _scale_eps(norm, factor: int) -> None:
         ):
             n.args = (n.args[0], n.args[1] * factor)
             return
-    raise PassError("altup: readout=sum could not find the final norm's eps to rescale")
+    raise PassError("readout=sum could not find the final norm's eps to rescale")

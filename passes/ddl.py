@@ -1,4 +1,4 @@
-"""ddl: Deep Delta Learning residual updates (Zhang, Liu, Wang, Gu 2026), SPEC.md §2.
+"""ddl: Deep Delta Learning residual updates (Zhang, Liu, Wang, Gu 2026), docs/passes.md.
 
 Rewrite: every residual site x ← x + h (h = F(Norm(x)), attention or MLP unchanged) becomes a
 delta-rule update of a residual state X ∈ R^{d×d_v} per token:
@@ -203,7 +203,7 @@ class DDLScheme(Scheme):
         """Depthwise causal convolution (kernel 4) over the token axis of [n, B, S, d] → [dv, B, S, d]."""
         if self.rank != 3:
             raise PassError(
-                "ddl: the token convolutions (ec, compressor=tc) need a (batch, sequence, features) stream"
+                "the token convolutions (ec, compressor=tc) need a (batch, sequence, features) stream"
             )
         n = 1 if grouped_out else self.dv
         t = em.op(aten.permute.default, x, [1, 0, 3, 2])  # [B, n, d, S]

@@ -1,4 +1,4 @@
-"""expand-head-dim: grow the value dimension of every head of selected blocks, SPEC.md §3.
+"""expand-head-dim: grow the value dimension of every head of selected blocks (docs/passes.md).
 
 Rewrite: per head, the value projection gets v̂ − v new rows inside that head's block (drawn at
 the scale of the existing weights) and the output projection the matching new input columns,
@@ -36,31 +36,27 @@ class ExpandHeadDim(Pass):
     def run(self, graph) -> PassResult:
         size = self.opts["size"]
         d = analyze_dims(graph.gm)
-        blocks = select_blocks(graph, self.opts["layers"], self.name)
+        blocks = select_blocks(graph, self.opts["layers"])
 
         def atoms(b):
-            return [head_axes(d, a, self.name)[1] for a in attentions(b, self.name)]
+            return [head_axes(d, a)[1] for a in attentions(b)]
 
         sizes = {}
         for b in blocks:
-            for a in attentions(b, self.name):
-                _, dv, dqk = (*head_axes(d, a, self.name), d.of(a.query, -1))
+            for a in attentions(b):
+                _, dv, dqk = (*head_axes(d, a), d.of(a.query, -1))
                 if d.parts(dv) is not None:
                     raise PassError(
-                        f"{self.name}: the value dimension of {b.path} is built from other dimensions"
+                        f"the value dimension of {b.path} is built from other dimensions"
                     )
                 if dv in d.atoms(dqk):
-                    raise PassError(
-                        f"{self.name}: {b.path} shares one dimension between values and keys"
-                    )
+                    raise PassError(f"{b.path} shares one dimension between values and keys")
                 if size < d.size[dv]:
-                    raise PassError(
-                        f"{self.name}: {b.path} has value dimension {d.size[dv]}; {size} is smaller"
-                    )
+                    raise PassError(f"{b.path} has value dimension {d.size[dv]}; {size} is smaller")
                 sizes[dv] = size
-        check_coupling(d, graph, blocks, atoms, self.name)
+        check_coupling(d, graph, blocks, atoms)
         out, maps = grow(
-            graph, Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"]), self.name, d
+            graph, Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"]), d
         )
         return PassResult(
             changed=any(sizes[a] != d.size[a] for a in sizes), details=out, tensor_maps=maps

@@ -1,4 +1,4 @@
-"""expand-hidden: grow the residual stream (the model width d → d̂), SPEC.md §3.
+"""expand-hidden: grow the residual stream, the model width d → d̂ (docs/passes.md, Growth).
 
 Rewrite, `method=zero` (RMSNorm models, any d̂): embeddings and every writer to the stream
 (attention output, MLP down projection, their biases) get zero new features; every reader
@@ -59,17 +59,17 @@ class ExpandHidden(Pass):
         d = analyze_dims(graph.gm)
         blocks = graph.structure.blocks
         if not blocks:
-            raise PassError(f"{self.name}: no Transformer blocks found")
+            raise PassError("no Transformer blocks found")
         atoms = {d.of(b.input, -1) for b in blocks} | {d.of(b.output, -1) for b in blocks}
         if len(atoms) != 1:
-            raise PassError(f"{self.name}: the blocks' streams do not share one width")
+            raise PassError("the blocks' streams do not share one width")
         atom = atoms.pop()
         if d.parts(atom) is not None:
-            raise PassError(f"{self.name}: the stream width is built from other dimensions")
+            raise PassError("the stream width is built from other dimensions")
         old = d.size[atom]
         new = size or round(old * factor)
         if new < old:
-            raise PassError(f"{self.name}: the stream is {old} wide; {new} is smaller")
+            raise PassError(f"the stream is {old} wide; {new} is smaller")
         layernorm = any(
             r.kind in ("layer_norm", "var", "mean") and any(d.contains(i, atom) for i in r.dims)
             for r in d.reductions
@@ -81,7 +81,7 @@ class ExpandHidden(Pass):
                 method = "duplicate"
             else:
                 raise PassError(
-                    f"{self.name}: this model normalises its stream with LayerNorm, which is exact "
+                    f"this model normalises its stream with LayerNorm, which is exact "
                     f"only under duplication (a multiple of {old}); {new} is not; pass "
                     "method=approximate to zero-pad anyway (not exact)"
                 )
@@ -89,6 +89,6 @@ class ExpandHidden(Pass):
         growth = Growth(
             {atom: new}, {atom: mode}, approximate=method == "approximate", seed=self.opts["seed"]
         )
-        out, maps = grow(graph, growth, self.name, d)
+        out, maps = grow(graph, growth, d)
         out["method"] = method
         return PassResult(changed=new != old, details=out, tensor_maps=maps)

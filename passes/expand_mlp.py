@@ -1,4 +1,4 @@
-"""expand-mlp: widen the MLP hidden layer of selected blocks, SPEC.md §3.
+"""expand-mlp: widen the MLP hidden layer of selected blocks (docs/passes.md, Growth).
 
 Rewrite: the MLP width p → p̂ (`size`, or `factor` × p). The first-layer projections (up and
 gate, fused or not) get p̂ − p new output rows drawn at the scale of the existing weights;
@@ -39,7 +39,7 @@ class ExpandMLP(Pass):
     def run(self, graph) -> PassResult:
         factor, size = self.opts["factor"], self.opts["size"]
         d = analyze_dims(graph.gm)
-        blocks = select_blocks(graph, self.opts["layers"], self.name)
+        blocks = select_blocks(graph, self.opts["layers"])
 
         def atoms(b):
             return [weight_axis(d, b.mlp.down, "in")] if b.mlp else []
@@ -47,22 +47,18 @@ class ExpandMLP(Pass):
         sizes = {}
         for b in blocks:
             if b.mlp is None:
-                raise PassError(f"{self.name}: block {b.path} has no MLP archfx recognises")
+                raise PassError(f"block {b.path} has no MLP archfx recognises")
             atom = atoms(b)[0]
             if d.parts(atom) is not None:
-                raise PassError(
-                    f"{self.name}: the MLP width of {b.path} is built from other dimensions"
-                )
+                raise PassError(f"the MLP width of {b.path} is built from other dimensions")
             old = d.size[atom]
             new = size or round(old * factor)
             if new < old:
-                raise PassError(
-                    f"{self.name}: {b.path} has width {old}; the new width {new} is smaller"
-                )
+                raise PassError(f"{b.path} has width {old}; the new width {new} is smaller")
             sizes[atom] = new
-        check_coupling(d, graph, blocks, atoms, self.name)
+        check_coupling(d, graph, blocks, atoms)
         growth = Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"])
-        out, maps = grow(graph, growth, self.name, d)
+        out, maps = grow(graph, growth, d)
         return PassResult(
             changed=any(sizes[a] != d.size[a] for a in sizes), details=out, tensor_maps=maps
         )

@@ -1,4 +1,4 @@
-"""expand-qk: grow the query/key dimension of every head of selected blocks, SPEC.md §3.
+"""expand-qk: grow the query/key dimension of every head of selected blocks (docs/passes.md).
 
 Rewrite: per head, q and k get k̂ − k new rows inside that head's block: the query rows drawn
 at the scale of the existing weights, the key rows zero, so q·k is unchanged. With RoPE the
@@ -54,19 +54,19 @@ class ExpandQK(Pass):
     def run(self, graph) -> PassResult:
         size = self.opts["size"]
         d = analyze_dims(graph.gm)
-        blocks = select_blocks(graph, self.opts["layers"], self.name)
+        blocks = select_blocks(graph, self.opts["layers"])
         sizes, modes, zero, scale, param_scale = {}, {}, set(), {}, {}
         scales = []  # SDPA scale arguments to update once the growth has succeeded
         remarks = []
         for b in blocks:
-            for a in attentions(b, self.name):
+            for a in attentions(b):
                 dqk = d.of(a.query, -1)
                 atom, new = self._atom(d, dqk, size, b.path)
                 sizes[atom] = new
                 modes[atom] = "zero" if a.qk_norm else "free"
-                if d.contains(head_axes(d, a, self.name)[1], atom):
+                if d.contains(head_axes(d, a)[1], atom):
                     raise PassError(
-                        f"{self.name}: {b.path} shares one dimension between queries, keys and values"
+                        f"{b.path} shares one dimension between queries, keys and values"
                     )
                 q_side, q_params, q_parts = _side(d, a.query)
                 k_side, k_params, k_parts = _side(d, a.key)
@@ -101,13 +101,11 @@ class ExpandQK(Pass):
             d,
             graph,
             blocks,
-            lambda b: [
-                self._atom(d, d.of(a.query, -1), size, b.path)[0] for a in attentions(b, self.name)
-            ],
+            lambda b: [self._atom(d, d.of(a.query, -1), size, b.path)[0] for a in attentions(b)],
             self.name,
         )
         growth = Growth(sizes, modes, zero, scale, param_scale, seed=self.opts["seed"])
-        out, maps = grow(graph, growth, self.name, d)
+        out, maps = grow(graph, growth, d)
         for core, value in scales:
             core.kwargs = {**core.kwargs, "scale": value}
         graph.gm.recompile()
@@ -116,27 +114,23 @@ class ExpandQK(Pass):
     def _atom(self, d: Dims, dqk: int, size: int, path: str) -> tuple[int, int]:
         old = d.size[dqk]
         if size < old:
-            raise PassError(f"{self.name}: {path} has query/key dimension {old}; {size} is smaller")
+            raise PassError(f"{path} has query/key dimension {old}; {size} is smaller")
         parts = d.parts(dqk)
         if parts is None:
             return dqk, size
         kind, ps = parts
         if kind == "cat" and len(ps) == 2 and ps[0] == ps[1] and d.parts(ps[0]) is None:
             if (size - old) % 2:
-                raise PassError(
-                    f"{self.name}: {path} uses rotate-half RoPE; grow by an even number"
-                )
+                raise PassError(f"{path} uses rotate-half RoPE; grow by an even number")
             return ps[0], d.size[ps[0]] + (size - old) // 2
         if kind == "cat" and len(ps) == 2 and d.parts(ps[1]) is None:
             return ps[1], d.size[ps[1]] + size - old  # partial rotary: grow the unrotated part
         if kind == "prod" and len(ps) == 2 and d.parts(ps[0]) is None and d.size[ps[1]] == 2:
             if (size - old) % 2:
-                raise PassError(
-                    f"{self.name}: {path} uses interleaved RoPE; grow by an even number"
-                )
+                raise PassError(f"{path} uses interleaved RoPE; grow by an even number")
             return ps[0], d.size[ps[0]] + (size - old) // 2
         raise PassError(
-            f"{self.name}: the query/key dimension of {path} is laid out in a way archfx cannot grow"
+            f"the query/key dimension of {path} is laid out in a way archfx cannot grow"
         )
 
 

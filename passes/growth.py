@@ -83,7 +83,7 @@ class _Axis:
     mult: torch.Tensor  # for each new index: a factor its entries are multiplied by
 
 
-def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> tuple[dict, dict]:
+def grow(graph: Graph, growth: Growth, dims: Dims | None = None) -> tuple[dict, dict]:
     """Apply `growth` to `graph` in place; returns what changed (details, tensor maps). Raises
     PassError, naming the site and the reason, before changing anything if it cannot be exact."""
     d = dims or analyze_dims(graph.gm)
@@ -92,9 +92,9 @@ def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> t
     modes = {d.find(a): m for a, m in growth.modes.items()}
     zero = {_key(d, z) for z in growth.zero}
     scale = {_key(d, i): f for i, f in growth.scale.items()}
-    _check(d, graph, atoms, modes, what, growth.approximate)
+    _check(d, graph, atoms, modes, growth.approximate)
     new_size = _sizes(d, atoms)
-    _check_scale(d, graph, new_size, what)
+    _check_scale(d, graph, new_size)
     axes: dict[int, _Axis] = {}
 
     def axis(i: int) -> _Axis:
@@ -103,11 +103,11 @@ def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> t
             axes[i] = _layout(d, i, atoms, modes, zero, scale, axis)
         return axes[i]
 
-    rescale, eps_edits = _norm_compensation(d, atoms, modes, new_size, what)
+    rescale, eps_edits = _norm_compensation(d, atoms, modes, new_size)
     for target, f in growth.param_scale.items():
         offset, s = rescale.get(target, (False, 1.0))
         rescale[target] = (offset, s * f)
-    final_scale = _tied_tile_compensation(d, graph, atoms, modes, what)
+    final_scale = _tied_tile_compensation(d, graph, atoms, modes)
     for node, index, value in eps_edits:  # every check has passed: now edit
         node.args = (*node.args[:index], value, *node.args[index + 1 :])
     by_tensor: dict[int, list[str]] = {}
@@ -142,7 +142,6 @@ def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> t
                     isinstance(t, torch.nn.Parameter),
                     gen,
                     target,
-                    what,
                 )
         if target in rescale and not new.is_meta:
             offset, s = rescale[target]
@@ -162,24 +161,24 @@ def grow(graph: Graph, growth: Growth, what: str, dims: Dims | None = None) -> t
 # checks ----------------------------------------------------------------------------------
 
 
-def _check(d: Dims, graph: Graph, atoms: dict, modes: dict, what: str, approximate: bool) -> None:
+def _check(d: Dims, graph: Graph, atoms: dict, modes: dict, approximate: bool) -> None:
     for a, n in atoms.items():
         old = d.size[a]
         if d.parts(a) is not None:
-            raise PassError(f"{what}: dimension {a} is composite; grow one of its parts")
+            raise PassError(f"dimension {a} is composite; grow one of its parts")
         if not isinstance(old, int):
-            raise PassError(f"{what}: a dynamic (batch or sequence) dimension cannot grow")
+            raise PassError("a dynamic (batch or sequence) dimension cannot grow")
         if n < old:
-            raise PassError(f"{what}: new size {n} is smaller than the current {old}")
+            raise PassError(f"new size {n} is smaller than the current {old}")
         if modes[a] == "tile" and n % old:
-            raise PassError(f"{what}: duplication needs a multiple of {old}, got {n}")
+            raise PassError(f"duplication needs a multiple of {old}, got {n}")
         why = d.frozen_reason(a)
         if why:
-            raise PassError(f"{what}: cannot grow this dimension: {why}")
+            raise PassError(f"cannot grow this dimension: {why}")
         for node, ids in d.opaque:
             if any(isinstance(d.size[d.find(i)], int) and d.contains(i, a) for i in ids):
                 raise PassError(
-                    f"{what}: {node.name} ({node.target}) touches the grown dimension and "
+                    f"{node.name} ({node.target}) touches the grown dimension and "
                     "archfx does not know how it behaves under growth"
                 )
     sizes = {d.size[i] for i in d.parent if d.find(i) == i and any(d.contains(i, a) for a in atoms)}
@@ -188,7 +187,7 @@ def _check(d: Dims, graph: Graph, atoms: dict, modes: dict, what: str, approxima
             hit = [a for a in node.args if type(a) is int and a in sizes and a > 1]
             if hit:
                 raise PassError(
-                    f"{what}: {node.name} computes a shape with the constant {hit[0]}, which may be "
+                    f"{node.name} computes a shape with the constant {hit[0]}, which may be "
                     "the grown dimension; archfx cannot tell"
                 )
     for r in d.reductions:
@@ -207,14 +206,14 @@ def _check(d: Dims, graph: Graph, atoms: dict, modes: dict, what: str, approxima
             )
             if not ok:
                 raise PassError(
-                    f"{what}: {r.node.name} takes a {r.kind} over the grown dimension; {_why(r.kind, mode)}"
+                    f"{r.node.name} takes a {r.kind} over the grown dimension; {_why(r.kind, mode)}"
                 )
 
 
 GROWTH_LIMIT = 64  # larger single-step growth is almost surely a typo; grow in steps
 
 
-def _check_scale(d: Dims, graph: Graph, new_size: dict, what: str) -> None:
+def _check_scale(d: Dims, graph: Graph, new_size: dict) -> None:
     """Refuse, before allocating, a growth that multiplies the model's size by more than 64.
     Counted as `Graph.num_parameters` counts: parameters only, each tied tensor once."""
     before = after = 0
@@ -228,7 +227,7 @@ def _check_scale(d: Dims, graph: Graph, new_size: dict, what: str) -> None:
         after += math.prod(new_size.get(d.find(i), d.size[d.find(i)]) for i in ids)
     if after > GROWTH_LIMIT * max(before, 1):
         raise PassError(
-            f"{what}: this would grow the model from {before:,} to {after:,} parameters "
+            f"this would grow the model from {before:,} to {after:,} parameters "
             f"(×{after / max(before, 1):.0f}); archfx refuses more than ×{GROWTH_LIMIT} in one step"
         )
 
@@ -391,7 +390,7 @@ def _merge(a: str, b: str) -> str:
     return a
 
 
-def _resize(t, k, ax: _Axis, role, trainable, gen, target, what):
+def _resize(t, k, ax: _Axis, role, trainable, gen, target):
     """`t` with axis k laid out as `ax`: old entries moved, new ones filled by `role`. Only
     the new slice is drawn or filled (no full-size temporaries: growth runs at checkpoint scale)."""
     src = ax.src
@@ -408,7 +407,7 @@ def _resize(t, k, ax: _Axis, role, trainable, gen, target, what):
     shape[k] = -1
     if fresh.numel():
         if not trainable and t.is_floating_point():
-            return _extend_table(t, k, new, src < 0, target, what)
+            return _extend_table(t, k, new, src < 0, target)
         size = list(new.shape)
         size[k] = fresh.numel()
         zero_feat = ax.zero[fresh].reshape(shape)
@@ -435,12 +434,10 @@ def _resize(t, k, ax: _Axis, role, trainable, gen, target, what):
     return new
 
 
-def _extend_table(t, k, new, fresh, target, what):
+def _extend_table(t, k, new, fresh, target):
     """A constant table (RoPE inverse frequencies): continue its geometric sequence."""
     if t.dim() != 1 or t.numel() < 2:
-        raise PassError(
-            f"{what}: cannot extend the constant tensor {target} of shape {list(t.shape)}"
-        )
+        raise PassError(f"cannot extend the constant tensor {target} of shape {list(t.shape)}")
     x = t.double()
     ratio = (x[-1] / x[0]) ** (1 / (t.numel() - 1))  # from the ends: robust to rounding
     fit = x[0] * ratio ** torch.arange(t.numel(), dtype=torch.float64)
@@ -449,7 +446,7 @@ def _extend_table(t, k, new, fresh, target, what):
     held = next(f for f in _FLOATS if torch.equal(x.to(f).double(), x))
     if not torch.allclose(x, fit, rtol=max(1e-4, 4 * torch.finfo(held).eps), atol=0):
         raise PassError(
-            f"{what}: {target} is not a geometric sequence (scaled RoPE?); archfx cannot choose "
+            f"{target} is not a geometric sequence (scaled RoPE?); archfx cannot choose "
             "frequencies for the new pairs"
         )
     n_new = int(fresh.sum())
@@ -491,7 +488,7 @@ def _set(graph: Graph, aliases: list[str], old: torch.Tensor, new: torch.Tensor)
 # compensations -----------------------------------------------------------------------------
 
 
-def _norm_compensation(d: Dims, atoms, modes, new_size, what):
+def _norm_compensation(d: Dims, atoms, modes, new_size):
     """RMS norms over zero-padded features: eps × d/d̂ in the graph, gains × √(d/d̂). Returns
     the gains to rescale and the eps edits (node, argument index, value), applied by the caller
     once every check has passed."""
@@ -524,7 +521,7 @@ def _norm_compensation(d: Dims, atoms, modes, new_size, what):
             found = _gain_after(r.node, d, r.dims)
         if found is None or found[0] is None:
             raise PassError(
-                f"{what}: {r.node.name} normalises over the grown features with no gain to rescale"
+                f"{r.node.name} normalises over the grown features with no gain to rescale"
             )
         out[found[0]] = (found[1], math.sqrt(ratio))
     return out, edits
@@ -558,7 +555,7 @@ def _gain_after(mean: fx.Node, d: Dims, dims: list[int]):
     return None
 
 
-def _tied_tile_compensation(d: Dims, graph: Graph, atoms, modes, what) -> dict[str, float]:
+def _tied_tile_compensation(d: Dims, graph: Graph, atoms, modes) -> dict[str, float]:
     """Duplicated features read by a tied embedding: the final norm's gain and bias / m."""
     out: dict[str, float] = {}
     tiled = [a for a, m in modes.items() if m == "tile" and atoms[a] != d.size[a]]
@@ -572,7 +569,7 @@ def _tied_tile_compensation(d: Dims, graph: Graph, atoms, modes, what) -> dict[s
     norm = stack.final_norm
     if norm is None or norm.weight is None or norm.unit_offset:
         raise PassError(
-            f"{what}: the tied head reads duplicated features; archfx divides the final norm's "
+            "the tied head reads duplicated features; archfx divides the final norm's "
             "gain by the factor, but this model has no plain final-norm gain"
         )
     out[norm.weight] = 1 / m
@@ -644,13 +641,11 @@ LAYERS_DOC = "blocks to grow: all, or indices and ranges such as 0-3,7 (in model
 SEED_DOC = "seed of the new parameters, drawn at the scale of the existing weights"
 
 
-def select_blocks(graph: Graph, text: str, what: str) -> list:
+def select_blocks(graph: Graph, text: str) -> list:
     """The blocks named by a `layers` option ("all", "0-3,7")."""
     blocks = graph.structure.blocks
     if not blocks:
-        raise PassError(
-            f"{what}: no Transformer blocks found; `archfx inspect` shows the structure"
-        )
+        raise PassError("no Transformer blocks found; `archfx inspect` shows the structure")
     if text.strip() == "all":
         return list(blocks)
     chosen: list[int] = []
@@ -663,12 +658,12 @@ def select_blocks(graph: Graph, text: str, what: str) -> list:
                 chosen.append(int(part))
         except ValueError:
             raise PassError(
-                f"{what}: layers must be 'all' or indices and ranges like 0-3,7; got {text!r}"
+                f"layers must be 'all' or indices and ranges like 0-3,7; got {text!r}"
             ) from None
     bad = [i for i in chosen if not 0 <= i < len(blocks)]
     if bad or not chosen:
         raise PassError(
-            f"{what}: layers {text!r} names blocks outside 0-{len(blocks) - 1} (this model has {len(blocks)})"
+            f"layers {text!r} names blocks outside 0-{len(blocks) - 1} (this model has {len(blocks)})"
         )
     return [blocks[i] for i in sorted(set(chosen))]
 
@@ -679,7 +674,7 @@ def weight_axis(d: Dims, linear, side: str) -> int:
     return d.find(d.params[linear.weight][k])
 
 
-def check_coupling(d: Dims, graph: Graph, chosen: list, atoms_of, what: str) -> None:
+def check_coupling(d: Dims, graph: Graph, chosen: list, atoms_of) -> None:
     """Refuse when a dimension of a chosen block is shared with a block left out."""
     chosen_atoms = {a for b in chosen for a in atoms_of(b)}
     for b in graph.structure.blocks:
@@ -688,6 +683,6 @@ def check_coupling(d: Dims, graph: Graph, chosen: list, atoms_of, what: str) -> 
         shared = chosen_atoms & set(atoms_of(b))
         if shared:
             raise PassError(
-                f"{what}: block {b.path} shares the grown dimension with the selected blocks "
+                f"block {b.path} shares the grown dimension with the selected blocks "
                 "(tied weights or a shared table); select it too"
             )

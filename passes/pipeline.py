@@ -5,8 +5,10 @@
 After each pass: lint, shape propagation, and for passes that preserve the function a
 numerical certificate against the pass's input. Instrumentation records time, nodes and
 parameters changed per pass; `dump_dir` writes the IR before and after each pass; a failing
-pass leaves a reproducer (pipeline text, the IR it received, the error) in `dump_dir` or a
-temporary directory named in the error.
+pass leaves a reproducer (pipeline text, the IR it received, the error) in `dump_dir` or a new
+directory under $ARCHFX_CACHE/reproducers (default ~/.cache/archfx), named in the error.
+Errors raised while a pass runs are prefixed with the pass once (passes do not name
+themselves).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from archfx.ir import ArchfxError, Graph, PassError, VerificationError
+from archfx.ir import AnalysisError, ArchfxError, Graph, PassError, VerificationError
+from archfx.ir.errors import first_line
+from archfx.ir.serialize import cache_dir
 from archfx.ir.verify import (
     Certificate,
     certify,
@@ -210,7 +214,7 @@ class Pipeline:
                     if not cert.ok:
                         where = self._reproduce(i, p, graph, code, None, dump_dir)
                         raise VerificationError(
-                            f"pass {p} claims to preserve the function but changed it: "
+                            f"{p}: claims to preserve the function but changed it: "
                             f"{cert.reason()}; reproducer in {where}"
                         )
             if dump_dir is not None:
@@ -251,23 +255,22 @@ class Pipeline:
             work.invalidate()
             refresh_shapes(work, since=before)
             lint(work)
-        except PassError as exc:
+        except (PassError, AnalysisError) as exc:
             if exact:  # the pass ran in the model's dtype but refuses in fp64
                 where = self._reproduce(i, p, graph, code, exc, dump_dir)
                 raise VerificationError(
-                    f"pass {p} cannot be certified: on the fp64 copy of its input it "
-                    f"refused: {exc}; reproducer in {where}"
+                    f"{p}: cannot be certified: on the fp64 copy of its input it refused: "
+                    f"{exc}; reproducer in {where}"
                 ) from exc
-            raise  # a refusal that names its site and reason: nothing to reproduce
-        except ArchfxError as exc:
-            self._reproduce(i, p, graph, code, exc, dump_dir)
-            raise
+            # a refusal that names its site and reason: nothing to reproduce
+            raise type(exc)(f"{p}: {exc}") from exc
+        except ArchfxError as exc:  # the shape check or lint failed: the pass broke the IR
+            where = self._reproduce(i, p, graph, code, exc, dump_dir)
+            raise type(exc)(f"{p}: {exc}; reproducer in {where}") from exc
         except Exception as exc:  # a bug in a pass: keep the reproducer, raise a clear error
             where = self._reproduce(i, p, graph, code, exc, dump_dir)
             on = " on the fp64 copy of its input" if exact else ""
-            raise PassError(
-                f"pass {p} failed{on}: {type(exc).__name__}: {exc}; reproducer in {where}"
-            ) from exc
+            raise PassError(f"{p}: failed{on}: {first_line(exc)}; reproducer in {where}") from exc
         return result
 
     def _reproduce(
@@ -275,11 +278,12 @@ class Pipeline:
     ) -> str:
         """Write what reproduces pass `i`'s failure: the pipeline, the IR the pass received
         (`code`), the model it came from and the error."""
-        d = (
-            Path(dump_dir)
-            if dump_dir is not None
-            else Path(tempfile.mkdtemp(prefix="archfx-repro-"))
-        )
+        if dump_dir is not None:
+            d = Path(dump_dir)
+        else:
+            root = cache_dir() / "reproducers"
+            root.mkdir(parents=True, exist_ok=True)
+            d = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=root))
         d.mkdir(parents=True, exist_ok=True)
         (d / "pipeline.txt").write_text(
             f"{self}\nfailed at pass {i}: {p}\nmodel: {graph.provenance}\n"

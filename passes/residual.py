@@ -1,6 +1,6 @@
 """The residual-scheme engine: re-thread a model's residual stream through a scheme's state.
 
-Every residual scheme (SPEC.md, "A unifying view") is three maps over a stream state S:
+Every residual scheme (docs/architecture.md, principle 4) is three maps over a stream state S:
 
     read     S → the d-wide input a unit sees (after the scheme's carry)
     write    the unit's output → S
@@ -151,22 +151,18 @@ def rethread(graph: Graph, scheme: Scheme, owner: str) -> list[StackThreading]:
     """Thread every stack of `graph` through `scheme`; the graph is edited in place."""
     if any(n.meta.get("archfx_scheme") for n in graph.gm.graph.nodes):
         raise PassError(
-            f"{owner}: the residual stream is already rethreaded by a residual scheme; apply one scheme, once"
+            "the residual stream is already rethreaded by a residual scheme; apply one scheme, once"
         )
     em = Emitter(graph, owner)
     done = []
     for s_idx, stack in enumerate(graph.structure.stacks):
-        done.append(
-            _thread_stack(em, scheme, units(stack, s_idx, scheme.granularity), stack, owner)
-        )
+        done.append(_thread_stack(em, scheme, units(stack, s_idx, scheme.granularity), stack))
     graph.gm.graph.eliminate_dead_code()
     graph.gm.recompile()
     return done
 
 
-def _thread_stack(
-    em: Emitter, scheme: Scheme, todo: list[Unit], stack: Stack, owner: str
-) -> StackThreading:
+def _thread_stack(em: Emitter, scheme: Scheme, todo: list[Unit], stack: Stack) -> StackThreading:
     state = scheme.init(em.at(todo[0].input), todo[0].input, todo[0].stack)
     states = []
     for i, unit in enumerate(todo):
@@ -187,7 +183,7 @@ def _thread_stack(
         state.meta["archfx_state"] = (stack.path, unit.index)  # the stream state after the unit
         states.append(state)
         nxt = todo[i + 1] if i + 1 < len(todo) else None
-        lifted = _lift(unit, nxt, state, scheme, owner) if nxt is not None else set()
+        lifted = _lift(unit, nxt, state, scheme) if nxt is not None else set()
         after = [
             n
             for n in list(unit.replaces.users)
@@ -225,7 +221,7 @@ _STREAM_LOCAL = {
 _RESHAPES = {aten.view.default, aten.reshape.default}
 
 
-def _lift(unit: Unit, nxt: Unit, state: fx.Node, scheme: Scheme, owner: str) -> set:
+def _lift(unit: Unit, nxt: Unit, state: fx.Node, scheme: Scheme) -> set:
     """Trunk ops between two units (a post-norm) read the state instead of the d-wide stream.
 
     For a stream-shaped state nothing changes. A wider state [n, *stream] passes through ops
@@ -242,7 +238,7 @@ def _lift(unit: Unit, nxt: Unit, state: fx.Node, scheme: Scheme, owner: str) -> 
     if not segment or bad:
         what = ", ".join(str(n.target) for n in bad[:3]) or "nothing it can follow"
         raise PassError(
-            f"{owner}: between {unit.block.path} and the next unit the stream goes through {what}; a state wider than the stream cannot"
+            f"between {unit.block.path} and the next unit the stream goes through {what}; a state wider than the stream cannot"
         )
     for n in segment:
         if unit.replaces in n.all_input_nodes:

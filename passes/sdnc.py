@@ -1,5 +1,5 @@
 """sdnc: every attention becomes the read heads of a stateless DNC over an explicit memory
-(Tang & Xie 2026), SPEC.md §4.
+(Tang & Xie 2026, arXiv 2603.19272), docs/passes.md.
 
 Rewrite: each attention site writes its keys and values to a memory (`archfx::memory_write`:
 addresses = keys, contents = values, one slot per position, write-once) and reads it with its
@@ -108,9 +108,7 @@ class SDNC(Pass):
             if r.attention is not None and r.attention.core.target is not READ
         ]
         if not sites:
-            raise PassError(
-                "sdnc: no attention left to rewrite (none found, or already memory reads)"
-            )
+            raise PassError("no attention left to rewrite (none found, or already memory reads)")
         g = graph.gm.graph
         plans = []
         for block, a in sites:  # every site is checked before any is changed
@@ -120,7 +118,7 @@ class SDNC(Pass):
                 plans.append((a, _parse(graph, a.core, block.path)))
             else:
                 raise PassError(
-                    f"sdnc: {block.path}: attention kernel {a.core.target} has no memory-read form"
+                    f"{block.path}: attention kernel {a.core.target} has no memory-read form"
                 )
         if self.opts["addressing"] == "cosine":
             for (block, a), (_, plan) in zip(sites, plans, strict=True):
@@ -141,7 +139,7 @@ class SDNC(Pass):
         if self.opts["persistent"]:
             _persist(graph, [(block.path, a) for block, a in sites], reads)
         if self.opts["write"] == "delta":
-            _check_causal(graph, reads, [block.path for block, _ in sites], "write=delta")
+            _check_causal(graph, reads, [block.path for block, _ in sites])
             for (block, a), read in zip(sites, reads, strict=True):
                 _delta(graph, read, a, _owner(block, a), self.opts["beta0"])
             g.eliminate_dead_code()
@@ -296,7 +294,7 @@ def _parse(graph, softmax: fx.Node, where: str) -> _Plan:
     """Read the chain q·kᵀ → … → softmax → … → ·v of a hand-written attention."""
 
     def refuse(why: str):
-        raise PassError(f"sdnc: {where}: {why}; this attention has no memory-read form")
+        raise PassError(f"{where}: {why}; this attention has no memory-read form")
 
     out, n, path = softmax, softmax, [softmax]
     while True:  # softmax → identity ops → the weights·V matmul
@@ -553,7 +551,7 @@ def _persist(graph, sites: list, cores: list) -> None:
     outputs (`memory.<i>.addresses` / `.contents`). Refused unless every read's mask is exactly
     causal (no padding, window or bias: those are not written down anywhere the next call
     could continue) and the model takes token ids only."""
-    _needs_values(graph, "persistent=true")
+    _needs_values(graph)
     g = graph.gm.graph
     if len(graph.placeholders) != 1 or len(graph.placeholders[0].meta["val"].shape) != 2:
         raise PassError(
@@ -563,7 +561,7 @@ def _persist(graph, sites: list, cores: list) -> None:
     for path, a in sites:
         if a.cross:
             raise PassError(f"sdnc(persistent=true): {path} reads another stream's memory")
-    _check_causal(graph, cores, [p for p, _ in sites], "persistent=true")
+    _check_causal(graph, cores, [p for p, _ in sites])
     tokens = graph.placeholders[0]
     seq = str(tokens.meta["val"].shape[1])
     last = graph.placeholders[-1]
@@ -653,17 +651,17 @@ def _drop_dead_asserts(g: fx.Graph) -> None:
                 changed = True
 
 
-def _needs_values(graph, what: str) -> None:
+def _needs_values(graph) -> None:
     if graph.device.type == "meta":
         raise PassError(
-            f"sdnc({what}) checks its claim by running the example inputs, which a model on "
+            "it checks its claim by running the example inputs, which a model on "
             "the meta device (structure only, no values) cannot do; load the weights first"
         )
 
 
-def _check_causal(graph, cores: list, paths: list, what: str) -> None:
+def _check_causal(graph, cores: list, paths: list) -> None:
     """Every read's mask allows exactly the causal slots (checked on the example inputs)."""
-    _needs_values(graph, what)
+    _needs_values(graph)
     masks = [op_arg(c, "attn_mask") for c in cores]
     probed = graph.probe([m for m in masks if isinstance(m, fx.Node)])
     values = iter(probed)
@@ -672,19 +670,18 @@ def _check_causal(graph, cores: list, paths: list, what: str) -> None:
         if mask is None:
             if causal:
                 continue
-            raise PassError(f"sdnc({what}): {path} reads every slot (not causal)")
+            raise PassError(f"{path} reads every slot (not causal)")
         m = next(values)
         allowed = m if m.dtype == torch.bool else m == 0
         if m.dtype != torch.bool and not bool(((m == 0) | (m <= MASKED)).all()):
             raise PassError(
-                f"sdnc({what}): {path} adds a position bias to the scores, which "
-                "a causal memory cannot carry"
+                f"{path} adds a position bias to the scores, which a causal memory cannot carry"
             )
         n = allowed.shape[-1]
         tril = torch.ones(n, n, dtype=torch.bool).tril()
         if causal or not bool((allowed == tril).all()):
             raise PassError(
-                f"sdnc({what}): {path}'s mask is not exactly causal "
+                f"{path}'s mask is not exactly causal "
                 "(padding, a sliding window or bidirectional attention)"
             )
 

@@ -1,12 +1,14 @@
 """The pass contract and the pipeline text: parsing, printing, options, errors; what a run
 leaves behind: the input graph untouched, a reproducer when a pass fails."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from archfx.ir import PassError, capture
+from archfx.ir import PassError, VerificationError, capture
 from archfx.passes import REGISTRY, Option, Pass, PassResult, Pipeline, register
 
 from .helpers import model
@@ -184,3 +186,39 @@ def test_a_failing_pass_leaves_the_ir_it_received(breaking_pass, tmp_path, verif
     assert "failed at pass 2: breaking-pass" in (tmp_path / "pipeline.txt").read_text()
     assert "RuntimeError: bug in the pass" in (tmp_path / "error.txt").read_text()
     assert graph.gm.code == code
+
+
+def test_a_refusal_names_the_pass_once():
+    graph = capture(model("tiny-gpt2"))  # LayerNorm: only duplication is exact
+    with pytest.raises(PassError) as err:
+        Pipeline.parse("canonicalize,expand-hidden(size=96)").run(graph)
+    message = str(err.value)
+    assert message.startswith("expand-hidden(size=96): this model normalises its stream")
+    assert message.count("expand-hidden") == 1 and "\n" not in message
+
+
+def test_a_broken_ir_names_the_pass_and_its_reproducer(tmp_path, monkeypatch):
+    """A pass whose ops do not compose fails the shape check: one line naming the pass and the
+    reproducer, which lies under $ARCHFX_CACHE/reproducers (not loose in the temp directory)."""
+    monkeypatch.setenv("ARCHFX_CACHE", str(tmp_path))
+
+    class BadExpand(Pass):
+        name = "bad-expand"
+        summary = "test-only"
+
+        def run(self, graph):
+            ids = graph.placeholders[0]
+            with graph.gm.graph.inserting_after(ids):
+                graph.gm.graph.call_function(torch.ops.aten.expand.default, (ids, [5, 8]))
+            graph.gm.recompile()
+            return PassResult(changed=True)
+
+    graph = capture(model("tiny-llama"))
+    with pytest.raises(VerificationError) as err:
+        Pipeline([BadExpand()]).run(graph, verify=False)
+    message = str(err.value)
+    assert message.startswith("bad-expand: shape check failed at node expand")
+    assert "\n" not in message and message.count("bad-expand") == 1
+    where = Path(message.rsplit("reproducer in ", 1)[1])
+    assert where.parent == tmp_path / "reproducers"
+    assert "failed at pass 0: bad-expand" in (where / "pipeline.txt").read_text()

