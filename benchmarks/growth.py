@@ -4,7 +4,8 @@ Two measurements, one run:
 
 1. A Llama-1B-shaped model (2048 wide, 16 layers, 32/8 heads, 8192 MLP, 128k vocabulary) built
    on the meta device: capture, then each growth pass on the structure alone (no values).
-2. Real SmolLM2-135M weights (fp32), each growth in a fresh process and in place
+2. SmolLM2-135M-Instruct's weights (the packaged Q4_1 GGUF dequantised to fp32), each growth
+   in a fresh process and in place
    (`Pipeline.run(graph, inplace=True, verify=False)`): its wall time, the memory the model
    occupies at the growth's peak (Linux VmHWM reset just before growing, minus the rest of the
    process: its RSS then less the loaded weights) against the grown model's size, and — on a separate
@@ -135,7 +136,7 @@ def main() -> None:
     print("| step | time | parameters |\n|---|---|---|")
     print("\n".join(meta()), flush=True)
     if not args.skip_smollm2:
-        print("\n## SmolLM2-135M, real fp32 weights\n")
+        print("\n## SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32)\n")
         print(
             "| pipeline | time | loaded model | grown model | peak | peak / grown "
             "| max abs diff | in fp64 |"

@@ -814,7 +814,13 @@ def run_upcycle(s: Settings, log=print) -> dict:
 def upcycle_markdown(res: dict) -> str:
     s = res["settings"]
     lines = [
-        f"`{res['model']}` ({res['params']:,} parameters, fp32), its own tokenizer "
+        f"`{res['model']}` ({res['params']:,} parameters"
+        + (
+            "; SmolLM2-135M-Instruct's Q4_1 GGUF dequantised to fp32"
+            if res["model"] == "smollm2"
+            else ", fp32"
+        )
+        + "), its own tokenizer "
         f"({res['tokens']:,} tokens of Shakespeare; last 10% held out). Fine-tune: AdamW lr "
         f"{s['ft_lr']:g}, {s['ft_steps']} steps × {s['ft_batch']} × {s['ft_seq']} tokens, seed "
         f"{res['seed']}; validation: {s['ft_val_windows']} fixed windows × {s['ft_seq']} tokens. "

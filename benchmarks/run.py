@@ -10,7 +10,7 @@
 3. Backends: eager PyTorch, torch.compile, ONNX Runtime on the plain dynamo export with its own
    full optimisation (what a user gets today), ONNX Runtime's transformer optimizer where it
    runs, and archfx's ONNX (fusion stage + ONNX Runtime), at the GPT-2-small shape and on
-   SmolLM2-135M.
+   SmolLM2-135M-Instruct (the packaged Q4_1 GGUF dequantised to fp32).
 
 Threads pinned to one (PyTorch and ONNX Runtime); every ratio comes from interleaved rounds of
 the same run (median). CUDA paths are used when a GPU is present. `--quick` shrinks every shape
@@ -364,7 +364,7 @@ def _backends_section(out: Path, q: bool, rounds: int):
             ),
             ("GPT-2-small shape, batch 8 × 128", gpt2, ids, 12, 768),
             (
-                "SmolLM2-135M, batch 8 × 128",
+                "SmolLM2-135M-Instruct (Q4_1 → fp32), batch 8 × 128",
                 smol,
                 torch.randint(0, smol.config.vocab_size, (8, 128)),
                 9,

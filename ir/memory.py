@@ -1,4 +1,4 @@
-"""The memory of a stateless Differentiable Neural Computer (SPEC.md §4) as two graph ops.
+"""The memory of a stateless Differentiable Neural Computer as two graph ops (docs/passes.md).
 
     archfx::memory_write(addresses, contents) -> (addresses, contents)
         One slot per position, written once: slot t holds address k_t and content v_t (the
@@ -118,7 +118,8 @@ _LIB.define(
 
 
 def delta_update(state, k, v, beta):
-    """The delta rule (SPEC.md §2, §5): state ← state + β k (vᵀ − kᵀ state), k of unit norm.
+    """The delta rule (DDL over layers, a delta-rule memory over tokens; docs/passes.md):
+    state ← state + β k (vᵀ − kᵀ state), k of unit norm.
     The error of the readout along k shrinks by (1 − β); β = 1 overwrites it with v."""
     error = v - torch.einsum("...k,...kv->...v", k, state)
     return state + beta[..., None, None] * k[..., :, None] * error[..., None, :]

@@ -2,11 +2,12 @@
 match the graph, and the graph's weights under the model's own names, so that
 `from_pretrained` rebuilds it with no archfx installed.
 
-This is the thin config adapter DESIGN.md allows: the sizes come from the graph's Structure
-(hidden width, MLP width, heads, KV heads, head dim, blocks per stack, norm eps, RoPE
-frequencies); they are written under whichever of the usual config keys the model's config
-has. Nothing is trusted: the model is rebuilt from the new config, every tensor must match
-in name and shape, and its outputs must equal the graph's before anything is written.
+This is the thin config adapter docs/architecture.md allows (principle 1): the sizes come
+from the graph's Structure (hidden width, MLP width, heads, KV heads, head dim, blocks per
+stack, norm eps, RoPE frequencies); they are written under whichever of the usual config
+keys the model's config has. Nothing is trusted: the model is rebuilt from the new config,
+every tensor must match in name and shape, and its outputs must equal the graph's before
+anything is written.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""ddl: exact compat mode everywhere, the delta-rule oracles of SPEC.md §2, training, precision."""
+"""ddl: exact compat mode everywhere, the delta-rule oracles (docs/passes.md, ddl), training,
+precision."""
 
 import pytest
 import torch

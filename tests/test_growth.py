@@ -1,5 +1,6 @@
-"""Growth passes: exact on every model (or refused with the reason), SPEC.md §3's oracles,
-random compositions, Hugging Face round trips, growing an optimizer mid-run, meta-device scale."""
+"""Growth passes: exact on every model (or refused with the reason), the oracles of
+docs/passes.md (Growth), random compositions, Hugging Face round trips, growing an optimizer
+mid-run, meta-device scale."""
 
 import functools
 

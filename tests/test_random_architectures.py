@@ -129,7 +129,7 @@ def check_structure(graph, exp: dict) -> None:
 
 # (predicate on (expectation, pipeline so far, this pass), the reason archfx must give)
 REFUSALS = [
-    # SPEC §3: Norm(x + 0) ≠ x, so an inserted post-LN block cannot start as the identity
+    # Norm(x + 0) ≠ x, so an inserted post-LN block cannot start as the identity
     (lambda e, before, p: p.startswith("add-layers") and e["placement"] == "post", r"post-LN"),
     # ddl after ddl: the second finds no blocks (the known limit below) before it could see
     # the first scheme
@@ -160,14 +160,14 @@ REFUSALS = [
         r"laid out in a way archfx cannot grow",
     ),
     # LayerNorm-based qk-norm (Phi's qk_layernorm) reads the query/key dimension: zero
-    # padding shifts its mean (SPEC §3); duplication is not offered for q/k
+    # padding shifts its mean (docs/passes.md, Growth); duplication is not offered for q/k
     (
         lambda e, before, p: (
             p.startswith("expand-qk") and e["qk_norm"] and e["norm"] == "layernorm"
         ),
         r"LayerNorm subtracts the mean",
     ),
-    # SPEC §3: with a tied head, duplicating a LayerNorm stream needs the final norm's gain / m;
+    # with a tied head, duplicating a LayerNorm stream needs the final norm's gain / m;
     # a post-LN model has no final norm (the same refusal as BART's in tests/test_growth.py)
     (
         lambda e, before, p: (

@@ -195,7 +195,7 @@ BUILTINS: dict[str, Builtin] = {
         ),
         Builtin(
             "smollm2",
-            "SmolLM2-135M-Instruct, pretrained (Llama, 30 × 576, GQA 9/3)",
+            "SmolLM2-135M-Instruct, pretrained, Q4_1 GGUF dequantised to fp32 (Llama, 30 × 576, GQA 9/3)",
             packaged.smollm2,
             real=True,
             family="llama",
