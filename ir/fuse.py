@@ -138,6 +138,7 @@ class Site:
     kind: str
     scope: str  # the module that computes it, from the exporter's name scopes
     fused: str | None = None  # the ONNX Runtime operator it became
+    exported: str | None = None  # the operator the exporter already emitted for it, if fused
     reason: str | None = None  # why it did not
 
 
@@ -168,19 +169,35 @@ class FusionReport:
         return out
 
     def summary(self) -> str:
-        parts = [f"{k} {f}/{n}" for k, (f, n) in self.counts().items()]
-        return "fused " + (", ".join(parts) if parts else "nothing (no sites)")
+        """Sites that run as one ONNX Runtime operator, per kind, and how many of them the
+        exporter already emitted as that operator (archfx's own rewrites: the group lines)."""
+        parts = []
+        for k, (f, n) in self.counts().items():
+            e = sum(s.kind == k and _as_exported(s) for s in self.sites)
+            parts.append(f"{k} {f}/{n}" + (f" ({e} already so in the export)" if e else ""))
+        return "fused sites: " + (", ".join(parts) if parts else "none (no sites)")
 
     def lines(self) -> list[str]:
-        """The report, one line per group and per site."""
+        """The report, one line per group and per site. The first line counts sites (an
+        attention, a norm …) by the operator they end on, including those the exporter
+        already emitted fused; a group line counts the pattern rewrites archfx's fusion made
+        (several per site, or intermediate ones a later stage inlines again)."""
         out = [self.summary(), *(f"  note: {n}" for n in self.notes)]
         for g in self.groups:
             state = "not applied" if not g.kept else "kept" if g.fusions else "nothing matched"
             diff = "" if g.max_abs_diff is None else f", max|Δ| {g.max_abs_diff:.1e}"
             why = f": {g.reason}" if g.reason else ""
-            out.append(f"  group {g.name}: {g.fusions} rewrites, {state}{diff}{why}")
+            ops = GROUP_OPS.get(g.name, set())
+            ended = sum(s.fused in ops and not _as_exported(s) for s in self.sites)
+            landed = (
+                f" ({ended} site{'s' * (ended != 1)} end on its operators)" if g.fusions else ""
+            )
+            out.append(
+                f"  group {g.name}: {g.fusions} rewrites by archfx{landed}, {state}{diff}{why}"
+            )
         for s in self.sites:
             what = f"→ {s.fused}" if s.fused else f"not fused: {s.reason}"
+            what += " (as exported)" if _as_exported(s) else ""
             out.append(f"  {s.kind:9s} {s.scope or '(top level)'}: {what}")
         if self.runtime_ops:
             ops = ", ".join(f"{op} ×{n}" for op, n in sorted(self.runtime_ops.items()))
@@ -268,6 +285,12 @@ def fuse(
     return report
 
 
+def _as_exported(site: Site) -> bool:
+    """The site's operator is the one the exporter emitted (ONNX's LayerNormalization, Gelu),
+    not one archfx's fusion made."""
+    return site.fused is not None and site.fused == site.exported
+
+
 def _save(model, path: Path) -> Path:
     import onnx_ir as ir
 
@@ -289,7 +312,8 @@ def _find_sites(model) -> list[Site]:
         kind = _site_kind(node)
         if kind is not None:
             scope = _scope(node)
-            seen.setdefault((kind, scope), Site(kind, scope))
+            done = node.op_type if node.op_type in ("LayerNormalization", "Gelu") else None
+            seen.setdefault((kind, scope), Site(kind, scope, exported=done))
     return list(seen.values())
 
 

@@ -1,4 +1,4 @@
-"""The `archfx` command line: `passes`, `inspect`, `apply` (the contract of DESIGN.md).
+"""The `archfx` command line: `passes`, `inspect`, `apply` (the contract README.md states).
 
 Human tables by default, one JSON object on stdout with --json; progress and the one-line
 reason for any failure go to stderr; exit status is non-zero on any error or failed check.

@@ -1,4 +1,4 @@
-"""The CLI contract of DESIGN.md: passes / inspect / apply, JSON shapes, errors in one line."""
+"""The CLI contract (README.md): passes / inspect / apply, JSON shapes, errors in one line."""
 
 import json
 import subprocess
@@ -67,6 +67,12 @@ def test_apply_canonicalize_verify_onnx(capsys, tmp_path, name):
     else:
         assert onnx["max_abs_diff"] <= 1e-4 and onnx["onnx_error"] is None
     assert onnx["fusions"][0].startswith("fused ") and "attention" in onnx["fusions"][0]
+    if name == "minilm":  # BERT's LayerNorms leave the exporter as LayerNormalization already
+        norms = [line for line in onnx["fusions"] if line.strip().startswith("norm ")]
+        assert norms and all(line.endswith("→ LayerNormalization (as exported)") for line in norms)
+        n = len(norms)
+        assert f"norm {n}/{n} ({n} already so in the export)" in onnx["fusions"][0]
+        assert "  group norm: 0 rewrites by archfx, nothing matched" in onnx["fusions"]
     assert data["passes"][0]["name"] == "canonicalize" and data["passes"][0]["changed"]
     assert data["params"]["before"] >= data["params"]["after"] > 0
 

@@ -1,4 +1,4 @@
-"""sdnc: attention as explicit memory write / read ops (SPEC.md §4)."""
+"""sdnc: attention as explicit memory write / read ops (docs/passes.md, sdnc)."""
 
 import itertools
 import json
