@@ -1,9 +1,11 @@
 """Every script in examples/ runs (they are what users copy from)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -37,6 +39,31 @@ def test_demo_on_the_real_model(tmp_path):
     assert report["verify"]["max_abs_diff"] <= 1e-5 and report["onnx"]["max_abs_diff"] <= 1e-4
     assert report["embeddings"]["max_abs_diff_rewritten"] <= 1e-5
     assert (tmp_path / "report.md").exists() and (tmp_path / "minilm-structure.png").exists()
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["ok"] is True and all(written["checks"].values())
+    assert "mean of 10 calls" in written["latency_note"] and written["latency_seconds"]
+    assert written["params"]["before"] == 22_713_216  # all-MiniLM-L6-v2, as Hugging Face counts
+    assert "**ok**" in (tmp_path / "report.md").read_text()
+
+
+def test_demo_reports_a_failed_check_and_exits_nonzero(tmp_path, monkeypatch):
+    demo = load("demo")
+    reload = demo.load
+
+    def perturbed(path):  # the saved model comes back with one weight moved
+        graph = reload(path)
+        with torch.no_grad():
+            next(graph.gm.parameters()).add_(1e-3)
+        return graph
+
+    monkeypatch.setattr(demo, "load", perturbed)
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--out", str(tmp_path), "--model", "tiny-gpt2", "--pipeline", "canonicalize"])
+    assert exc.value.code not in (0, None) and "reload_bit_identical" in str(exc.value.code)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] is False and report["checks"]["reload_bit_identical"] is False
+    first = (tmp_path / "report.md").read_text().splitlines()[2]
+    assert first.startswith("- **FAILED: ") and "reload_bit_identical" in first
 
 
 def test_train_shakespeare():
