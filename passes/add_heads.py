@@ -16,7 +16,7 @@ from __future__ import annotations
 from archfx.ir import PassError
 from archfx.ir.dims import analyze_dims
 
-from .base import Option, Pass, PassResult, register
+from .base import Option, Pass, PassResult, layer_indices, register
 from .growth import LAYERS_DOC, SEED_DOC, Growth, check_coupling, grow, select_blocks
 from .heads import attentions, head_axes
 
@@ -30,6 +30,9 @@ class AddHeads(Pass):
         Option("layers", str, "all", LAYERS_DOC),
         Option("seed", int, 0, SEED_DOC),
     )
+
+    def validate(self) -> None:
+        layer_indices(self.name, self.opts["layers"])
 
     def run(self, graph) -> PassResult:
         n = self.opts["n"]

@@ -165,6 +165,29 @@ class Pass:
         }
 
 
+def layer_indices(owner: str, text: str) -> list[int] | None:
+    """A `layers` option ("all", or indices and ranges such as 0-3,7) as sorted block indices,
+    None for all. Malformed text is refused here, from `validate`, before any model loads;
+    whether the indices exist is the model's business (checked in `run`)."""
+    if text.strip() == "all":
+        return None
+    chosen: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        try:
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                chosen.update(range(a, b + 1))
+            else:
+                chosen.add(int(part))
+        except ValueError:
+            raise PassError(
+                f"{owner}: layers must be 'all' or indices and ranges like 0-3,7; got {text!r}"
+            ) from None
+    if not chosen or min(chosen) < 0:
+        raise PassError(f"{owner}: layers {text!r} names no blocks (indices start at 0)")
+    return sorted(chosen)
+
+
 REGISTRY: dict[str, type[Pass]] = {}
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from archfx.ir import PassError
 from archfx.ir.dims import analyze_dims
 
-from .base import Option, Pass, PassResult, register
+from .base import Option, Pass, PassResult, layer_indices, register
 from .growth import LAYERS_DOC, SEED_DOC, Growth, check_coupling, grow, select_blocks
 from .heads import attentions, head_axes
 
@@ -30,6 +30,7 @@ class ExpandHeadDim(Pass):
     )
 
     def validate(self) -> None:
+        layer_indices(self.name, self.opts["layers"])
         if "size" not in self.given:
             raise PassError(f"{self.name}: give size (the new value dimension per head)")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from archfx.ir import PassError
 from archfx.ir.dims import analyze_dims
 
-from .base import Option, Pass, PassResult, register
+from .base import Option, Pass, PassResult, layer_indices, register
 from .growth import LAYERS_DOC, SEED_DOC, Growth, check_coupling, grow, select_blocks, weight_axis
 
 
@@ -33,6 +33,7 @@ class ExpandMLP(Pass):
     )
 
     def validate(self) -> None:
+        layer_indices(self.name, self.opts["layers"])
         if (self.opts["factor"] > 0) == (self.opts["size"] > 0):
             raise PassError(f"{self.name}: give exactly one of factor or size")
 

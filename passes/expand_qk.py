@@ -25,7 +25,7 @@ from archfx.ir import PassError
 from archfx.ir.dims import Dims, analyze_dims
 from archfx.ir.ops import ATTENTION_OPS, LINEAR_OPS, aten, is_call, op_arg
 
-from .base import Option, Pass, PassResult, Remark, register
+from .base import Option, Pass, PassResult, Remark, layer_indices, register
 from .growth import (
     LAYERS_DOC,
     SEED_DOC,
@@ -48,6 +48,7 @@ class ExpandQK(Pass):
     )
 
     def validate(self) -> None:
+        layer_indices(self.name, self.opts["layers"])
         if "size" not in self.given:
             raise PassError(f"{self.name}: give size (the new query/key dimension per head)")
 
@@ -102,7 +103,6 @@ class ExpandQK(Pass):
             graph,
             blocks,
             lambda b: [self._atom(d, d.of(a.query, -1), size, b.path)[0] for a in attentions(b)],
-            self.name,
         )
         growth = Growth(sizes, modes, zero, scale, param_scale, seed=self.opts["seed"])
         out, maps = grow(graph, growth, d)

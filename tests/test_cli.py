@@ -167,6 +167,8 @@ def test_bad_input_exits_nonzero_with_one_line(capsys, tmp_path, ranged_pass, ar
         ("altup(k=2,schedule=same,active=2)", "active=2 must be < k=2"),
         ("sdnc(write=delta,persistent=true)", "does not combine"),
         ("sdnc(write=delta,addressing=cosine)", "does not combine"),
+        ("expand-mlp(factor=2,layers=x)", "expand-mlp: layers must be 'all' or indices"),
+        ("add-heads(layers=1-0)", "add-heads: layers '1-0' names no blocks"),
     ],
 )
 def test_option_errors_come_before_the_model_loads(capsys, monkeypatch, pipeline, fragment):
