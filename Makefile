@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 
-.PHONY: install demo test test-all lint format clean
+.PHONY: install demo test test-all mutants lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
+
+mutants: $(STAMP)
+	$(PY) tests/mutants.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,579 @@
+"""Mutation testing: break each claim a pass makes, one at a time, and check the tests notice.
+
+    make mutants                         # every mutant, two at a time
+    .venv/bin/python tests/mutants.py -k ddl -j 1
+    .venv/bin/python tests/mutants.py --list
+
+A mutant is (name, claim, file, an exact source snippet, its replacement, the tests that must
+catch it). For each mutant the repository's files (tracked, and untracked ones git does not
+ignore: the working tree as it is) are copied to a temporary directory, the one replacement
+is applied there (a snippet that is not found exactly once is an error: the mutant is stale),
+and the named tests run against that copy with this venv's Python. The copy's `archfx`
+package is the one imported (an `archfx/` directory of links to its `ir/` and `passes/`, first
+on sys.path and PYTHONPATH; the run asserts it). Nothing in the repository itself is touched.
+
+Before the mutants, the named tests run once on an unmutated copy and must pass (otherwise a
+failing test would "catch" every mutant). A mutant is caught when its tests fail (pytest exit
+status 1); it SURVIVED when they pass; anything else (a test id that does not exist, a
+collection error, a timeout) is an ERROR. The script prints a table and exits non-zero if any
+mutant survived or errored.
+
+This file is not collected by pytest (no test_ prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ORACLE = "tests/test_oracles.py::"
+TIMEOUT = 1200  # seconds per pytest run
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    claim: str
+    file: str
+    snippet: str
+    replacement: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    # the harness itself: a mutant every test notices (the copy's code is what runs)
+    Mutant(
+        "canary",
+        "the mutated copy is the code under test",
+        "passes/altup.py",
+        'OWNER = "altup"',
+        'OWNER = "altup-canary"',
+        (ORACLE + "test_altup_k1_is_the_identity_rewrite",),
+    ),
+    # altup ---------------------------------------------------------------------------------
+    Mutant(
+        "altup-schedule-block0",
+        "altup: layer l computes on block l mod K",
+        "passes/altup.py",
+        'return unit % self.k if self.schedule == "alternating" else self.active',
+        'return 0 if self.schedule == "alternating" else self.active',
+        (ORACLE + "test_altup_layer_l_reads_and_writes_its_block[k3-alternating]",),
+    ),
+    Mutant(
+        "altup-same-ignores-active",
+        "altup: schedule=same computes on block `active`",
+        "passes/altup.py",
+        'return unit % self.k if self.schedule == "alternating" else self.active',
+        'return unit % self.k if self.schedule == "alternating" else 0',
+        (ORACLE + "test_altup_layer_l_reads_and_writes_its_block[k3-same-1]",),
+    ),
+    Mutant(
+        "altup-gain-0.98-fp32",
+        "altup: g = 1 at init (exact), fp32 certificate",
+        "passes/altup.py",
+        "torch.ones(k, dtype=self.dtype))\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
+        "torch.full((k,), 0.98, dtype=self.dtype))\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
+        (
+            "tests/test_altup.py::test_k1_is_the_identity[tiny-llama]",
+            "tests/test_precision.py::test_altup_gain_error_rejected_in_every_dtype[dtype0]",
+        ),
+    ),
+    Mutant(
+        "altup-gain-0.98-bf16",
+        "altup: g = 1 at init, bf16 certificate",
+        "passes/altup.py",
+        "torch.ones(k, dtype=self.dtype))\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
+        "torch.full((k,), 0.98, dtype=self.dtype))\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
+        ("tests/test_precision.py::test_altup_gain_error_rejected_in_every_dtype[dtype1]",),
+    ),
+    Mutant(
+        "altup-gain-0.98-fp16",
+        "altup: g = 1 at init, fp16 certificate",
+        "passes/altup.py",
+        "torch.ones(k, dtype=self.dtype))\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
+        "torch.full((k,), 0.98, dtype=self.dtype))\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
+        ("tests/test_precision.py::test_altup_gain_error_rejected_in_every_dtype[dtype2]",),
+    ),
+    Mutant(
+        "altup-predict-not-identity",
+        "altup: P = I at init (rows summing to 1 would still be exact)",
+        "passes/altup.py",
+        "torch.eye(k, dtype=self.dtype))",
+        "torch.eye(k, dtype=self.dtype) * 0.9 + 0.1 / k)",
+        (ORACLE + "test_altup_blocks_identical_at_init_and_coefficients_get_gradients",),
+    ),
+    Mutant(
+        "altup-readout-first-block",
+        "altup: the model reads the mean of the K blocks",
+        "passes/altup.py",
+        "mean = em.op(aten.add.Tensor, x0, spread)",
+        "mean = x0",
+        (ORACLE + "test_altup_layer_l_reads_and_writes_its_block[k2-alternating]",),
+    ),
+    Mutant(
+        "altup-router-init",
+        "altup(coefficients=router): W_p = W_c = 0 at init (exact)",
+        "passes/altup.py",
+        "torch.zeros(k * k, k, dtype=self.dtype)",
+        "torch.full((k * k, k), 0.01, dtype=self.dtype)",
+        ("tests/test_altup.py::test_exact_at_init_with_replicated_blocks[tiny-llama]",),
+    ),
+    Mutant(
+        "altup-readout-sum-eps",
+        "altup(readout=sum): the final norm's eps × K²",
+        "passes/altup.py",
+        '_scale_eps(norm, o["k"] ** 2)',
+        '_scale_eps(norm, o["k"])',
+        ("tests/test_altup.py::test_readout_sum_rescales_the_final_norm",),
+    ),
+    # ddl -----------------------------------------------------------------------------------
+    Mutant(
+        "ddl-code-2sigma",
+        "ddl value=code: v = 4σ(W_v x_in + b)",
+        "passes/ddl.py",
+        "em.op(aten.sigmoid.default, em.op(aten.linear.default, src, wv, b)),\n            4.0,",
+        "em.op(aten.sigmoid.default, em.op(aten.linear.default, src, wv, b)),\n            2.0,",
+        (ORACLE + "test_ddl_update_is_the_value_modes_formula[code-1-1e-05]",),
+    ),
+    Mutant(
+        "ddl-paper-value-unnormalised",
+        "ddl value=paper: v = W_v c (c the normalised input)",
+        "passes/ddl.py",
+        'src = cf if self.value != "code" else',
+        'src = cf if self.value == "compat" else',
+        (ORACLE + "test_ddl_update_is_the_value_modes_formula[paper-1-1e-05]",),
+    ),
+    Mutant(
+        "ddl-compat-gate-lambda",
+        "ddl value=compat: x + λh + (1 − λ)β(v − kᵀx)k",
+        "passes/ddl.py",
+        "gate = em.op(aten.mul.Tensor, em.op(aten.rsub.Scalar, lam, 1.0), beta)",
+        "gate = em.op(aten.mul.Tensor, em.op(aten.rsub.Scalar, lam, 1.0), 1.0)",
+        (ORACLE + "test_ddl_update_is_the_value_modes_formula[compat-1-1e-05]",),
+    ),
+    Mutant(
+        "ddl-lambda-init",
+        "ddl value=compat: λ = 1 at init",
+        "passes/ddl.py",
+        'em.param(f"{name}.lam", torch.ones(1, dtype=self.dtype))',
+        'em.param(f"{name}.lam", torch.full((1,), 0.99, dtype=self.dtype))',
+        (ORACLE + "test_ddl_k_unit_norm_beta_in_range_and_lambda_gets_gradient",),
+    ),
+    Mutant(
+        "ddl-beta0-bias",
+        "ddl: b_β = logit(β0/2), so β = β0 at init (β0 = 1 cannot tell)",
+        "passes/ddl.py",
+        "math.log(self.beta0 / (2 - self.beta0))",
+        "math.log(self.beta0)",
+        (ORACLE + "test_ddl_gate_starts_at_beta0_and_shrinks_the_error_by_one_minus_beta[0.5]",),
+    ),
+    Mutant(
+        "ddl-beta-range",
+        "ddl: β = 2σ(·) ∈ (0, 2)",
+        "passes/ddl.py",
+        "em.op(aten.sigmoid.default, logit), 2.0)",
+        "em.op(aten.sigmoid.default, logit), 1.0)",
+        (ORACLE + "test_ddl_gate_starts_at_beta0_and_shrinks_the_error_by_one_minus_beta[1.0]",),
+    ),
+    Mutant(
+        "ddl-k-eps",
+        "ddl: k = h / sqrt(‖h‖² + ε²)",
+        "passes/ddl.py",
+        "norm2, self.eps**2)",
+        "norm2, self.eps)",
+        (ORACLE + "test_ddl_update_is_the_value_modes_formula[paper-1-0.5]",),
+    ),
+    Mutant(
+        "ddl-compressor-weights",
+        "ddl(dv > 1): a block reads the mean of the channels (weights 1/d_v)",
+        "passes/ddl.py",
+        "torch.full((dv - 1, d), 1.0 / dv, dtype=self.dtype)",
+        "torch.full((dv - 1, d), 1.0 / (dv - 1), dtype=self.dtype)",
+        (ORACLE + "test_ddl_blocks_read_the_mean_of_the_channels",),
+    ),
+    # growth --------------------------------------------------------------------------------
+    Mutant(
+        "expand-mlp-sides-swapped",
+        "expand-mlp: new up/gate rows drawn, new down columns zero",
+        "passes/expand_mlp.py",
+        'Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"])',
+        'Growth(sizes, dict.fromkeys(sizes, "zero"), seed=self.opts["seed"])',
+        (ORACLE + "test_growth_zero_and_drawn_sides[expand-mlp(factor=2)]",),
+    ),
+    Mutant(
+        "add-heads-sides-swapped",
+        "add-heads: new q rows drawn, new o columns zero",
+        "passes/add_heads.py",
+        'Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"])',
+        'Growth(sizes, dict.fromkeys(sizes, "zero"), seed=self.opts["seed"])',
+        (ORACLE + "test_growth_zero_and_drawn_sides[add-heads(n=2)]",),
+    ),
+    Mutant(
+        "expand-head-dim-sides-swapped",
+        "expand-head-dim: new v rows drawn, new o columns zero",
+        "passes/expand_head_dim.py",
+        'Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"])',
+        'Growth(sizes, dict.fromkeys(sizes, "zero"), seed=self.opts["seed"])',
+        (ORACLE + "test_growth_zero_and_drawn_sides[expand-head-dim(size=24)]",),
+    ),
+    Mutant(
+        "expand-qk-double-zero",
+        "expand-qk: new q rows drawn, new k rows zero (not both zero)",
+        "passes/expand_qk.py",
+        'modes[atom] = "zero" if a.qk_norm else "free"',
+        'modes[atom] = "zero"',
+        (ORACLE + "test_every_new_entry_gets_a_gradient[expand-qk(size=24)]",),
+    ),
+    Mutant(
+        "expand-qk-rescale-dropped",
+        "expand-qk: old k rows × √(k̂/k) where the scale is 1/√k",
+        "passes/expand_qk.py",
+        "f = math.sqrt(size / d.size[dqk])",
+        "f = 1.0",
+        (ORACLE + "test_growth_zero_and_drawn_sides[expand-qk(size=24)]",),
+    ),
+    Mutant(
+        "expand-qk-fixed-scale-rescaled",
+        "expand-qk: a fixed attention scale (T5's 1) is kept, keys not rescaled",
+        "passes/expand_qk.py",
+        "return scale is None or abs(scale * math.sqrt(k) - 1) < 1e-6",
+        "return True",
+        (ORACLE + "test_expand_qk_keeps_a_fixed_scale",),
+    ),
+    Mutant(
+        "expand-hidden-gain-rescale",
+        "expand-hidden (RMSNorm): gains × √(d/d̂)",
+        "passes/growth.py",
+        "out[found[0]] = (found[1], math.sqrt(ratio))",
+        "out[found[0]] = (found[1], 1.0)",
+        (ORACLE + "test_growth_zero_and_drawn_sides[expand-hidden(size=48)]",),
+    ),
+    Mutant(
+        "expand-hidden-eps",
+        "expand-hidden (RMSNorm): eps × d/d̂",
+        "passes/growth.py",
+        "edits.append((eps, 1, eps.args[1] * ratio))",
+        "edits.append((eps, 1, eps.args[1]))",
+        (ORACLE + "test_expand_hidden_rms_norm_eps_follows_the_width",),
+    ),
+    Mutant(
+        "expand-hidden-unit-offset",
+        "expand-hidden ((1 + w) RMSNorm): w' = (1 + w)·√(d/d̂) − 1",
+        "passes/growth.py",
+        "- 1 if offset else",
+        "- 1 if False else",
+        (ORACLE + "test_expand_hidden_unit_offset_gains",),
+    ),
+    Mutant(
+        "expand-hidden-duplicate-no-noise",
+        "expand-hidden (duplicate): readers W/m per copy plus zero-sum noise",
+        "passes/growth.py",
+        "new = torch.where(per > 1, new / per + eps, new)",
+        "new = torch.where(per > 1, new / per, new)",
+        (ORACLE + "test_expand_hidden_duplicates_layernorm_streams",),
+    ),
+    Mutant(
+        "expand-hidden-tied-final-norm",
+        "expand-hidden (duplicate, tied head): final norm gain and bias ÷ m",
+        "passes/growth.py",
+        "out[norm.weight] = 1 / m",
+        "out[norm.weight] = 1.0",
+        (ORACLE + "test_expand_hidden_duplicates_layernorm_streams",),
+    ),
+    Mutant(
+        "growth-engine-double-zero",
+        "growth: producers of free features drawn (never both sides zero)",
+        "passes/growth.py",
+        "fill = noise.masked_fill_(zero_feat, 0)",
+        "fill = noise.zero_()",
+        (ORACLE + "test_every_new_entry_gets_a_gradient[expand-mlp(factor=2)]",),
+    ),
+    Mutant(
+        "growth-draw-scale",
+        "growth: new entries drawn at the scale of the existing weights",
+        "passes/growth.py",
+        "spread = _scale(t)",
+        "spread = 1.0",
+        (ORACLE + "test_growth_zero_and_drawn_sides[expand-mlp(factor=2)]",),
+    ),
+    Mutant(
+        "expand-qk-rope-frequencies",
+        "expand-qk (RoPE): new pairs continue the geometric sequence of frequencies",
+        "passes/growth.py",
+        "ratio ** torch.arange(1, n_new + 1,",
+        "ratio ** torch.arange(0, n_new,",
+        ("tests/test_growth.py::test_rope_keeps_old_frequencies_and_continues_the_sequence",),
+    ),
+    Mutant(
+        "add-layers-bias-not-zeroed",
+        "add-layers: o/down and their biases zero",
+        "passes/add_layers.py",
+        "for t in (lin.weight, lin.bias) if t",
+        "for t in (lin.weight,) if t",
+        (ORACLE + "test_add_layers_copies_the_neighbour_with_zero_writers[tiny-gpt2]",),
+    ),
+    Mutant(
+        "add-layers-zero-reader",
+        "add-layers: the writers (o), not the readers (q), are zero",
+        "passes/add_layers.py",
+        "linears.append(r.attention.o)",
+        "linears.append(r.attention.q)",
+        (ORACLE + "test_add_layers_copies_the_neighbour_with_zero_writers[tiny-llama]",),
+    ),
+    Mutant(
+        "save-pretrained-stale-weights",
+        "save_pretrained: the checkpoint holds the grown weights (generation unchanged)",
+        "passes/hf_export.py",
+        "if k in persistent:\n                own[k].copy_(v)",
+        'if k in persistent and "mlp" not in k:\n                own[k].copy_(v)',
+        (
+            ORACLE
+            + "test_grown_checkpoint_generates_the_same_with_and_without_kv_cache[tiny-llama]",
+        ),
+    ),
+    # sdnc, the certificate -----------------------------------------------------------------
+    Mutant(
+        "sdnc-scale",
+        "sdnc: the read's strength is the model's own scale",
+        "passes/sdnc.py",
+        "scale *= factor",
+        "scale *= 1.01 * factor",
+        ("tests/test_sdnc.py::test_sdnc_is_exact_everywhere[nanogpt]",),
+    ),
+    Mutant(
+        "sdnc-cosine-strength-init",
+        "sdnc(addressing=cosine): β starts at √d_k",
+        "passes/sdnc.py",
+        "b0 = math.log(math.expm1(math.sqrt(dk) - 1))",
+        "b0 = math.log(math.expm1(math.sqrt(dk)))",
+        ("tests/test_sdnc.py::test_cosine_addressing_is_the_dncs",),
+    ),
+    Mutant(
+        "certificate-math-tolerance",
+        "certificate: the fp64 math agrees within 1e-9 of each output's scale",
+        "ir/verify.py",
+        "MATH_TOLERANCE = {torch.float64: 1e-9,",
+        "MATH_TOLERANCE = {torch.float64: 1e-1,",
+        (
+            ORACLE + "test_certificate_rejects_altup_with_gain_off_by_two_percent",
+            "tests/test_precision.py::test_altup_gain_error_rejected_in_every_dtype[dtype1]",
+        ),
+    ),
+    Mutant(
+        "certificate-rounding-bound",
+        "certificate: new parameters are the fp64 rewrite rounded once (half an ulp)",
+        "ir/verify.py",
+        "u = info.eps / 2 +",
+        "u = 8 * info.eps +",
+        (
+            "tests/test_precision.py::test_one_percent_growth_error_rejected_in_every_dtype[expand-mlp-dtype1]",
+        ),
+    ),
+]
+
+
+# running ---------------------------------------------------------------------------------
+
+BOOT = (
+    "import os, sys; here = os.path.realpath(os.getcwd()); sys.path.insert(0, here); "
+    "import archfx.ir, archfx.passes; "
+    "where = [os.path.realpath(m.__file__) for m in (archfx.ir, archfx.passes)]; "
+    "assert all(w.startswith(here + os.sep) for w in where), ('archfx imported from', where); "
+    "import pytest; sys.exit(pytest.main(sys.argv[1:]))"
+)
+
+
+def repo_files() -> list[str]:
+    """The working tree's files: tracked ones that exist, and untracked ones git keeps."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return sorted({f for f in out.split("\0") if f and (ROOT / f).is_file()})
+
+
+def make_copy(files: list[str], mutant: Mutant | None) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f"archfx-mutant-{mutant.name if mutant else 'base'}-"))
+    for f in files:
+        dst = tmp / f
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dst)
+    pkg = tmp / "archfx"  # the package layout the editable install maps: archfx.ir, archfx.passes
+    pkg.mkdir()
+    (pkg / "ir").symlink_to(tmp / "ir", target_is_directory=True)
+    (pkg / "passes").symlink_to(tmp / "passes", target_is_directory=True)
+    if mutant is not None:
+        path = tmp / mutant.file
+        text = path.read_text()
+        count = text.count(mutant.snippet)
+        if count != 1:
+            shutil.rmtree(tmp)
+            raise StaleMutant(f"snippet found {count} times in {mutant.file}")
+        path.write_text(text.replace(mutant.snippet, mutant.replacement))
+    return tmp
+
+
+class StaleMutant(Exception):
+    pass
+
+
+def run_tests(copy: Path, tests: list[str]) -> tuple[int, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(copy), os.environ.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        ),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "COLUMNS": "300",  # pytest cuts its failure summary to the terminal width
+    }
+    cmd = [
+        sys.executable,
+        "-c",
+        BOOT,
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",  # run the named tests even when marked slow
+        "--rootdir",
+        str(copy),
+        *tests,
+    ]
+    try:
+        proc = subprocess.run(
+            cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT
+        )
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {TIMEOUT} s"
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def last_lines(text: str, n: int = 3) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-n:])
+
+
+def verdict(rc: int, output: str) -> str:
+    if rc == 1:
+        return "caught"
+    if rc == 0:
+        return "SURVIVED"
+    if "not found" in output or "no match" in output:
+        return "ERROR: test id not found"
+    return f"ERROR: pytest exit {rc}: {last_lines(output)}"
+
+
+def evidence(output: str) -> str:
+    """The first failure pytest reports: the test (without its file) and the error's first line."""
+    for line in output.splitlines():
+        if line.startswith("FAILED "):
+            return line[len("FAILED ") :].split("::", 1)[-1]
+    return ""
+
+
+def run_mutant(files: list[str], m: Mutant, keep: bool) -> tuple[Mutant, str, str, float]:
+    t0 = time.perf_counter()
+    try:
+        copy = make_copy(files, m)
+    except StaleMutant as exc:
+        return m, f"ERROR: stale mutant ({exc})", "", 0.0
+    try:
+        rc, output = run_tests(copy, list(m.tests))
+    finally:
+        if not keep:
+            shutil.rmtree(copy, ignore_errors=True)
+    result = verdict(rc, output)
+    if result.startswith("ERROR") or os.environ.get("MUTANTS_VERBOSE"):
+        print(f"--- {m.name}\n{output[-3000:]}", file=sys.stderr)
+    return m, result, evidence(output), time.perf_counter() - t0
+
+
+def table(rows: list[tuple[Mutant, str, str, float]]) -> str:
+    head = ("mutant", "claim", "result", "first failure (the evidence)", "s")
+    body = [(m.name, m.claim, r, e, f"{s:.0f}") for m, r, e, s in rows]
+    limits = [40, 80, 40, 90, 5]
+    widths = [min(max(len(x[i]) for x in [head, *body]), limits[i]) for i in range(5)]
+
+    def line(cells):
+        return (
+            "| " + " | ".join(c[: widths[i]].ljust(widths[i]) for i, c in enumerate(cells)) + " |"
+        )
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), rule, *map(line, body)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-k", default="", help="only mutants whose name contains one of A,B,…")
+    ap.add_argument("-j", "--jobs", type=int, default=2, help="mutants run at once (default 2)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    ap.add_argument("--keep", action="store_true", help="keep the mutated copies")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if any(k in m.name for k in args.k.split(","))]
+    names = [m.name for m in MUTANTS]
+    assert len(set(names)) == len(names), "mutant names must be unique"
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:34} {m.file:24} {m.claim}")
+        return 0
+    if not chosen:
+        print(f"no mutant matches {args.k!r}", file=sys.stderr)
+        return 2
+    files = repo_files()
+    t0 = time.perf_counter()
+    for m in chosen:  # say at once which mutants are stale (they are reported as errors)
+        count = (ROOT / m.file).read_text().count(m.snippet)
+        if count != 1:
+            print(
+                f"stale mutant {m.name}: snippet found {count} times in {m.file}", file=sys.stderr
+            )
+    if not args.no_baseline:
+        tests = sorted({t for m in chosen for t in m.tests})
+        copy = make_copy(files, None)
+        try:
+            rc, output = run_tests(copy, tests)
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
+        if rc != 0:
+            print(output[-5000:], file=sys.stderr)
+            print(
+                f"the unmutated code fails the mutants' tests (pytest exit {rc}): fix that first",
+                file=sys.stderr,
+            )
+            return 2
+        print(
+            f"baseline: {len(tests)} tests pass on the unmutated copy "
+            f"({time.perf_counter() - t0:.0f} s)",
+            file=sys.stderr,
+        )
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_mutant, files, m, args.keep) for m in chosen]
+        rows = []
+        for f in futures:
+            rows.append(f.result())
+            m, r, e, s = rows[-1]
+            print(f"{m.name}: {r} ({s:.0f} s) {e}", file=sys.stderr)
+    print(table(rows))
+    bad = [m.name for m, r, _, _ in rows if r != "caught"]
+    print(
+        f"\n{len(rows) - len(bad)}/{len(rows)} mutants caught in {time.perf_counter() - t0:.0f} s"
+        + (f"; not caught: {', '.join(bad)}" if bad else "")
+    )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
