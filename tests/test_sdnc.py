@@ -207,6 +207,25 @@ def test_persistent_graph_as_its_first_call_certifies_and_the_cli_verifies(capsy
     assert any("first call" in note for note in verify["notes"])
 
 
+def test_a_certified_pass_after_persistent_memory_runs_on_the_memory_inputs():
+    # sdnc(persistent=true) adds inputs: a later certified pass is checked on those inputs,
+    # and the whole pipeline against the model as its first call
+    graph = capture(model("tiny-llama"))
+    result = Pipeline.parse("sdnc(persistent=true),expand-mlp(factor=2)").run(graph)
+    cert = result.records[-1].certificate
+    assert cert is not None and cert.ok and cert.max_abs_diff <= 1e-5
+    code = cli(
+        [
+            "apply",
+            "tiny-llama",
+            "--pipeline",
+            "sdnc(persistent=true),expand-mlp(factor=2)",
+            "--verify",
+        ]
+    )
+    assert code == 0
+
+
 def test_memory_stream_needs_a_persistent_graph():
     out = Pipeline.parse("sdnc").run(capture(model("nanogpt"))).graph
     with pytest.raises(PassError, match="persistent=true"):
