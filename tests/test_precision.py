@@ -42,7 +42,7 @@ def test_low_precision_models_keep_their_dtype(dtype):
         result = Pipeline.parse(text).run(graph)
         out, record = result.graph, result.records[-1]
         assert out.run()[0].dtype == dtype, text
-        for name, p in out.gm.named_parameters():  # DDL's gates are fp32 by design (SPEC §2)
+        for name, p in out.gm.named_parameters():  # DDL's gates: fp32 by design (docs/passes.md)
             assert p.dtype == dtype or (name.startswith("ddl.") and p.dtype == torch.float32), (
                 text,
                 name,
