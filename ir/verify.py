@@ -299,57 +299,84 @@ def compare(
     return out
 
 
-def certify(
-    reference: Graph,
-    candidate: Graph,
-    widened: bool = False,
-    *,
-    exact: tuple[Graph, Graph] | None = None,
-    tolerance: float | None = None,
-) -> Certificate:
-    """Certify that `candidate` computes what `reference` computes.
+@dataclass
+class Runs:
+    """A graph's outputs on the certificate's input sets, in the model's dtype and in the
+    precision the math is checked in (computed once, compared as often as needed)."""
 
-    `exact` is the pair (reference, candidate) in the precision the math is checked in: the
-    pipeline builds it by applying the pass to an fp64 copy of its input (`in_precision`).
-    Without it, both graphs are upcast to fp64 as they are (rounding of the candidate's new
-    parameters to the model's dtype then counts as a difference: right for comparing a
-    reloaded or re-exported model with its source). `tolerance` overrides the relative
-    tolerance per output of that precision."""
-    sets = [("example " + _describe(reference.inputs.tensors), reference.inputs)]
-    notes: list[str] = []
-    second = reference.second_inputs()
+    sets: list[tuple[str, Inputs, Inputs]]  # (label, model-dtype inputs, exact inputs)
+    model: list[tuple[torch.Tensor, ...]]
+    exact: list[tuple[torch.Tensor, ...]]
+    precision: torch.dtype
+
+    @classmethod
+    def of(cls, graph: Graph, exact: Graph, sets) -> Runs:
+        return cls(
+            sets,
+            [graph.run(ins) for _, ins, _ in sets],
+            [exact.run(ins_x) for _, _, ins_x in sets],
+            precision_of(exact),
+        )
+
+
+def input_sets(graph: Graph, exact: Graph, notes: list[str]) -> list[tuple[str, Inputs, Inputs]]:
+    """The example inputs and a second shape (where the graph is dynamic), each also in the
+    precision of `exact` (a graph made by `in_precision`)."""
+    sets = [("example " + _describe(graph.inputs.tensors), graph.inputs, exact.inputs)]
+    second = graph.second_inputs()
     if second is not None:
-        sets.append(("second " + _describe(second.tensors), second))
+        cast = _cast_inputs(second, precision_of(exact))
+        sets.append(("second " + _describe(second.tensors), second, cast))
     else:
         notes.append("the graph has static shapes: checked at the example shape only")
-    if exact is None:
-        exact = exact_pair(reference, candidate, notes)
-    ref_x, cand_x = exact
-    precision = precision_of(ref_x)
-    tol = MATH_TOLERANCE[precision] if tolerance is None else tolerance
+    return sets
+
+
+def exact_copy(graph: Graph, notes: list[str]) -> tuple[Graph, Runs]:
+    """`graph` in fp64 (fp32 where fp64 cannot run, noted) and the runs of both."""
+    for dtype in (torch.float64, torch.float32):
+        exact = in_precision(graph, dtype)
+        sets = input_sets(graph, exact, notes)
+        try:
+            return exact, Runs.of(graph, exact, sets)
+        except Exception as exc:
+            if dtype == torch.float32:
+                raise VerificationError(
+                    f"the graph cannot be certified: it does not run in fp32 ({first_line(exc)})"
+                ) from exc
+            notes.append(f"fp64 run failed ({first_line(exc, 120)}); checked in fp32")
+    raise AssertionError("unreachable")
+
+
+def certify_runs(
+    before: Runs,
+    after: Runs,
+    names: list[str],
+    widened: bool = False,
+    notes: list[str] | None = None,
+    tolerance: float | None = None,
+) -> Certificate:
+    """The certificate from two graphs' runs on the same input sets."""
+    notes = list(notes or [])
     per: dict[str, float] = {}
     dtype_per: dict[str, float] = {}
     input_rounding = output_rounding = 0.0
-    for _, ins in sets:
-        expected, actual = reference.run(ins), candidate.run(ins)
-        _merge(dtype_per, compare(expected, actual, reference.output_names, widened, notes))
-        ins_x = _cast_inputs(ins, precision)
-        exp_x, act_x = ref_x.run(ins_x), cand_x.run(ins_x)
-        names = reference.output_names
+    for expected, actual, exp_x, act_x in zip(
+        before.model, after.model, before.exact, after.exact, strict=True
+    ):
+        _merge(dtype_per, compare(expected, actual, names, widened, notes))
         _merge(per, compare(exp_x, act_x, names, widened, notes, relative=True))
-        input_rounding = max(
-            input_rounding, *compare(exp_x, expected, names, relative=True).values(), 0.0
-        )
-        output_rounding = max(
-            output_rounding, *compare(act_x, actual, names, widened, relative=True).values(), 0.0
-        )
-    if precision != torch.float64:
-        notes.append(f"checked in {_name(precision)}: the graph cannot run in fp64")
+        ours = compare(exp_x, expected, names, relative=True).values()
+        theirs = compare(act_x, actual, names, widened, relative=True).values()
+        input_rounding = max(input_rounding, *ours, 0.0)
+        output_rounding = max(output_rounding, *theirs, 0.0)
+    if before.precision != torch.float64:
+        notes.append(f"checked in {_name(before.precision)}: the graph cannot run in fp64")
     return Certificate(
         per_output=per,
-        precision=_name(precision),
-        tolerance=tol,
-        input_sets=[s for s, _ in sets],
+        precision=_name(before.precision),
+        tolerance=MATH_TOLERANCE[before.precision] if tolerance is None else tolerance,
+        input_sets=[label for label, _, _ in before.sets],
         max_abs_diff=max(dtype_per.values(), default=0.0),
         dtype_per_output=dtype_per,
         input_rounding=input_rounding,
@@ -358,36 +385,34 @@ def certify(
     )
 
 
-def exact_pair(reference: Graph, candidate: Graph, notes: list[str]) -> tuple[Graph, Graph]:
-    """Both graphs upcast to fp64 as they are (fp32 where fp64 cannot run)."""
-    ref_x = in_precision(reference, notes=notes)
-    return ref_x, in_precision(candidate, precision_of(ref_x))
+def certify(
+    reference: Graph, candidate: Graph, widened: bool = False, tolerance: float | None = None
+) -> Certificate:
+    """Certify that `candidate` computes what `reference` computes, two graphs as they are:
+    both upcast to fp64, so rounding of the candidate's parameters to the model's dtype counts
+    as a difference (right for a reloaded or re-exported model against its source; a pass is
+    certified by the pipeline, which applies it to an fp64 copy of its input instead).
+    `tolerance` overrides the relative tolerance per output of that precision."""
+    notes: list[str] = []
+    ref_x, before = exact_copy(reference, notes)
+    cand_x = in_precision(candidate, before.precision)
+    after = Runs.of(candidate, cand_x, before.sets)
+    names = reference.output_names
+    return certify_runs(before, after, names, widened, notes, tolerance)
 
 
-def in_precision(graph: Graph, dtype: torch.dtype | None = None, notes=None) -> Graph:
+def in_precision(graph: Graph, dtype: torch.dtype) -> Graph:
     """A copy of `graph` computing in `dtype`: every floating parameter, buffer, input and
-    dtype argument converted (casts to lower precisions included), dtype asserts dropped.
-    Without `dtype`: fp64, or fp32 when the graph cannot run in fp64 (an op with no fp64
-    kernel), noted in `notes`."""
-    if dtype is None:
-        try:
-            out = in_precision(graph, torch.float64)
-            out.run()
-            return out
-        except Exception as exc:
-            if notes is not None:
-                notes.append(f"fp64 run failed ({first_line(exc, 120)}); fp32 used")
-            return in_precision(graph, torch.float32)
-    gm = _convert(copy.deepcopy(graph.gm), dtype)
-    inputs = _cast_inputs(graph.inputs, dtype)
+    dtype argument converted (casts to lower precisions included), dtype asserts dropped."""
+    gm = _convert(graph.gm, dtype, copy_first=True)
     out = Graph(
         gm,
-        inputs,
+        _cast_inputs(graph.inputs, dtype),
         list(graph.output_names),
         dict(graph.provenance),
         dict(graph.range_constraints),
     )
-    _retype_placeholders(out, dtype)
+    _retype_values(out, dtype)
     return out
 
 
@@ -441,18 +466,23 @@ def check_rounding(before: Graph, after: Graph, after_exact: Graph) -> dict:
 
 def in_fp64(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A float64 copy of a GraphModule: no dtype asserts, no casts to lower precisions."""
-    return _convert(copy.deepcopy(gm), torch.float64)
+    return _convert(gm, torch.float64, copy_first=True)
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _convert(gm: torch.fx.GraphModule, dtype: torch.dtype) -> torch.fx.GraphModule:
-    done: dict[int, torch.Tensor] = {}  # tied tensors stay tied
+def _convert(
+    gm: torch.fx.GraphModule, dtype: torch.dtype, copy_first: bool = False
+) -> torch.fx.GraphModule:
+    """`gm` (or, with `copy_first`, a copy of it) with every floating tensor and dtype argument
+    in `dtype`. The copy converts each tensor once (tied tensors stay tied) and never holds a
+    second copy in the old dtype."""
+    done: dict[int, torch.Tensor] = {}
 
     def conv(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in done:
-            new = t.detach().to(dtype)
+            new = t.detach().to(dtype) if t.dtype != dtype else t.detach().clone()
             done[id(t)] = (
                 torch.nn.Parameter(new, t.requires_grad)
                 if isinstance(t, torch.nn.Parameter)
@@ -460,14 +490,31 @@ def _convert(gm: torch.fx.GraphModule, dtype: torch.dtype) -> torch.fx.GraphModu
             )
         return done[id(t)]
 
-    for mod in gm.modules():
-        for store in (mod._parameters, mod._buffers):
-            for k, t in store.items():
-                if t is not None and t.is_floating_point() and t.dtype != dtype:
-                    store[k] = conv(t)
-    for name, value in list(vars(gm).items()):  # constants held as plain attributes
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
-            setattr(gm, name, conv(value))
+    floats = [
+        t
+        for mod in gm.modules()
+        for store in (mod._parameters, mod._buffers)
+        for t in store.values()
+        if t is not None and t.is_floating_point()
+    ]
+    floats += [
+        v for v in vars(gm).values() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    ]
+    if copy_first:
+        gm = copy.deepcopy(gm, {id(t): conv(t) for t in floats})
+    else:
+        for mod in gm.modules():
+            for store in (mod._parameters, mod._buffers):
+                for k, t in store.items():
+                    if t is not None and t.is_floating_point() and t.dtype != dtype:
+                        store[k] = conv(t)
+        for name, value in list(vars(gm).items()):  # constants held as plain attributes
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and value.dtype != dtype
+            ):
+                setattr(gm, name, conv(value))
 
     def swap(a):
         return dtype if a in _FLOATS else a
@@ -482,18 +529,23 @@ def _convert(gm: torch.fx.GraphModule, dtype: torch.dtype) -> torch.fx.GraphModu
     return gm
 
 
-def _retype_placeholders(graph: Graph, dtype: torch.dtype) -> None:
-    """Give the placeholders' symbolic values the new dtype and propagate shapes again."""
+def _retype_values(graph: Graph, dtype: torch.dtype) -> None:
+    """Give every node's symbolic value its new dtype: after `_convert`, every floating value
+    the graph computes is in `dtype` (same shapes and strides)."""
     vals = [n.meta.get("val") for n in graph.placeholders]
     mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
     if mode is None:
         return
+
+    def retype(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype:
+            return torch.empty_strided(v.shape, v.stride(), dtype=dtype, device=v.device)
+        return v
+
     with mode:
-        for n in graph.placeholders:
-            v = n.meta["val"]
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                n.meta["val"] = v.to(dtype)
-    refresh_shapes(graph)
+        for n in graph.gm.graph.nodes:
+            if "val" in n.meta:
+                n.meta["val"] = map_aggregate(n.meta["val"], retype)
 
 
 def _cast_inputs(inputs: Inputs, dtype: torch.dtype) -> Inputs:

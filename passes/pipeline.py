@@ -26,11 +26,11 @@ from archfx.ir.errors import first_line
 from archfx.ir.serialize import cache_dir
 from archfx.ir.verify import (
     Certificate,
-    certify,
+    Runs,
+    certify_runs,
     check_rounding,
-    in_precision,
+    exact_copy,
     lint,
-    precision_of,
     redo_in_precision,
     refresh_shapes,
     shape_signature,
@@ -177,9 +177,9 @@ class Pipeline:
                 "(or certify on a smaller model)"
             )
         current, owned = graph, inplace
-        exact = self._exact(graph) if verify else None
-        first_exact = exact
-        records = []
+        notes: list[str] = []
+        exact, runs = self._exact(graph, notes) if verify else (None, None)
+        first_runs, records = runs, []
         for i, p in enumerate(self.passes):
             if on_pass:
                 on_pass(i, p)
@@ -202,13 +202,15 @@ class Pipeline:
                 details=result.details,
                 tensor_maps=result.tensor_maps,
             )
-            if exact is not None:
-                before_x = exact
-                exact = before_x.copy() if certified or before_x is first_exact else before_x
+            if exact is not None:  # the same pass on the exact copy, edited in place
+                if certified and runs is None:  # a pass before this one claimed nothing
+                    runs = Runs.of(current, exact, first_runs.sets)
                 self._apply(i, p, exact, graph, code, dump_dir, exact=True)
-                redo_in_precision(exact, precision_of(first_exact))
+                redo_in_precision(exact, first_runs.precision)
+                after = Runs.of(work, exact, first_runs.sets) if certified else None
                 if certified:
-                    cert = certify(current, work, widened=p.widens_outputs, exact=(before_x, exact))
+                    names = graph.output_names
+                    cert = certify_runs(runs, after, names, p.widens_outputs, notes)
                     cert.rounding = check_rounding(current, work, exact)
                     record.certificate = cert
                     if not cert.ok:
@@ -217,6 +219,7 @@ class Pipeline:
                             f"{p}: claims to preserve the function but changed it: "
                             f"{cert.reason()}; reproducer in {where}"
                         )
+                runs = after
             if dump_dir is not None:
                 d = Path(dump_dir)
                 d.mkdir(parents=True, exist_ok=True)
@@ -227,21 +230,22 @@ class Pipeline:
         whole = None
         if exact is not None and all(r.preserves for r in records):
             widened = any(p.widens_outputs for p in self.passes)
-            whole = certify(graph, current, widened=widened, exact=(first_exact, exact))
+            whole = certify_runs(first_runs, runs, graph.output_names, widened, notes)
             whole.rounding = check_rounding(graph, current, exact)
         return PipelineResult(current, records, whole)
 
-    def _exact(self, graph: Graph) -> Graph | None:
+    def _exact(self, graph: Graph, notes: list[str]) -> tuple[Graph | None, Runs | None]:
         """The input in the precision the math is certified in (fp64, or fp32 where fp64
-        cannot run), when some pass claims exactness; the passes run on it too."""
+        cannot run) and the runs of both, when some pass claims exactness; every pass runs on
+        that copy too."""
         if not any(p.claims_exact() for p in self.passes):
-            return None
+            return None, None
         if graph.device.type == "meta":
             raise VerificationError(
                 "a meta-device model has no values to certify; run with verify off "
                 "(--verify not given) or on a model with weights"
             )
-        return in_precision(graph)
+        return exact_copy(graph, notes)
 
     def _apply(
         self, i: int, p: Pass, work: Graph, graph: Graph, code: str, dump_dir, exact=False
