@@ -329,7 +329,7 @@ def cmd_apply(args, err: Console) -> int:
             cert = _verify(graph, result, pipeline)
         data["verify"] = {**cert.to_json(), "expected_equal": result.preserves}
         if result.preserves and not cert.ok:
-            _fail(f"verification failed: {_reason(cert)}")
+            _fail(f"verification failed: {cert.reason()}")
             status = 1
     if args.onnx:
         from archfx.ir.lower import TOLERANCE, to_onnx
@@ -394,9 +394,8 @@ def _verify(graph, result, pipeline):
     extra outputs: it is compared as its first call, with the memory empty."""
     from .sdnc import first_call, is_persistent
 
-    cert = getattr(result, "certificate", None)
-    if cert is not None:
-        return cert
+    if result.certificate is not None:
+        return result.certificate
     candidate, note = result.graph, None
     if is_persistent(candidate):
         candidate = first_call(candidate)
@@ -409,13 +408,6 @@ def _verify(graph, result, pipeline):
     if note:
         cert.notes.append(note)
     return cert
-
-
-def _reason(cert) -> str:
-    """Why a certificate failed, in one line."""
-    if hasattr(cert, "reason"):
-        return cert.reason()
-    return f"max |Δ| = {cert.max_abs_diff:.3g} > {cert.tolerance * cert.scale:.3g}"
 
 
 def _print_apply(data: dict) -> None:
