@@ -30,6 +30,7 @@ from archfx.ir.verify import (
     certify_runs,
     check_rounding,
     exact_copy,
+    input_sets,
     lint,
     redo_in_precision,
     refresh_shapes,
@@ -203,13 +204,14 @@ class Pipeline:
                 tensor_maps=result.tensor_maps,
             )
             if exact is not None:  # the same pass on the exact copy, edited in place
-                if certified and runs is None:  # a pass before this one claimed nothing
-                    runs = Runs.of(current, exact, first_runs.sets)
+                if certified and runs is None:  # a pass before this one claimed nothing (and
+                    # may have changed the inputs: sdnc's persistent memory adds some)
+                    runs = Runs.of(current, exact, input_sets(current, exact, notes))
                 self._apply(i, p, exact, graph, code, dump_dir, exact=True)
                 redo_in_precision(exact, first_runs.precision)
-                after = Runs.of(work, exact, first_runs.sets) if certified else None
+                after = Runs.of(work, exact, runs.sets) if certified else None
                 if certified:
-                    names = graph.output_names
+                    names = current.output_names
                     cert = certify_runs(runs, after, names, p.widens_outputs, notes)
                     cert.rounding = check_rounding(current, work, exact)
                     record.certificate = cert
