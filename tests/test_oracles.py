@@ -145,8 +145,8 @@ def test_altup_blocks_identical_at_init_and_coefficients_get_gradients():
     out = Pipeline.parse("altup(k=3)").run(graph, verify=False).graph
     p = params(out)
     for layer in range(5):
-        assert torch.equal(p[f"altup.s0.l{layer}.predict"], torch.eye(3)), layer
-        assert torch.equal(p[f"altup.s0.l{layer}.correct"], torch.ones(3)), layer
+        assert torch.equal(p[f"altup.s0.l{layer}.predict"], torch.eye(3)), f"layer {layer}: P ≠ I"
+        assert torch.equal(p[f"altup.s0.l{layer}.correct"], torch.ones(3)), f"layer {layer}: g ≠ 1"
     states = [n for n in out.gm.graph.nodes if "archfx_state" in n.meta]
     for layer, v in enumerate(out.probe(states)):
         assert all(torch.equal(v[0], v[i]) for i in range(1, 3)), layer
@@ -298,7 +298,7 @@ def test_ddl_k_unit_norm_beta_in_range_and_lambda_gets_gradient():
     graph = captured_llama(2)
     out = Pipeline.parse("ddl").run(graph, verify=False).graph
     p = params(out)
-    assert all(bool((t == 1).all()) for n, t in p.items() if n.endswith(".lam"))
+    assert all(bool((t == 1).all()) for n, t in p.items() if n.endswith(".lam")), "λ ≠ 1 at init"
     metas = [n.meta["archfx_ddl"] for n in out.gm.graph.nodes if "archfx_ddl" in n.meta]
     got = out.probe([m[key] for m in metas for key in ("k", "beta")])
     for k, beta in zip(got[::2], got[1::2], strict=True):
@@ -459,7 +459,7 @@ def test_expand_hidden_rms_norm_eps_follows_the_width():
     old, new = eps(graph), eps(out)
     assert len(old) == 5 and old.keys() == new.keys()  # 2 blocks × 2 norms, and the final one
     for name, value in old.items():
-        assert math.isclose(new[name], value * 32 / 48, rel_tol=1e-12), name
+        assert math.isclose(new[name], value * 32 / 48, rel_tol=1e-12), f"{name}: eps not × d/d̂"
 
 
 def test_expand_hidden_unit_offset_gains():
