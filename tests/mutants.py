@@ -436,6 +436,8 @@ def run_tests(copy: Path, tests: list[str]) -> tuple[int, str]:
         ),
         "PYTHONDONTWRITEBYTECODE": "1",
         "COLUMNS": "300",  # pytest cuts its failure summary to the terminal width
+        # a caught mutant's failing pass leaves a reproducer: keep it in the copy, not the cache
+        "ARCHFX_CACHE": str(copy / ".archfx-cache"),
     }
     cmd = [
         sys.executable,

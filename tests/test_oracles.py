@@ -213,7 +213,7 @@ def _perturb_ddl(out, seed: int = 1) -> None:
 
 
 def _ddl_expected(mode: str, eps: float, x, h, c, p, prefix):
-    """SPEC §2 written out: k = h/√(‖h‖²+ε²), β = 2σ(w·c + b), v = W_v c (paper, compat) or
+    """Deep Delta Learning written out (docs/passes.md, ddl): k = h/√(‖h‖²+ε²), β = 2σ(w·c + b), v = W_v c (paper, compat) or
     4σ(W_v x_in + b) (code); X ← X + β k (v − kᵀX), or with compat X + λh + (1−λ)β(v − kᵀX)k."""
     x, h, c = x.double(), h.double(), c.double()
     w = {n[len(prefix) + 1 :]: t.detach().double() for n, t in p.items() if n.startswith(prefix)}
