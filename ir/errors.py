@@ -38,3 +38,12 @@ class ModelSpecError(ArchfxError):
 
 class ArtifactError(ArchfxError):
     """A saved archfx model directory is missing, corrupted or mismatched."""
+
+
+class OnnxMismatchError(LoweringError):
+    """The exported ONNX model does not compute the graph's function (its fp64 run disagrees
+    with PyTorch's) or computes it too imprecisely in fp32. `result` is the `OnnxResult`."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result

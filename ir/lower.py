@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
+import math
+import re
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -16,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import LoweringError, first_line
+from .errors import LoweringError, OnnxMismatchError, first_line
 from .fuse import FusionReport
 from .fuse import fuse as fuse_for_ort
 from .graph import Graph
@@ -93,31 +97,126 @@ def run_onnx(session, inputs: Inputs) -> list[np.ndarray]:
 
 
 @dataclass
+class OutputCheck:
+    """One output's figures, the largest over the input sets. Errors are relative: divided by
+    `scale`, the output's max |value| in PyTorch's fp64 run."""
+
+    name: str
+    scale: float
+    max_abs_diff: float  # ONNX Runtime vs PyTorch, both fp32, absolute
+    onnx_error: float  # ONNX Runtime (the final model, fp32) vs PyTorch fp64
+    reference_error: float  # PyTorch fp32 vs PyTorch fp64
+    fp64_error: float | None = None  # the export run in fp64 by ONNX Runtime vs PyTorch fp64
+    fp64_limit: float | None = None  # FP64_TOLERANCE, or MIXED_TOLERANCE with fp32 islands
+
+    @property
+    def failure(self) -> str | None:
+        """Why this output fails the check, one line; None when it passes."""
+        if self.fp64_error is not None and not self.fp64_error <= self.fp64_limit:
+            return (
+                f"output {self.name}: the export run in fp64 is {self.fp64_error:.2e} (relative) "
+                f"from PyTorch's fp64 run, beyond {self.fp64_limit:.0e}: the exported model "
+                f"computes a different function"
+            )
+        if not self.onnx_error <= FP32_LIMIT:
+            return (
+                f"output {self.name}: ONNX Runtime's fp32 run is {self.onnx_error:.2e} (relative; "
+                f"max |Δ| {self.onnx_error * self.scale:.3g} at scale {self.scale:.3g}) from "
+                f"PyTorch's fp64 run, beyond {FP32_LIMIT:.0e} (PyTorch fp32: "
+                f"{self.reference_error:.2e})"
+            )
+        if self.fp64_error is None and not (
+            self.max_abs_diff <= TOLERANCE * self.scale
+            or self.onnx_error <= max(TOLERANCE, 2 * self.reference_error)
+        ):  # no fp64 run: only fp32's figures to go by
+            return (
+                f"output {self.name}: ONNX Runtime's fp32 run is {self.onnx_error:.2e} (relative) "
+                f"from PyTorch's fp64 run, more than twice PyTorch fp32's "
+                f"{self.reference_error:.2e} (no fp64 run of the export to tell rounding apart)"
+            )
+        return None
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "scale": self.scale,
+            "max_abs_diff": self.max_abs_diff,
+            "onnx_error": self.onnx_error,
+            "reference_error": self.reference_error,
+            "fp64_error": self.fp64_error,
+            "ok": self.failure is None,
+        }
+
+
+@dataclass
 class OnnxResult:
     path: Path  # the ORT-optimised model
     raw_path: Path  # the exporter's model
-    max_abs_diff: float
+    max_abs_diff: float  # ONNX Runtime vs PyTorch, both fp32, max over outputs and input sets
     providers: list[str]
     export_seconds: float
     optimize_seconds: float
     nodes: dict = field(default_factory=dict)  # {"raw": n, "optimized": n}
     fusions: FusionReport | None = None  # archfx's fusion stage (ir/fuse.py), when it ran
-    # When max_abs_diff exceeds TOLERANCE: both fp32 runs against the graph evaluated in fp64
-    reference_error: float | None = None  # PyTorch fp32 vs fp64
-    onnx_error: float | None = None  # ONNX Runtime vs fp64
+    # Max |Δ| over outputs against the graph run in fp64, of PyTorch's and of ONNX Runtime's fp32
+    # outputs (absolute); set when max_abs_diff exceeds TOLERANCE (per output: `outputs`)
+    reference_error: float | None = None
+    onnx_error: float | None = None
+    outputs: list[OutputCheck] = field(default_factory=list)  # per floating-point output
+    fp64_model: str | None = None  # which model ran in fp64 ("raw": the exporter's); None: none
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fp64_error(self) -> float | None:
+        """The largest relative error of the export's fp64 run (None: it did not run)."""
+        errors = [o.fp64_error for o in self.outputs if o.fp64_error is not None]
+        return max(errors) if errors else None
+
+    @property
+    def failure(self) -> str | None:
+        """The first failing output's one-line reason; None when every output passes."""
+        return next((f for o in self.outputs if (f := o.failure) is not None), None)
 
     @property
     def ok(self) -> bool:
-        """Within TOLERANCE of PyTorch, or at least as close to the exact (fp64) answer as
-        PyTorch's own fp32 run (deep models whose fp32 noise exceeds the tolerance)."""
-        if self.max_abs_diff <= TOLERANCE:
-            return True
-        return self.onnx_error is not None and self.onnx_error <= max(
-            TOLERANCE, self.reference_error
-        )
+        """Every output passes (`OutputCheck.failure`): the export run in fp64 agrees with
+        PyTorch's fp64 run within FP64_TOLERANCE of the output's scale, and ONNX Runtime's fp32
+        run is within FP32_LIMIT of it."""
+        return self.failure is None
+
+    def to_json(self) -> dict:
+        return {
+            "path": str(self.path),
+            "raw_path": str(self.raw_path),
+            "ok": self.ok,
+            "failure": self.failure,
+            "max_abs_diff": self.max_abs_diff,
+            "tolerance": TOLERANCE,
+            "fp32_limit": FP32_LIMIT,
+            "fp64_tolerance": FP64_TOLERANCE,
+            "reference_error": self.reference_error,
+            "onnx_error": self.onnx_error,
+            "fp64_error": self.fp64_error,
+            "fp64_model": self.fp64_model,
+            "outputs": [o.to_json() for o in self.outputs],
+            "notes": list(self.notes),
+            "providers": list(self.providers),
+            "nodes": dict(self.nodes),
+            "fusions": None if self.fusions is None else self.fusions.lines(),
+        }
 
 
+# ONNX Runtime's fp32 outputs within TOLERANCE (absolute) of PyTorch's: max_abs_diff's yardstick,
+# and, relative, the fusion stage's and the no-fp64 fallback's floor
 TOLERANCE = 1e-4
+# The export with every float as double, run by ONNX Runtime with its graph optimisations off, vs
+# the graph in fp64 (PyTorch), relative to each output's max |value|: an exact export agrees to
+# ~1e-12 (SmolLM2's 30 layers: 1.2e-10); a weight off by 1e-3 shows far above the limit
+FP64_TOLERANCE = 1e-9
+# The same where ops with no fp64 kernel in ONNX Runtime ran in fp32 (cast in and out)
+MIXED_TOLERANCE = 1e-5
+# ONNX Runtime's fp32 run vs PyTorch fp64, relative: beyond this an output fails whatever fp64 says
+FP32_LIMIT = 1e-3
 
 
 def to_onnx(
@@ -127,11 +226,15 @@ def to_onnx(
     optimize: bool = True,
     fuse: bool = True,
     opset: int | None = None,
+    strict: bool = True,
 ) -> OnnxResult:
     """Export `graph` with the dynamo exporter at its dynamic shapes, rewrite it into ONNX
     Runtime's fused operators (`fuse`, ir/fuse.py: each group checked against PyTorch), optimise
     it with ONNX Runtime (saved to `path`; the exporter's model beside it as `*.raw.onnx`), and
-    check both input sets against PyTorch. `optimize=False` saves the exporter's model alone."""
+    check both input sets against PyTorch (`check_onnx`: per output, the export in fp64 and
+    ONNX Runtime's fp32 run against the graph in fp64). `optimize=False` saves the exporter's
+    model alone. Raises OnnxMismatchError (a LoweringError; the result is its `.result`) when
+    an output fails the check, unless `strict=False`."""
     import onnx
 
     path = Path(path)
@@ -178,34 +281,30 @@ def to_onnx(
             f"ONNX export failed: {first_line(exc)}; try canonicalize first, or report the op it names"
         ) from exc
     export_s = time.perf_counter() - t0
-    sets = [ins for ins in (graph.inputs, graph.second_inputs()) if ins is not None]
-    expected = [graph.run(ins) for ins in sets]
+    sets = _input_sets(graph)
+    exact = _fp64_outputs(graph, sets)
 
-    def against_pytorch(session) -> tuple[float, list]:
-        """Max |Δ| of ONNX Runtime's outputs from PyTorch's on every input set, and those outputs."""
-        diff, actuals = 0.0, []
-        for ins, want in zip(sets, expected, strict=True):
-            got = [torch.from_numpy(np.asarray(a)) for a in run_onnx(session, ins)]
-            try:
-                diffs = compare(want, got, graph.output_names)
-            except Exception as exc:
-                raise LoweringError(
-                    f"ONNX Runtime's outputs do not match PyTorch's: {exc}"
-                ) from exc
-            diff = max(diff, *diffs.values())
-            actuals.append(got)
-        return diff, actuals
+    def against_fp64(model: Path) -> dict[str, float]:
+        """Per output, ONNX Runtime's fp32 error from PyTorch's fp64 run, relative to the
+        output's max |value|, the largest over the input sets (the fusion stage's check)."""
+        session = ort_session(model, level="basic")
+        errors: dict[str, float] = {}
+        for ins, xs in zip(sets, exact, strict=True):
+            got = run_onnx(session, ins)
+            if len(got) != len(xs):
+                raise LoweringError(f"{len(got)} outputs from ONNX Runtime, {len(xs)} expected")
+            for name, a, x in zip(graph.output_names, got, xs, strict=True):
+                if x.is_floating_point():
+                    e = _abs_err(torch.from_numpy(np.asarray(a)), x) / _scale(x)
+                    errors[name] = max(errors.get(name, 0.0), e)
+        return errors
 
     t1 = time.perf_counter()
     report = None
     if optimize and fuse:
         fused = path.with_suffix(".fused.onnx")
         report = fuse_for_ort(
-            raw,
-            fused,
-            providers=providers(),
-            check=lambda p: against_pytorch(ort_session(p, level="basic"))[0],
-            tolerance=TOLERANCE,
+            raw, fused, providers=providers(), check=against_fp64, tolerance=TOLERANCE
         )
     if optimize:
         import onnxruntime as ort
@@ -228,46 +327,322 @@ def to_onnx(
                 f"ONNX Runtime cannot optimise the exported model: {first_line(exc)}"
             ) from exc
     optimize_s = time.perf_counter() - t1
-    session = ort_session(path)
-    diff, actuals = against_pytorch(session)
-    runs = list(zip(sets, expected, actuals, strict=True))
-    reference_error = onnx_error = None
-    if diff > TOLERANCE:
-        reference_error, onnx_error = _against_fp64(graph, runs)
-    nodes = {"raw": len(onnx.load(str(raw), load_external_data=False).graph.node)}
+    result = check_onnx(graph, path, raw=raw, strict=False, exact=exact)
+    result.export_seconds, result.optimize_seconds = export_s, optimize_s
+    result.nodes = {"raw": len(onnx.load(str(raw), load_external_data=False).graph.node)}
+    result.fusions = report
     if optimize:
         final = onnx.load(str(path), load_external_data=False).graph.node
-        nodes["optimized"] = len(final)
+        result.nodes["optimized"] = len(final)
         if report is not None:
             report.runtime_ops = dict(
                 Counter(n.op_type for n in final if n.domain == "com.microsoft")
             )
-    return OnnxResult(
-        path,
-        raw,
-        diff,
-        list(session.get_providers()),
-        export_s,
-        optimize_s,
-        nodes,
-        report,
-        reference_error,
-        onnx_error,
-    )
+    if strict and not result.ok:
+        raise OnnxMismatchError(result.failure, result)
+    return result
+
+
+def check_onnx(
+    graph: Graph,
+    path: str | Path,
+    *,
+    raw: str | Path | None = None,
+    strict: bool = True,
+    exact: list | None = None,
+) -> OnnxResult:
+    """Check the ONNX model at `path` against `graph` on both input sets, per output (see
+    `OutputCheck.failure`): ONNX Runtime's fp32 run against PyTorch's fp32 and fp64 runs, and
+    the exporter's model `raw` (default `path`) with every float made double, run by ONNX
+    Runtime, against PyTorch's fp64 run. Raises OnnxMismatchError when an output fails and
+    `strict`. `exact`: PyTorch's fp64 outputs on each input set, when already computed."""
+    path = Path(path)
+    raw = path if raw is None else Path(raw)
+    sets = _input_sets(graph)
+    exact = exact if exact is not None else _fp64_outputs(graph, sets)
+    session = ort_session(path)
+    names = list(graph.output_names)
+    result = OnnxResult(path, raw, 0.0, list(session.get_providers()), 0.0, 0.0)
+    fp64_runs, result.fp64_model, result.notes = _run_in_fp64(raw, sets, path)
+    per: dict[str, OutputCheck] = {}
+    ref_abs = onnx_abs = 0.0
+    for k, (ins, x64) in enumerate(zip(sets, exact, strict=True)):
+        want = graph.run(ins)
+        got = [torch.from_numpy(np.asarray(a)) for a in run_onnx(session, ins)]
+        try:
+            diffs = compare(want, got, names)
+        except Exception as exc:
+            raise LoweringError(f"ONNX Runtime's outputs do not match PyTorch's: {exc}") from exc
+        result.max_abs_diff = max(result.max_abs_diff, *diffs.values())
+        for i, (name, w, g, x) in enumerate(zip(names, want, got, x64, strict=True)):
+            if not x.is_floating_point():
+                continue
+            scale = _scale(x)
+            ref, err = _abs_err(w, x), _abs_err(g, x)
+            ref_abs, onnx_abs = max(ref_abs, ref), max(onnx_abs, err)
+            fp64 = None
+            if fp64_runs is not None:
+                fp64 = _abs_err(torch.from_numpy(np.asarray(fp64_runs[k][i])), x) / scale
+            o = per.setdefault(name, OutputCheck(name, 0.0, 0.0, 0.0, 0.0))
+            o.scale = max(o.scale, scale)
+            o.max_abs_diff = max(o.max_abs_diff, diffs.get(name, 0.0))
+            o.onnx_error = max(o.onnx_error, err / scale)
+            o.reference_error = max(o.reference_error, ref / scale)
+            if fp64 is not None:
+                o.fp64_error = max(o.fp64_error or 0.0, fp64)
+                o.fp64_limit = MIXED_TOLERANCE if result.notes else FP64_TOLERANCE
+    result.outputs = list(per.values())
+    if result.max_abs_diff > TOLERANCE:
+        result.reference_error, result.onnx_error = ref_abs, onnx_abs
+    if strict and not result.ok:
+        raise OnnxMismatchError(result.failure, result)
+    return result
+
+
+def _input_sets(graph: Graph) -> list[Inputs]:
+    return [ins for ins in (graph.inputs, graph.second_inputs()) if ins is not None]
+
+
+def _fp64_outputs(graph: Graph, sets: list[Inputs]) -> list[list[torch.Tensor]]:
+    """The graph run in fp64 (PyTorch) on each input set."""
+    gm = in_fp64(graph.gm)
+    with torch.no_grad():
+        return [
+            list(gm(*[t.double() if t.is_floating_point() else t for t in ins.tensors]))
+            for ins in sets
+        ]
+
+
+def _scale(x: torch.Tensor) -> float:
+    """An output's scale: its max |value| (1 for an output that is all zeros or empty)."""
+    m = float(x.abs().max()) if x.numel() else 0.0
+    return m if m > 0 and np.isfinite(m) else 1.0
+
+
+def _abs_err(a: torch.Tensor, x: torch.Tensor) -> float:
+    """max |a − x| in fp64, NaN-aware (a NaN where x has none counts as infinite)."""
+    if a.shape != x.shape or not a.numel():
+        return 0.0 if a.shape == x.shape else float("inf")
+    d = (a.double() - x.double()).abs()
+    d = torch.where(torch.isnan(a) & torch.isnan(x), torch.zeros_like(d), d)
+    d = torch.where(a == x, torch.zeros_like(d), d)  # equal infinities
+    return float(torch.nan_to_num(d, nan=float("inf")).max())
 
 
 def _against_fp64(graph: Graph, runs) -> tuple[float, float]:
     """Max |Δ| of PyTorch's and of ONNX Runtime's fp32 outputs from the graph run in fp64."""
-    gm = in_fp64(graph.gm)
+    exact = _fp64_outputs(graph, [ins for ins, _, _ in runs])
     ref = onnx = 0.0
-    with torch.no_grad():
-        for ins, expected, actual in runs:
-            exact = gm(*[t.double() if t.is_floating_point() else t for t in ins.tensors])
-            for e, a, x in zip(expected, actual, exact, strict=True):
-                if x.is_floating_point():
-                    ref = max(ref, float((e.double() - x).abs().max()))
-                    onnx = max(onnx, float((a.double() - x).abs().max()))
+    for (_, expected, actual), xs in zip(runs, exact, strict=True):
+        for e, a, x in zip(expected, actual, xs, strict=True):
+            if x.is_floating_point():
+                ref = max(ref, _abs_err(e, x))
+                onnx = max(onnx, _abs_err(a, x))
     return ref, onnx
+
+
+_FLOATS = (1, 10, 16)  # TensorProto FLOAT, FLOAT16, BFLOAT16
+_DOUBLE = 11
+_NO_KERNEL = (
+    re.compile(r"Could not find an implementation for (\w+)\("),
+    re.compile(r"Type 'tensor\(double\)' of \w+ parameter \([^)]*\) of operator \((\w+)\)"),
+)
+
+
+def _run_in_fp64(raw: Path, sets: list[Inputs], final: Path):
+    """ONNX Runtime's run of the exporter's model `raw` with every float made double (graph
+    optimisations off, CPU): ([outputs per input set] or None, which model, notes). Operators
+    ONNX Runtime has no fp64 kernel for run in fp32 between casts, and the notes say which."""
+    import onnx
+    import onnxruntime as ort
+
+    which = "raw" if raw != final else "final"
+    islands: set[str] = set()
+    types: dict[str, int] = {}  # value → element type, for the casts around islands
+    names: dict[str, str] = {}  # island op → how the note names it
+    present = {n.op_type for n in onnx.load(str(raw), load_external_data=False).graph.node}
+    missing = trying = queue = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(24):
+            model = onnx.load(str(raw))
+            _make_double(model, islands, types)
+            target = Path(tmp) / "fp64.onnx"
+            for f in Path(tmp).iterdir():
+                f.unlink()
+            onnx.save(model, str(target), save_as_external_data=True, location="fp64.data")
+            del model
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            so.log_severity_level = 3
+            try:
+                session = ort.InferenceSession(str(target), so, providers=["CPUExecutionProvider"])
+            except Exception as exc:
+                op = next((m.group(1) for p in _NO_KERNEL if (m := p.search(str(exc)))), None)
+                if op is None:
+                    return None, None, [f"no fp64 run of the export: {first_line(exc, 200)}"]
+                if op == missing and trying is not None:  # islanding `trying` did not help
+                    islands.discard(trying)
+                    names.pop(trying)
+                elif op != missing:
+                    queue = None
+                missing, trying = op, None
+                if op in present and op not in islands:
+                    islands.add(op)
+                    names[op] = op
+                else:  # an op of a function ONNX Runtime expanded: find which, one at a time
+                    if queue is None:
+                        queue = sorted(
+                            (t for t in present if _is_function(t) and t not in islands),
+                            key=lambda t: (t != "Gelu", t),
+                        )
+                    if not queue:
+                        return None, None, [f"no fp64 run of the export: {first_line(exc, 200)}"]
+                    trying = queue.pop(0)
+                    islands.add(trying)
+                    names[trying] = f"{trying} (its {op})"
+                if not types:
+                    inferred = onnx.shape_inference.infer_shapes(
+                        onnx.load(str(raw), load_external_data=False)
+                    )
+                    types = {
+                        vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
+                    }
+                continue
+            outs = []
+            for ins in sets:
+                feed = {
+                    i.name: (t.double() if t.is_floating_point() else t).detach().cpu().numpy()
+                    for i, t in zip(session.get_inputs(), ins.tensors, strict=True)
+                }
+                try:
+                    outs.append(session.run(None, feed))
+                except Exception as exc:
+                    return None, None, [f"no fp64 run of the export: {first_line(exc, 200)}"]
+            notes = []
+            if islands:
+                notes.append(
+                    f"ONNX Runtime has no fp64 CPU kernel for {', '.join(sorted(names.values()))}: "
+                    f"those ran in fp32 in the fp64 run (tolerance {MIXED_TOLERANCE:.0e})"
+                )
+            return outs, which, notes
+    return None, None, ["no fp64 run of the export: too many operators without an fp64 kernel"]
+
+
+def _as_double(a: np.ndarray) -> np.ndarray:
+    """`a` as float64; a scalar is restored to the double it was rounded from (`_exact`)."""
+    if a.size == 1 and a.dtype == np.float32:
+        return np.full(a.shape, _exact(float(a.reshape(-1)[0])), np.float64)
+    return a.astype(np.float64)
+
+
+@functools.cache
+def _closed_forms() -> dict[float, float]:
+    """fp32 value → the double it rounds from, for √(2/π) (the tanh GELU's), π, e, ln 2, and
+    √n, 1/√n, n^¼ and n^-¼ (n = 2 … 4096)."""
+    out: dict[float, float] = {
+        float(np.float32(x)): x for x in (math.sqrt(2 / math.pi), math.pi, math.e, math.log(2))
+    }
+    for n in range(2, 4097):
+        for x in (n**0.5, n**-0.5, n**0.25, n**-0.25):
+            out.setdefault(float(np.float32(x)), x)
+    return out
+
+
+def _exact(c: float) -> float:
+    """The double a scalar fp32 constant of the export most likely stands for. The exporter
+    rounds scalars to fp32 (the SDPA decomposition scales q and k by √scale each: √(1/8) for a
+    head of 64 is off by 1.7e-8 in fp32, 3.4e-8 in the scores), which the fp64 run would count
+    as an error of the export. A closed form (√n, n^±¼) or the shortest decimal (1e-05) that
+    rounds to `c` is taken instead; a wrong guess is off by at most half an fp32 ulp, as `c`."""
+    if not np.isfinite(c) or not 1e-30 < abs(c) < 1e30 or float(np.float32(c)) != c:
+        return c
+    form = _closed_forms().get(abs(c))
+    if form is not None:
+        return float(np.copysign(form, c))
+    decimal = float(np.format_float_positional(np.float32(c), unique=True, trim="-"))
+    return decimal if float(np.float32(decimal)) == c else c
+
+
+def _is_function(op_type: str) -> bool:
+    """Whether ONNX defines `op_type` as a function (ONNX Runtime expands those it has no
+    kernel for, e.g. Gelu into Erf and friends)."""
+    from onnx import defs
+
+    try:
+        schema = defs.get_schema(op_type)
+    except Exception:
+        return False
+    return bool(schema.has_function or schema.has_context_dependent_function)
+
+
+def _make_double(model, islands: set[str], types: dict[str, int]) -> None:
+    """Every FLOAT / FLOAT16 / BFLOAT16 of `model` (values, initializers, constants, casts) as
+    DOUBLE, in place; nodes whose op type is in `islands` run in fp32 between casts."""
+    _graph_double(model.graph, islands, types)
+    for f in model.functions:
+        _nodes_double(f.node, islands, types, f.node)
+
+
+def _graph_double(g, islands: set[str], known: dict[str, int]) -> None:
+    from onnx import numpy_helper
+
+    types = dict(known)
+    for t in g.initializer:
+        types[t.name] = t.data_type
+        if t.data_type in _FLOATS:
+            t.CopyFrom(numpy_helper.from_array(_as_double(numpy_helper.to_array(t)), t.name))
+    for vi in [*g.input, *g.output, *g.value_info]:
+        tt = vi.type.tensor_type
+        types.setdefault(vi.name, tt.elem_type)
+        if tt.elem_type in _FLOATS:
+            tt.elem_type = _DOUBLE
+    _nodes_double(g.node, islands, types, g.node)
+
+
+def _nodes_double(nodes, islands: set[str], types: dict, container) -> None:
+    from onnx import AttributeProto, helper, numpy_helper
+
+    def tensor(t):
+        if t.data_type in _FLOATS:
+            t.CopyFrom(numpy_helper.from_array(_as_double(numpy_helper.to_array(t)), t.name))
+
+    new = []
+    for node in nodes:
+        for a in node.attribute:
+            if a.type == AttributeProto.TENSOR:
+                tensor(a.t)
+            elif a.type == AttributeProto.GRAPH:
+                _graph_double(a.g, islands, types)
+            elif a.type == AttributeProto.GRAPHS:
+                for s in a.graphs:
+                    _graph_double(s, islands, types)
+            elif a.name in ("to", "dtype") and a.type == AttributeProto.INT and a.i in _FLOATS:
+                a.i = _DOUBLE
+        if node.op_type == "Constant":
+            for a in list(node.attribute):
+                if a.name in ("value_float", "value_floats"):
+                    v = _as_double(
+                        np.array(a.f if a.name == "value_float" else list(a.floats), np.float32)
+                    )
+                    node.attribute.remove(a)
+                    node.attribute.append(
+                        helper.make_attribute("value", numpy_helper.from_array(v))
+                    )
+        if node.op_type not in islands:
+            new.append(node)
+            continue
+        for j, name in enumerate(node.input):  # fp32 inside, double outside
+            if name and types.get(name) in _FLOATS:
+                inner = f"{name}__f32_{len(new)}"
+                new.append(helper.make_node("Cast", [name], [inner], to=1))
+                node.input[j] = inner
+        new.append(node)
+        for j, name in enumerate(node.output):
+            if name and types.get(name) in _FLOATS:
+                node.output[j] = inner = f"{name}__f32_{len(new)}"
+                new.append(helper.make_node("Cast", [inner], [name], to=_DOUBLE))
+    del container[:]
+    container.extend(new)
 
 
 def _dynamic_shapes(graph: Graph):

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from archfx.ir import LoweringError, capture
+from archfx.ir.errors import OnnxMismatchError
 from archfx.ir.lower import (
+    FP32_LIMIT,
+    check_onnx,
     compile_graph,
     device,
     disabled_fusions,
@@ -81,3 +84,135 @@ def test_fp64_reference_runs_on_raw_graphs():
     outputs = g.run()
     reference, other = _against_fp64(g, [(g.inputs, outputs, outputs)])
     assert reference == other and 0 <= reference < 1e-5
+
+
+# The ONNX check (check_onnx): per output, the export in fp64 against PyTorch's fp64 run, and
+# ONNX Runtime's fp32 run within FP32_LIMIT of it
+
+
+def _perturb(path, pick=None, factor=1 + 1e-3, out=None):
+    """Multiply one floating-point initializer of the ONNX model at `path` by `factor`, saved to
+    `out` (default in place; `pick` chooses among the 2-D weights, default the middle one)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    weights = [t for t in model.graph.initializer if t.data_type == 1 and len(t.dims) == 2]
+    chosen = pick(weights) if pick else weights[len(weights) // 2]
+    value = numpy_helper.to_array(chosen).astype(np.float64) * factor
+    chosen.CopyFrom(numpy_helper.from_array(value.astype(np.float32), chosen.name))
+    onnx.save(model, str(out or path))
+    return chosen.name
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory):
+    """A 6-layer Llama (RMSNorm, RoPE, GQA), exported once."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    ids = torch.randint(0, 128, (2, 16))
+    g = capture(tf.LlamaForCausalLM(config).eval(), {"input_ids": ids, "use_cache": False})
+    return g, to_onnx(g, tmp_path_factory.mktemp("deep") / "m.onnx")
+
+
+def test_an_exact_export_passes_in_fp64(deep_llama):
+    g, result = deep_llama
+    assert result.ok and result.failure is None and result.fp64_model == "raw"
+    (logits,) = result.outputs
+    assert logits.name == "logits" and logits.fp64_error < 1e-11 < logits.fp64_limit
+    assert logits.onnx_error < 1e-5 and logits.reference_error < 1e-5
+    data = result.to_json()
+    assert data["ok"] and data["max_abs_diff"] == result.max_abs_diff
+    assert data["outputs"][0]["fp64_error"] == logits.fp64_error and data["fp64_error"]
+
+
+def test_a_wrong_initializer_fails_the_fp64_check(deep_llama, tmp_path):
+    g, result = deep_llama
+    raw = tmp_path / "m.raw.onnx"
+    name = _perturb(result.raw_path, out=raw)  # one weight off by 1e-3, relative
+    with pytest.raises(OnnxMismatchError) as info:
+        check_onnx(g, result.path, raw=raw)
+    message = str(info.value)
+    assert "\n" not in message and "output logits" in message and "fp64" in message, message
+    bad = info.value.result
+    assert not bad.ok and bad.outputs[0].fp64_error > 1e-6, (name, bad.outputs)
+    assert isinstance(info.value, LoweringError)
+
+
+def test_fp32_error_beyond_the_limit_fails_even_when_fp64_passes(deep_llama, tmp_path):
+    g, result = deep_llama
+    final = tmp_path / "m.onnx"
+    _perturb(result.path, factor=2.0, out=final)  # the optimised model only: the export is exact
+    checked = check_onnx(g, final, raw=result.raw_path, strict=False)
+    (logits,) = checked.outputs
+    assert logits.fp64_error < 1e-11 and logits.onnx_error > FP32_LIMIT
+    assert not checked.ok and "ONNX Runtime's fp32 run" in checked.failure
+    with pytest.raises(OnnxMismatchError, match="beyond 1e-03"):
+        check_onnx(g, final, raw=result.raw_path)
+
+
+class _TwoScales(torch.nn.Module):
+    """Two outputs a thousand times apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.small = torch.nn.Linear(16, 8)
+        self.large = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.small(x), 1000 * torch.tanh(self.large(x))
+
+
+def test_each_output_is_checked_at_its_own_scale_and_to_onnx_raises(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    g = capture(_TwoScales(), (torch.randn(2, 4, 16),))
+    good = to_onnx(g, tmp_path / "good.onnx", fuse=False)
+    assert good.ok and len(good.outputs) == 2
+    small, large = good.outputs
+    assert large.scale > 100 * small.scale
+    assert small.fp64_error < 1e-12 and large.fp64_error < 1e-12
+
+    export = torch.onnx.export
+
+    def wrong_export(*args, **kwargs):  # an exporter that gets one weight slightly wrong
+        program = export(*args, **kwargs)
+        save = program.save
+
+        def perturbed(path, *a, **k):
+            save(path, *a, **k)
+            _perturb(path, pick=lambda ws: next(w for w in ws if 8 in w.dims))
+
+        program.save = perturbed
+        return program
+
+    monkeypatch.setattr(torch.onnx, "export", wrong_export)
+    with pytest.raises(OnnxMismatchError) as info:
+        to_onnx(g, tmp_path / "bad.onnx", fuse=False)
+    bad = info.value.result
+    by_name = {o.name: o for o in bad.outputs}
+    assert by_name[small.name].failure and by_name[large.name].failure is None
+    assert f"output {small.name}:" in str(info.value)
+
+
+@pytest.mark.slow
+def test_smollm2_passes_the_onnx_check(tmp_path):
+    # docs/onnx-accuracy.md: 30 layers, fp32 logits ~1e-4 (relative) from fp64 in PyTorch and in
+    # ONNX Runtime alike; the export itself agrees with PyTorch in fp64 to ~1e-10
+    model = build("smollm2")
+    ids = torch.randint(
+        0, model.config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0)
+    )
+    result = to_onnx(capture(model, {"input_ids": ids, "use_cache": False}), tmp_path / "m.onnx")
+    (logits,) = result.outputs
+    assert result.ok and result.fp64_model == "raw" and logits.fp64_error < 1e-9
+    assert logits.onnx_error < FP32_LIMIT
