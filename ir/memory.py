@@ -65,7 +65,9 @@ def weightings(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    return torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
+    # at least fp32, as eager attention does for half precisions (fp64 stays fp64)
+    wide = torch.promote_types(scores.dtype, torch.float32)
+    return torch.softmax(scores, -1, dtype=wide).to(query.dtype)
 
 
 def _read(
