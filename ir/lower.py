@@ -144,6 +144,7 @@ class OutputCheck:
             "onnx_error": self.onnx_error,
             "reference_error": self.reference_error,
             "fp64_error": self.fp64_error,
+            "fp64_limit": self.fp64_limit,
             "ok": self.failure is None,
         }
 

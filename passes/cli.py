@@ -332,25 +332,13 @@ def cmd_apply(args, err: Console) -> int:
             _fail(f"verification failed: {cert.reason()}")
             status = 1
     if args.onnx:
-        from archfx.ir.lower import TOLERANCE, to_onnx
+        from archfx.ir.lower import to_onnx
 
         with _step(err, f"exporting ONNX to {args.onnx}"):
-            onnx = to_onnx(result.graph, args.onnx, fuse=not args.no_fuse)
-        data["onnx"] = {
-            "path": str(onnx.path),
-            "max_abs_diff": onnx.max_abs_diff,
-            "tolerance": TOLERANCE,
-            "reference_error": onnx.reference_error,
-            "onnx_error": onnx.onnx_error,
-            "ok": onnx.ok,
-            "providers": list(onnx.providers),
-            "fusions": None if onnx.fusions is None else onnx.fusions.lines(),
-        }
+            onnx = to_onnx(result.graph, args.onnx, fuse=not args.no_fuse, strict=False)
+        data["onnx"] = onnx.to_json()
         if not onnx.ok:
-            _fail(
-                f"ONNX Runtime disagrees with PyTorch: max |Δ| = {onnx.max_abs_diff:.3g} > {TOLERANCE:g}, and its "
-                f"error against fp64 ({onnx.onnx_error:.3g}) exceeds PyTorch's own ({onnx.reference_error:.3g})"
-            )
+            _fail(f"ONNX check failed: {onnx.failure}")
             status = 1
     if args.out:
         from .artifact import save

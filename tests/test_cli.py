@@ -62,10 +62,14 @@ def test_apply_canonicalize_verify_onnx(capsys, tmp_path, name):
     data = run_json(capsys, "apply", name, "--pipeline", "canonicalize", "--verify", "--onnx", onnx)
     assert data["verify"]["max_abs_diff"] <= 1e-5
     onnx = data["onnx"]
-    if name == "smollm2":  # 30 layers, logits ≈ 33: fp32 noise exceeds 1e-4, PyTorch's included
-        assert onnx["ok"] and onnx["onnx_error"] <= onnx["reference_error"], onnx
-    else:
-        assert onnx["max_abs_diff"] <= 1e-4 and onnx["onnx_error"] is None
+    # per output: the export in fp64 within 1e-9 of the output's scale (1e-5 where ORT has no
+    # fp64 kernel and says so), ORT's fp32 run within 1e-3 of fp64
+    assert onnx["ok"] and onnx["failure"] is None and onnx["outputs"], onnx
+    for o in onnx["outputs"]:
+        assert o["ok"] and o["fp64_error"] <= o["fp64_limit"] <= 1e-5, o
+        assert o["onnx_error"] <= onnx["fp32_limit"], o
+    if name != "smollm2":  # 30 layers, logits ≈ 33: fp32 noise exceeds 1e-4, PyTorch's included
+        assert onnx["max_abs_diff"] <= 1e-4
     assert onnx["fusions"][0].startswith("fused ") and "attention" in onnx["fusions"][0]
     if name == "minilm":  # BERT's LayerNorms leave the exporter as LayerNormalization already
         norms = [line for line in onnx["fusions"] if line.strip().startswith("norm ")]
