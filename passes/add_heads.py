@@ -32,7 +32,7 @@ class AddHeads(Pass):
     )
 
     def validate(self) -> None:
-        layer_indices(self.name, self.opts["layers"])
+        layer_indices(self.opts["layers"])
 
     def run(self, graph) -> PassResult:
         n = self.opts["n"]

@@ -148,7 +148,7 @@ class AltUp(Pass):
 
     def validate(self) -> None:
         if self.opts["active"] >= self.opts["k"]:
-            raise PassError(f"altup: active={self.opts['active']} must be < k={self.opts['k']}")
+            raise PassError(f"active={self.opts['active']} must be < k={self.opts['k']}")
 
     def run(self, graph) -> PassResult:
         o = self.opts

@@ -122,12 +122,16 @@ class Pass:
                 raise PassError(f"{self.name}: unknown option {key!r}{_suggest(key, declared)}")
             self.given[key] = declared[key].check(self.name, value)
         self.opts = {o.name: self.given.get(o.name, o.default) for o in self.options}
-        self.validate()
+        try:
+            self.validate()
+        except PassError as exc:  # like the pipeline does at run time: the pass named once
+            raise PassError(f"{self.name}: {exc}") from None
 
     def validate(self) -> None:
         """Check combinations of options (one option alone is checked by its `Option`). Runs
         at construction, so `Pipeline.parse` (and the CLI, before it loads a model) reports
-        the error; raise PassError. What depends on the model belongs in `run`."""
+        the error; raise PassError (without the pass's name: it is added). What depends on the
+        model belongs in `run`."""
 
     @classmethod
     def from_text(cls, args: dict[str, str]) -> Pass:
@@ -165,7 +169,7 @@ class Pass:
         }
 
 
-def layer_indices(owner: str, text: str) -> list[int] | None:
+def layer_indices(text: str) -> list[int] | None:
     """A `layers` option ("all", or indices and ranges such as 0-3,7) as sorted block indices,
     None for all. Malformed text is refused here, from `validate`, before any model loads;
     whether the indices exist is the model's business (checked in `run`)."""
@@ -181,10 +185,10 @@ def layer_indices(owner: str, text: str) -> list[int] | None:
                 chosen.add(int(part))
         except ValueError:
             raise PassError(
-                f"{owner}: layers must be 'all' or indices and ranges like 0-3,7; got {text!r}"
+                f"layers must be 'all' or indices and ranges like 0-3,7; got {text!r}"
             ) from None
     if not chosen or min(chosen) < 0:
-        raise PassError(f"{owner}: layers {text!r} names no blocks (indices start at 0)")
+        raise PassError(f"layers {text!r} names no blocks (indices start at 0)")
     return sorted(chosen)
 
 

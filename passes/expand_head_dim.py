@@ -30,9 +30,9 @@ class ExpandHeadDim(Pass):
     )
 
     def validate(self) -> None:
-        layer_indices(self.name, self.opts["layers"])
+        layer_indices(self.opts["layers"])
         if "size" not in self.given:
-            raise PassError(f"{self.name}: give size (the new value dimension per head)")
+            raise PassError("give size (the new value dimension per head)")
 
     def run(self, graph) -> PassResult:
         size = self.opts["size"]

@@ -52,7 +52,7 @@ class ExpandHidden(Pass):
 
     def validate(self) -> None:
         if (self.opts["size"] > 0) == (self.opts["factor"] > 0):
-            raise PassError(f"{self.name}: give exactly one of size or factor")
+            raise PassError("give exactly one of size or factor")
 
     def run(self, graph) -> PassResult:
         size, factor, method = self.opts["size"], self.opts["factor"], self.opts["method"]

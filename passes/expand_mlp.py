@@ -33,9 +33,9 @@ class ExpandMLP(Pass):
     )
 
     def validate(self) -> None:
-        layer_indices(self.name, self.opts["layers"])
+        layer_indices(self.opts["layers"])
         if (self.opts["factor"] > 0) == (self.opts["size"] > 0):
-            raise PassError(f"{self.name}: give exactly one of factor or size")
+            raise PassError("give exactly one of factor or size")
 
     def run(self, graph) -> PassResult:
         factor, size = self.opts["factor"], self.opts["size"]

@@ -48,9 +48,9 @@ class ExpandQK(Pass):
     )
 
     def validate(self) -> None:
-        layer_indices(self.name, self.opts["layers"])
+        layer_indices(self.opts["layers"])
         if "size" not in self.given:
-            raise PassError(f"{self.name}: give size (the new query/key dimension per head)")
+            raise PassError("give size (the new query/key dimension per head)")
 
     def run(self, graph) -> PassResult:
         size = self.opts["size"]

@@ -33,6 +33,8 @@ from archfx.ir import Graph, PassError
 from archfx.ir.dims import Dims, analyze_dims
 from archfx.ir.ops import IDENTITY, aten, param_target
 
+from .base import layer_indices
+
 _MATRIX = {
     aten.linear.default,
     aten.addmm.default,
@@ -642,30 +644,18 @@ SEED_DOC = "seed of the new parameters, drawn at the scale of the existing weigh
 
 
 def select_blocks(graph: Graph, text: str) -> list:
-    """The blocks named by a `layers` option ("all", "0-3,7")."""
+    """The blocks named by a `layers` option ("all", "0-3,7"; parsed by `layer_indices`)."""
     blocks = graph.structure.blocks
     if not blocks:
         raise PassError("no Transformer blocks found; `archfx inspect` shows the structure")
-    if text.strip() == "all":
+    chosen = layer_indices(text)
+    if chosen is None:
         return list(blocks)
-    chosen: list[int] = []
-    for part in text.replace(" ", "").split(","):
-        try:
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-                chosen.extend(range(a, b + 1))
-            else:
-                chosen.append(int(part))
-        except ValueError:
-            raise PassError(
-                f"layers must be 'all' or indices and ranges like 0-3,7; got {text!r}"
-            ) from None
-    bad = [i for i in chosen if not 0 <= i < len(blocks)]
-    if bad or not chosen:
+    if chosen[-1] >= len(blocks):
         raise PassError(
             f"layers {text!r} names blocks outside 0-{len(blocks) - 1} (this model has {len(blocks)})"
         )
-    return [blocks[i] for i in sorted(set(chosen))]
+    return [blocks[i] for i in chosen]
 
 
 def weight_axis(d: Dims, linear, side: str) -> int:

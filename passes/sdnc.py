@@ -96,7 +96,7 @@ class SDNC(Pass):
             self.opts["persistent"] or self.opts["addressing"] != "dot"
         ):
             raise PassError(
-                "sdnc: write=delta keeps its own normalised keys and fixed-size memory; "
+                "write=delta keeps its own normalised keys and fixed-size memory; "
                 "it does not combine with addressing=cosine or persistent=true"
             )
 
