@@ -6,6 +6,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= out
+# test processes (pytest-xdist), one per core; each runs torch on one thread
+JOBS   ?= 2
 
 .PHONY: install demo test test-all mutants lint format clean
 
@@ -23,10 +25,10 @@ demo: $(STAMP)
 	$(PY) examples/demo.py --out $(OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -n $(JOBS) -m ''
 
 mutants: $(STAMP)
 	$(PY) tests/mutants.py

@@ -9,6 +9,7 @@ max_examples themselves keep it.
 
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
 from transformers.utils import logging as hf_logging
 
@@ -16,6 +17,11 @@ from transformers.utils import logging as hf_logging
 # at collection, not inside a test whose captured stderr pytest closes afterwards (later
 # warnings would then print "--- Logging error ---" tracebacks into other tests' stderr).
 hf_logging.get_logger("transformers")
+
+# `make test` runs one pytest process per core (pytest-xdist): one torch thread each, so the
+# processes do not fight over the cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=6, deadline=None, suppress_health_check=_SLOW_OK)
