@@ -204,6 +204,30 @@ def test_each_output_is_checked_at_its_own_scale_and_to_onnx_raises(tmp_path, mo
     assert f"output {small.name}:" in str(info.value)
 
 
+class _Gelus(torch.nn.Module):
+    """The tanh GELU (Gemma 2's) and the erf one, side by side."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = 4 * self.proj(x)
+        return torch.nn.functional.gelu(h, approximate="tanh"), torch.nn.functional.gelu(h)
+
+
+def test_the_tanh_gelu_runs_in_fp64(tmp_path):
+    # ONNX Runtime has no fp64 Gelu: it expands the ONNX function with √(2/π) and 0.044715 in
+    # fp32 (1.2e-9 off; Gemma 2's logits 4.6e-9), so the fp64 run writes the tanh GELU out in
+    # double; the erf GELU (no fp64 Erf) still runs in fp32, said in notes
+    torch.manual_seed(0)
+    g = capture(_Gelus(), (torch.randn(2, 4, 16),))
+    result = to_onnx(g, tmp_path / "m.onnx", fuse=False, strict=False)
+    tanh, erf = result.outputs
+    assert tanh.fp64_error < 1e-13, tanh
+    assert 1e-12 < erf.fp64_error < erf.fp64_limit and "Gelu (its Erf)" in result.notes[0]
+
+
 @pytest.mark.slow
 def test_smollm2_passes_the_onnx_check(tmp_path):
     # docs/onnx-accuracy.md: 30 layers, fp32 logits ~1e-4 (relative) from fp64 in PyTorch and in
