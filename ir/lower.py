@@ -212,8 +212,11 @@ class OnnxResult:
 TOLERANCE = 1e-4
 # The export with every float as double, run by ONNX Runtime with its graph optimisations off, vs
 # the graph in fp64 (PyTorch), relative to each output's max |value|: an exact export agrees to
-# ~1e-12 (SmolLM2's 30 layers: 1.2e-10); a weight off by 1e-3 shows far above the limit
-FP64_TOLERANCE = 1e-9
+# ~1e-15 to 2e-10 across the zoo (SmolLM2's 30 layers: 1.2e-10); one weight matrix of a 6-layer
+# Llama off by 1e-3 shows at 3.8e-6. The limit sits between the two, above what a scalar the
+# exporter stores in fp32 and archfx cannot restore would add (half an fp32 ulp, 6e-8, times
+# its reach): a correct export of a model outside the zoo must not fail on such a constant
+FP64_TOLERANCE = 1e-7
 # The same where ops with no fp64 kernel in ONNX Runtime ran in fp32 (cast in and out)
 MIXED_TOLERANCE = 1e-5
 # ONNX Runtime's fp32 run vs PyTorch fp64, relative: beyond this an output fails whatever fp64 says

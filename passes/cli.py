@@ -433,7 +433,9 @@ def _print_apply(data: dict) -> None:
             )
         )
         out.print(
-            f"verify: max |Δ| = {v['max_abs_diff']:.3e} on {', '.join(v['inputs'])}: {verdict}"
+            f"verify: in {v['precision']} max |Δ| = {v['math_diff']:.1e} of each output's scale "
+            f"(allowed {v['tolerance']:g}); in the model's dtype max |Δ| = "
+            f"{v['max_abs_diff']:.3e}; on {', '.join(v['inputs'])}: {verdict}"
         )
         for note in v["notes"]:
             out.print(f"  note: {note}")
@@ -442,10 +444,14 @@ def _print_apply(data: dict) -> None:
         out.print(
             f"onnx: {o['path']} max |Δ| = {o['max_abs_diff']:.3e} ({', '.join(o['providers'])})"
         )
-        if o["onnx_error"] is not None:
+        for c in o["outputs"]:  # relative to the output's scale, against PyTorch's fp64 run
+            fp64 = "—" if c["fp64_error"] is None else f"{c['fp64_error']:.1e}"
             out.print(
-                f"  against fp64: ONNX Runtime {o['onnx_error']:.3e}, PyTorch fp32 {o['reference_error']:.3e}"
+                f"  {c['name']}: export in fp64 {fp64}, ONNX Runtime fp32 {c['onnx_error']:.1e} "
+                f"(PyTorch fp32 {c['reference_error']:.1e})"
             )
+        for note in o["notes"]:
+            out.print(f"  note: {note}")
         for line in o["fusions"] or []:
             out.print(f"  {line}", markup=False)
     if "out" in data:

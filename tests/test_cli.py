@@ -62,7 +62,7 @@ def test_apply_canonicalize_verify_onnx(capsys, tmp_path, name):
     data = run_json(capsys, "apply", name, "--pipeline", "canonicalize", "--verify", "--onnx", onnx)
     assert data["verify"]["max_abs_diff"] <= 1e-5
     onnx = data["onnx"]
-    # per output: the export in fp64 within 1e-9 of the output's scale (1e-5 where ORT has no
+    # per output: the export in fp64 within 1e-7 of the output's scale (1e-5 where ORT has no
     # fp64 kernel and says so), ORT's fp32 run within 1e-3 of fp64
     assert onnx["ok"] and onnx["failure"] is None and onnx["outputs"], onnx
     for o in onnx["outputs"]:
