@@ -416,6 +416,70 @@ def in_precision(graph: Graph, dtype: torch.dtype) -> Graph:
     return out
 
 
+def align(exact: Graph, graph: Graph) -> bool:
+    """Make `exact` (a graph `in_precision`) hold `graph`'s parameter and buffer values, upcast,
+    where they differ: the next pass is then applied to an exact copy of the input it really
+    gets, rounded weights included. Returns whether anything changed."""
+    dtype = precision_of(exact)
+    have = _tensors(exact)
+    done: dict[int, torch.Tensor] = {}
+    changed = False
+    for name, t in _tensors(graph).items():
+        if not t.is_floating_point() or t.is_meta:
+            continue
+        x = have.get(name)
+        up = t.detach().to(dtype)
+        if x is not None and x.shape == up.shape and torch.equal(x.detach(), up):
+            continue
+        if id(t) not in done:
+            done[id(t)] = (
+                torch.nn.Parameter(up, t.requires_grad) if isinstance(t, torch.nn.Parameter) else up
+            )
+        exact.set_tensor(name, done[id(t)])
+        changed = True
+    return changed
+
+
+def compose(
+    certificates: list[Certificate], before: Runs, after: Runs, names, widened
+) -> Certificate:
+    """The whole pipeline's certificate from its passes': each pass exact in fp64 on the input it
+    got (rounded as the passes before it left it), the figures in the model's dtype end to end."""
+    whole = certify_runs(before, before, names)  # the input's own figures
+    model = certify_runs(after, after, names)
+    dtype_per: dict[str, float] = {}
+    for e, a in zip(before.model, after.model, strict=True):
+        _merge(dtype_per, compare(e, a, names, widened))
+    per: dict[str, float] = {}
+    notes: list[str] = []
+    violations: list[dict] = []
+    checked = 0
+    for c in certificates:
+        _merge(per, c.per_output)
+        notes += c.notes
+        violations += c.rounding["violations"] if c.rounding else []
+        checked += c.rounding["checked"] if c.rounding else 0
+    whole.per_output = per
+    whole.max_abs_diff = max(dtype_per.values(), default=0.0)
+    whole.dtype_per_output = dtype_per
+    whole.output_rounding = model.input_rounding
+    whole.rounding = {
+        "checked": checked,
+        "worst": max((c.rounding["worst"] for c in certificates if c.rounding), default=0.0),
+        "violations": violations,
+    }
+    whole.notes = list(
+        dict.fromkeys(
+            [
+                *notes,
+                "the pipeline's passes each certified on the input it received (rounded to the "
+                "model's dtype by the passes before it); per_output is the largest of theirs",
+            ]
+        )
+    )
+    return whole
+
+
 def redo_in_precision(graph: Graph, dtype: torch.dtype) -> None:
     """After a pass ran on a graph `in_precision(…, dtype)`: convert what the pass created in
     another precision by design (DDL's fp32 gates, casts) to `dtype`, in place."""

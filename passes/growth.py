@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import operator
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -89,7 +90,6 @@ def grow(graph: Graph, growth: Growth, dims: Dims | None = None) -> tuple[dict, 
     """Apply `growth` to `graph` in place; returns what changed (details, tensor maps). Raises
     PassError, naming the site and the reason, before changing anything if it cannot be exact."""
     d = dims or analyze_dims(graph.gm)
-    gen = torch.Generator().manual_seed(growth.seed)
     atoms = {d.find(a): n for a, n in growth.sizes.items()}
     modes = {d.find(a): m for a, m in growth.modes.items()}
     zero = {_key(d, z) for z in growth.zero}
@@ -133,6 +133,11 @@ def grow(graph: Graph, growth: Growth, dims: Dims | None = None) -> tuple[dict, 
         aliases = names[target]
         roles = _roles(d, [n for name in aliases for n in attrs.get(name, [])])
         new = _wide(t.detach())  # surgery in fp64, rounded once to the tensor's dtype
+        # draws seeded by the tensor's name, not by the order tensors are visited in (which
+        # follows the graph's sets and may differ between two copies of one model)
+        gen = torch.Generator().manual_seed(
+            (growth.seed * 1_000_003 + zlib.crc32(min(aliases).encode())) % 2**63
+        )
         layouts[target] = [axis(i).src if _grows(d, i, atoms) else None for i in ids]
         for k, i in enumerate(ids):
             if _grows(d, i, atoms) or _scaled(d, i, scale):

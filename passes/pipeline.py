@@ -27,8 +27,10 @@ from archfx.ir.serialize import cache_dir
 from archfx.ir.verify import (
     Certificate,
     Runs,
+    align,
     certify_runs,
     check_rounding,
+    compose,
     exact_copy,
     input_sets,
     lint,
@@ -213,6 +215,7 @@ class Pipeline:
                 if certified:
                     names = current.output_names
                     cert = certify_runs(runs, after, names, p.widens_outputs, notes)
+                    last_runs = after
                     cert.rounding = check_rounding(current, work, exact)
                     record.certificate = cert
                     if not cert.ok:
@@ -222,6 +225,8 @@ class Pipeline:
                             f"{cert.reason()}; reproducer in {where}"
                         )
                 runs = after
+                if align(exact, work):  # the next pass gets the rounded weights: so does its copy
+                    runs = None
             if dump_dir is not None:
                 d = Path(dump_dir)
                 d.mkdir(parents=True, exist_ok=True)
@@ -230,10 +235,15 @@ class Pipeline:
             records.append(record)
             current, owned = work, True
         whole = None
-        if exact is not None and all(r.preserves for r in records):
+        if exact is not None and records and all(r.preserves for r in records):
             widened = any(p.widens_outputs for p in self.passes)
-            whole = certify_runs(first_runs, runs, graph.output_names, widened, notes)
-            whole.rounding = check_rounding(graph, current, exact)
+            last = last_runs if len(records) > 1 else None
+            certs = [r.certificate for r in records]
+            whole = (
+                certs[0]
+                if last is None
+                else compose(certs, first_runs, last, graph.output_names, widened)
+            )
         return PipelineResult(current, records, whole)
 
     def _exact(self, graph: Graph, notes: list[str]) -> tuple[Graph | None, Runs | None]:

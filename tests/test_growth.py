@@ -216,9 +216,8 @@ def test_random_growth_compositions_are_exact(name, steps):
     graph = captured(name)
     result = Pipeline.parse(",".join(steps)).run(graph)
     assert all(r.certificate.ok for r in result.records), [r.certificate for r in result.records]
-    from archfx.ir.verify import certify
-
-    assert certify(graph, result.graph, widened=True).ok  # end to end too
+    whole = result.certificate  # end to end: each pass on the input it got; fp32 input to output
+    assert whole.ok and whole.max_abs_diff <= 1e-4, whole
 
 
 @pytest.mark.parametrize(
