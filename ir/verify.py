@@ -20,14 +20,6 @@ from .graph import Graph
 from .inputs import Inputs
 from .ops import is_assert
 
-TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-def tolerance_for(graph: Graph) -> float:
-    """The certificate's tolerance for a graph: by the dtype of its floating-point parameters."""
-    dtypes = {p.dtype for p in graph.gm.parameters() if p.is_floating_point()}
-    return max((TOLERANCE.get(d, 1e-5) for d in dtypes), default=1e-5)
-
 
 def lint(graph: Graph) -> None:
     """Structural checks: well-formed fx graph, every get_attr resolves to a tensor."""
