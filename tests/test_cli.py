@@ -89,7 +89,8 @@ def test_human_output_and_draw(capsys, tmp_path):
         and (tmp_path / "s.svg").read_text().startswith("<?xml")
     )
     code, out, _ = run(capsys, "apply", "tiny-gpt2", "--pipeline", "canonicalize", "--verify")
-    assert code == 0 and "canonicalize" in out and "verify: max |Δ|" in out
+    assert code == 0 and "canonicalize" in out and "verify: in float64 max |Δ|" in out
+    assert "in the model's dtype max |Δ|" in out and out.rstrip().endswith("equal")
 
 
 @pytest.fixture
