@@ -11,17 +11,22 @@ from archfx.passes.altup import AltUp
 
 from .helpers import model
 
-PIPELINES = [
-    "canonicalize",
-    "altup(k=2)",
-    "ddl(dv=1)",
-    "ddl(dv=4)",
+GROWTHS = [
     "expand-mlp(factor=2)",
     "add-heads(n=2)",
     "expand-head-dim(size=24)",
     "expand-qk(size=24)",
     "expand-hidden(size=96)",
     "add-layers(n=1)",
+]
+
+
+PIPELINES = [
+    "canonicalize",
+    "altup(k=2)",
+    "ddl(dv=1)",
+    "ddl(dv=4)",
+    *GROWTHS,
     "sdnc",
     "sdnc(addressing=cosine)",
     "sdnc(write=delta)",
@@ -88,16 +93,6 @@ def test_altup_gain_error_rejected_in_every_dtype(dtype):
 
     with pytest.raises(VerificationError, match="of its scale in float64"):
         Pipeline([_bugged(AltUp, gain)(k=2)]).run(graph)
-
-
-GROWTHS = [
-    "expand-mlp(factor=2)",
-    "add-heads(n=2)",
-    "expand-head-dim(size=24)",
-    "expand-qk(size=24)",
-    "expand-hidden(size=96)",
-    "add-layers(n=1)",
-]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
