@@ -375,7 +375,7 @@ MUTANTS = [
         "u = info.eps / 2 +",
         "u = 8 * info.eps +",
         (
-            "tests/test_precision.py::test_one_percent_growth_error_rejected_in_every_dtype[expand-mlp-dtype1]",
+            "tests/test_precision.py::test_one_percent_growth_error_rejected_in_every_dtype[expand-mlp(factor=2)-dtype1]",
         ),
     ),
 ]
