@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
@@ -69,6 +70,7 @@ class _Analyzer:
         self.params = {n.target: graph.tensor(n.target) for n in self.nodes if n.op == "get_attr"}
         self.remarks: list[str] = []
         self._linear_cache: dict = {}
+        self._all = set(self.nodes)
 
     # helpers ---------------------------------------------------------------------------------
 
@@ -89,29 +91,34 @@ class _Analyzer:
     # driver ------------------------------------------------------------------------------------
 
     def run(self) -> Structure:
-        groups = self._group_blocks()
-        in_blocks = set().union(*groups.values()) if groups else set()
+        units = self._module_units() or self._indexed_units()
+        in_blocks = set().union(*(u.nodes for u in units)) if units else set()
         scheme = {n for n in self.nodes if "archfx_scheme" in n.meta}  # residual-scheme nodes
         outside = set(self.nodes) - in_blocks - scheme
         readouts = {n.meta["archfx_readout"]: n for n in self.nodes if "archfx_readout" in n.meta}
-        stacks: OrderedDict[str, list[Block]] = OrderedDict()
-        prev: dict[str, fx.Node] = {}
-        for (stack, idx), bnodes in groups.items():
-            block = self._block(stack, idx, bnodes, prev.get(stack))
+        chains: list[list[Block]] = []
+        prev: Block | None = None
+        for unit in units:
+            block = self._block(unit, prev.output if prev else None)
             if block is None:
                 continue
-            prev[stack] = block.output
-            stacks.setdefault(stack, []).append(block)
-        if not stacks:
+            if prev is None or not self._continues(prev.output, block.input, in_blocks):
+                chains.append([])  # the stream does not continue from the last block: a new stack
+            chains[-1].append(block)
+            prev = block
+        if not chains:
             raise AnalysisError(
-                "no Transformer blocks found: archfx looks for repeated modules in an nn.ModuleList "
-                "(or Sequential) whose forward adds a branch back onto its input"
+                "no Transformer blocks found: archfx looks for repeated modules (the same class "
+                "called more than once, or items of a container) whose forward adds a branch "
+                "back onto their input"
             )
         stack_objs = []
-        for path, blocks in stacks.items():
-            last = readouts.get(
-                path, blocks[-1].output
-            )  # a rethreaded stream continues at its readout
+        for blocks in chains:
+            blocks = self._merge_periodic(blocks)
+            path = _common_path([b.path for b in blocks])
+            for i, b in enumerate(blocks):
+                b.index, b.stack = i, path
+            last = readouts.get(path, blocks[-1].output)  # a rethreaded stream continues there
             final = self._norm_from(last, outside)
             stack_objs.append(Stack(path, blocks, final, final.output if final else last))
         stack_objs.sort(key=lambda s: self.order[s.blocks[0].input])
@@ -120,13 +127,128 @@ class _Analyzer:
         d = last_dim(stack_objs[0].blocks[0].input)
         return Structure(d, embeddings, stack_objs, head, self.remarks)
 
-    def _group_blocks(self) -> OrderedDict:
-        """Nodes per (stack path, block index), from the outermost integer-indexed module path.
+    # blocks from repeated computation ----------------------------------------------------------
 
-        A model whose blocks are containers without a forward of their own (a loop over
-        ModuleDicts) computes in the module that owns the stack: an op there joins the block
-        whose values it reads, when it reads values of exactly one block.
+    def _continues(self, out: fx.Node, x: fx.Node, in_blocks: set) -> bool:
+        """Whether stream `x` is block output `out` carried on through light ops only (casts,
+        a residual scheme's bookkeeping): the same stack. A projection (patch merging), a norm
+        or another source (a decoder's embeddings) between them starts a new stack."""
+        seen, todo = {out}, [out]
+        while todo:
+            n = todo.pop()
+            if n is x or strip(x) is n:
+                return True
+            for u in n.users:
+                light = "archfx_scheme" in u.meta or not (
+                    is_heavy(u) or self.linear(u) or u in in_blocks
+                )
+                if u not in seen and (light or u is x):
+                    seen.add(u)
+                    todo.append(u)
+        return False
+
+    def _module_units(self) -> list[_Unit]:
+        """Blocks as module calls: the innermost calls that repeat (the same module called
+        again, items of a container, or same-class siblings) and hold a whole residual site —
+        the add and every op of its branch. A call whose repeated sub-calls hold sites is split
+        into them only when they are of one class (stages of blocks); calls of several classes
+        inside (T5's self-attention, cross-attention and feed-forward layers) make it the block.
         """
+        calls: dict[str, _Call] = {}
+        for n in self.nodes:
+            if n.op != "call_function":
+                continue
+            parent = None
+            for key, (path, kind) in (n.meta.get("nn_module_stack") or {}).items():
+                if not path:
+                    continue
+                call = calls.get(key)
+                if call is None:
+                    call = calls[key] = _Call(key, path, str(kind), parent)
+                call.nodes.add(n)
+                parent = call
+        if not calls:
+            return []
+        sites = self._candidate_sites()
+        by_path: dict[str, list[_Call]] = {}
+        for c in calls.values():
+            by_path.setdefault(c.path, []).append(c)
+        siblings: dict[tuple, set] = {}
+        for c in calls.values():
+            siblings.setdefault((c.path.rpartition(".")[0], c.kind), set()).add(c.path)
+        units = []
+        for c in calls.values():
+            member = (
+                _INDEX.match(c.path.rpartition(".")[2])
+                or len(by_path[c.path]) > 1
+                or len(siblings[(c.path.rpartition(".")[0], c.kind)]) > 1
+            )
+            if member and any(
+                add in c.nodes and carry not in c.nodes and branch <= c.nodes
+                for add, carry, branch in sites
+            ):
+                units.append(c)
+        unit_set = set(units)
+        inner: dict[_Call, list[_Call]] = {c: [] for c in units}
+        for c in units:
+            p = c.parent
+            while p is not None and p not in unit_set:
+                p = p.parent
+            if p is not None:
+                inner[p].append(c)
+
+        def blocks_of(c: _Call) -> list[_Call]:
+            kids = inner[c]
+            if kids and len({k.kind for k in kids}) == 1:
+                return [b for k in kids for b in blocks_of(k)]
+            return [c]
+
+        tops = [c for c in units if not any(c in kids for kids in inner.values())]
+        chosen = [b for c in tops for b in blocks_of(c)]
+        chosen.sort(key=lambda c: min(self.order[n] for n in c.nodes))
+        out = []
+        for c in chosen:
+            calls_of_path = by_path[c.path]
+            first = min(calls_of_path, key=lambda x: min(self.order[n] for n in x.nodes))
+            call_no = sorted(calls_of_path, key=lambda x: min(self.order[n] for n in x.nodes))
+            k = call_no.index(c)
+            out.append(
+                _Unit(
+                    path=c.path if k == 0 else f"{c.path}@{k}",
+                    nodes=self.sorted(c.nodes),
+                    shares=first.path if c is not first else None,
+                )
+            )
+        return out
+
+    def _candidate_sites(self) -> list[tuple[fx.Node, fx.Node, set]]:
+        """Every `x + f(x)` of the graph where f holds a projection or attention: (add, x, the
+        nodes of f). The residual sites of blocks are among them; the consistency gate checks
+        that every one outside a block is accounted for."""
+        out = []
+        for add in self.nodes:
+            if not is_call(add, ADD) or not is_float(add):
+                continue
+            ops = [o for o in add.args[:2] if isinstance(o, fx.Node)]
+            if len(ops) != 2:
+                continue
+            for x, f in (ops, ops[::-1]):
+                if shape(x) != shape(add) or x.op == "get_attr":
+                    continue
+                anc = _reach(f, self._all, lambda n: n.all_input_nodes) | {f}
+                if strip(x) not in anc and x not in anc:
+                    continue
+                branch = anc & (_reach(x, self._all, lambda n: n.users) - {add})
+                if any(is_heavy(n) or self.linear(n) for n in branch):
+                    out.append((add, x, branch))
+                    break
+        return out
+
+    def _indexed_units(self) -> list[_Unit]:
+        """Blocks from module paths: the outermost integer-indexed container (the rule for
+        blocks that are containers without a forward of their own — a loop over ModuleDicts —
+        whose ops run in the module that owns the stack: an op there joins the block whose
+        values it reads, when it reads values of exactly one block)."""
         groups: OrderedDict = OrderedDict()
         owner: dict[fx.Node, tuple] = {}
         loose: list[tuple[fx.Node, str]] = []
@@ -159,14 +281,46 @@ class _Analyzer:
                 if key[0] == path or key[0].startswith(path + ".") or path == "":
                     groups[key].append(n)
                     owner[n] = key
-        for key in groups:
-            groups[key].sort(key=self.order.__getitem__)
-        return groups
+        return [
+            _Unit(f"{stack}.{idx}", self.sorted(nodes)) for (stack, idx), nodes in groups.items()
+        ]
+
+    def _merge_periodic(self, blocks: list[Block]) -> list[Block]:
+        """Blocks whose sites alternate with a period (x-transformers' attention, feed-forward,
+        attention, … layers; Residual(attention), Residual(feed-forward) items) merged into
+        units of that period, so every block of a stack has the same sites."""
+        kinds = [tuple(r.kind for r in b.residuals) for b in blocks]
+        if len(set(kinds)) == 1:
+            return blocks
+        for p in range(2, len(blocks) // 2 + 1):
+            if len(blocks) % p == 0 and all(kinds[i] == kinds[i % p] for i in range(len(blocks))):
+                groups = [blocks[i : i + p] for i in range(0, len(blocks), p)]
+                names = [_common_path([b.path for b in g], strip_last=False) for g in groups]
+                if len(set(names)) != len(names):  # items of one container: name the range
+                    names = [f"{g[0].path}-{g[-1].path.rpartition('.')[2]}" for g in groups]
+                merged = [
+                    Block(
+                        0,
+                        "",
+                        name,
+                        g[0].input,
+                        g[-1].output,
+                        [r for b in g for r in b.residuals],
+                        set().union(*(b.nodes for b in g)),
+                    )
+                    for g, name in zip(groups, names, strict=True)
+                ]
+                self.remarks.append(
+                    f"blocks of {p} alternating sites ({' | '.join('+'.join(k) for k in kinds[:p])}) "
+                    f"taken as one layer each"
+                )
+                return merged
+        return blocks
 
     # blocks -------------------------------------------------------------------------------------
 
-    def _block(self, stack: str, idx: int, bnodes: list, prev_out: fx.Node | None) -> Block | None:
-        path = f"{stack}.{idx}"
+    def _block(self, unit: _Unit, prev_out: fx.Node | None) -> Block | None:
+        path, bnodes = unit.path, unit.nodes
         bset = set(bnodes)
         inputs = []
         for n in bnodes:
@@ -211,7 +365,7 @@ class _Analyzer:
         if not residuals:
             self.remarks.append(f"{path}: skipped, no residual add on the stream")
             return None
-        return Block(idx, stack, path, x, y, residuals, bset)
+        return Block(0, "", path, x, y, residuals, bset, shares=unit.shares)
 
     def _trunk(self, x: fx.Node, y: fx.Node, desc: set) -> list[fx.Node]:
         g = nx.DiGraph()
@@ -695,6 +849,43 @@ class _Analyzer:
                     return Head(lin, tied)
                 todo.append(u)
         return None
+
+
+@dataclass(eq=False)
+class _Call:
+    """One call of a module (torch.export's nn_module_stack key): its ops, and the call that
+    made it."""
+
+    key: str
+    path: str
+    kind: str  # the module's class
+    parent: _Call | None
+    nodes: set = field(default_factory=set)
+
+
+@dataclass
+class _Unit:
+    """Ops taken as one block before its analysis."""
+
+    path: str
+    nodes: list
+    shares: str | None = None  # the block whose module this one calls again
+
+
+def _common_path(paths: list[str], strip_last: bool = True) -> str:
+    """The module path the blocks share: their common prefix ("model.layers" for
+    model.layers.0 … model.layers.5; a repeated call's own path, without its call number)."""
+    split = [p.split("@")[0].split(".") for p in paths]
+    common = []
+    for parts in zip(*split, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    if strip_last and len(common) == min(len(s) for s in split) and len(set(map(tuple, split))) > 1:
+        common = common[:-1]
+    if strip_last and len(paths) == 1 and _INDEX.match(common[-1] if common else ""):
+        common = common[:-1]
+    return ".".join(common)
 
 
 def _reach(node: fx.Node, within: set, step) -> set:

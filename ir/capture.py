@@ -47,6 +47,7 @@ def capture(
     gm, out_spec = _flatten(ep.module())
     _own_tensors(gm)
     _out_of_place(gm)
+    _einsum_as_matmul(gm)
     return Graph(
         gm=gm,
         inputs=ins,
@@ -154,6 +155,76 @@ def _out_of_place(gm: fx.GraphModule) -> None:
                 changed = True
     if changed:
         gm.recompile()
+
+
+def _einsum_as_matmul(gm: fx.GraphModule) -> None:
+    """A two-operand `einsum` that is a batched matrix product (one contracted index, at most
+    one free index per operand, shared batch indices) becomes permute → matmul → permute, the
+    form attention written as `einsum("bhid,bhjd->bhij", q, k)` is recognised in. Other
+    einsums stay as they are (and are named by the analyses that meet them)."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.einsum.default:
+            continue
+        plan = _matmul_plan(node.args[0], node.args[1])
+        if plan is None:
+            continue
+        (a, b), (perm_a, perm_b, perm_out) = node.args[1], plan
+        with gm.graph.inserting_before(node):
+            pa, pb = (_permuted(gm, node, t, p) for t, p in ((a, perm_a), (b, perm_b)))
+            out = _fake_call(gm, node, torch.ops.aten.matmul.default, pa, pb)
+            out = _permuted(gm, node, out, perm_out)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+def _matmul_plan(equation, operands) -> tuple[list, list, list] | None:
+    """Permutations (A, B, product) that compute a two-operand einsum with one matmul."""
+    if not isinstance(equation, str) or len(operands) != 2 or "..." in equation:
+        return None
+    lhs, _, out = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if not out or len(terms) != 2 or any(len(set(t)) != len(t) for t in (*terms, out)):
+        return None
+    ta, tb = terms
+    batch = [i for i in ta if i in tb and i in out]
+    contracted = [i for i in ta if i in tb and i not in out]
+    free_a = [i for i in ta if i not in tb]
+    free_b = [i for i in tb if i not in ta]
+    if (
+        len(contracted) != 1
+        or len(free_a) != 1
+        or len(free_b) != 1
+        or set(out) != {*batch, *free_a, *free_b}
+    ):
+        return None
+    order_a = [*batch, free_a[0], contracted[0]]
+    order_b = [*batch, contracted[0], free_b[0]]
+    product = [*batch, free_a[0], free_b[0]]
+    return (
+        [ta.index(i) for i in order_a],
+        [tb.index(i) for i in order_b],
+        [product.index(i) for i in out],
+    )
+
+
+def _permuted(gm: fx.GraphModule, like: fx.Node, node: fx.Node, perm: list) -> fx.Node:
+    if perm == sorted(perm):
+        return node
+    return _fake_call(gm, like, torch.ops.aten.permute.default, node, perm)
+
+
+def _fake_call(gm: fx.GraphModule, like: fx.Node, target, *args) -> fx.Node:
+    """A new node computing target(*args), with the metadata of `like` and its fake value."""
+    node = gm.graph.call_function(target, args)
+    node.meta = {k: v for k, v in like.meta.items() if k != "val"}
+    fake = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+    with like.meta["val"].fake_mode:
+        node.meta["val"] = target(*fake)
+    return node
 
 
 def _own_tensors(gm: fx.GraphModule) -> None:

@@ -127,6 +127,7 @@ class Block:
     output: fx.Node  # stream leaving the block
     residuals: list[Residual]
     nodes: set = field(default_factory=set, repr=False)
+    shares: str | None = None  # path of the block whose module (and weights) this one calls again
 
     def _first(self, kind: str, attr: str):
         for r in self.residuals:
@@ -159,6 +160,7 @@ class Block:
             "stack": self.stack,
             "path": self.path,
             "placement": self.placement,
+            "shares": self.shares,
             "residuals": [r.to_json() for r in self.residuals],
             "attention": self.attention.to_json() if self.attention else None,
             "cross_attention": self.cross_attention.to_json() if self.cross_attention else None,
