@@ -23,6 +23,7 @@ import networkx as nx
 import torch
 from torch import fx
 
+from . import consistency
 from .errors import AnalysisError
 from .ops import (
     ACTIVATIONS,
@@ -45,7 +46,7 @@ from .ops import (
     shape,
     strip,
 )
-from .structure import MLP, Attention, Block, Embedding, Head, Norm, Residual, Stack, Structure
+from .structure import MLP, Attention, Block, Embedding, Head, MoE, Norm, Residual, Stack, Structure
 
 _INDEX = re.compile(r"^\d+$")
 _MAX_TOKEN_TYPES = 16
@@ -92,6 +93,7 @@ class _Analyzer:
 
     def run(self) -> Structure:
         units = self._module_units() or self._indexed_units()
+        self._skipped: list[str] = []
         in_blocks = set().union(*(u.nodes for u in units)) if units else set()
         scheme = {n for n in self.nodes if "archfx_scheme" in n.meta}  # residual-scheme nodes
         outside = set(self.nodes) - in_blocks - scheme
@@ -125,7 +127,13 @@ class _Analyzer:
         embeddings = self._embeddings(outside)
         head = self._head(stack_objs[-1].output, outside, embeddings)
         d = last_dim(stack_objs[0].blocks[0].input)
-        return Structure(d, embeddings, stack_objs, head, self.remarks)
+        structure = Structure(d, embeddings, stack_objs, head, self.remarks)
+        kernels = [
+            n for n in self.nodes if is_call(n, ATTENTION_OPS) or self._is_softmax_attention(n)
+        ]
+        outputs = [a for a in self.nodes[-1].all_input_nodes]
+        consistency.check(structure, self._candidate_sites(), kernels, outputs, self._skipped)
+        return structure
 
     # blocks from repeated computation ----------------------------------------------------------
 
@@ -217,6 +225,7 @@ class _Analyzer:
                     path=c.path if k == 0 else f"{c.path}@{k}",
                     nodes=self.sorted(c.nodes),
                     shares=first.path if c is not first else None,
+                    has_site=True,
                 )
             )
         return out
@@ -320,6 +329,17 @@ class _Analyzer:
     # blocks -------------------------------------------------------------------------------------
 
     def _block(self, unit: _Unit, prev_out: fx.Node | None) -> Block | None:
+        block = self._read_block(unit, prev_out)
+        if isinstance(block, str):
+            # a module call holding a whole residual site is a block; one that cannot be read
+            # leaves the structure partial (an integer path alone is only a hint: a remark)
+            (self._skipped if unit.has_site else self.remarks).append(
+                f"{unit.path}: {'not read' if unit.has_site else 'skipped'}, {block}"
+            )
+            return None
+        return block
+
+    def _read_block(self, unit: _Unit, prev_out: fx.Node | None) -> Block | str:
         path, bnodes = unit.path, unit.nodes
         bset = set(bnodes)
         inputs = []
@@ -337,8 +357,7 @@ class _Analyzer:
         }
         cands = [x for x in inputs if is_float(x) and x in operands]
         if not cands:
-            self.remarks.append(f"{path}: skipped, no input reaches a residual add")
-            return None
+            return "no input reaches a residual add"
         x = prev_out if prev_out in cands else cands[0]
         d, rank = last_dim(x), len(shape(x))
         outs = [
@@ -352,8 +371,7 @@ class _Analyzer:
         desc = self.descendants(x, bset)
         outs = [n for n in outs if n in desc]
         if not outs:
-            self.remarks.append(f"{path}: skipped, no block output depends on its stream input")
-            return None
+            return "no block output depends on its stream input"
         y = self.sorted(outs)[-1]
         trunk = self._trunk(x, y, desc)
         residuals = []
@@ -363,8 +381,7 @@ class _Analyzer:
             if site is not None:
                 residuals.append(site)
         if not residuals:
-            self.remarks.append(f"{path}: skipped, no residual add on the stream")
-            return None
+            return "no residual add on the stream"
         return Block(0, "", path, x, y, residuals, bset, shares=unit.shares)
 
     def _trunk(self, x: fx.Node, y: fx.Node, desc: set) -> list[fx.Node]:
@@ -405,6 +422,8 @@ class _Analyzer:
                 site.attention = obj
             elif kind == "mlp" and site.mlp is None:
                 site.mlp = obj
+            elif kind == "moe" and site.moe is None:
+                site.moe = obj
         site.kind = "parallel" if len(parts) > 1 else parts[0][0]
         site.pre_norm = self._norm_from(carry, all_nodes)
         if len(branches) == 1:
@@ -460,10 +479,34 @@ class _Analyzer:
                 f"{path}: attention kernel {cores[0].name} without recognisable q/k/v projections"
             )
             return "other", None
+        moe = self._moe(ordered)
+        if moe is not None:
+            return "moe", moe
         mlp = self._mlp(h, ordered)
         if mlp is not None:
             return "mlp", mlp
         return "other", None
+
+    def _moe(self, ordered: list) -> MoE | None:
+        """A router (a projection to one score per expert) whose scores pick the top k."""
+        nodes = set(ordered)
+        topk = next((n for n in ordered if is_call(n, {aten.topk.default})), None)
+        if topk is None:
+            return None
+        router = self._linear_above(topk.args[0], nodes)
+        if router is None:
+            return None
+        routed = self.descendants(topk, nodes)
+        shared = [
+            lin
+            for n in ordered
+            if (lin := self.linear(n)) is not None
+            and n not in routed
+            and lin is not router
+            and router.node not in self.ancestors(n, nodes)
+        ]
+        k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
+        return MoE(router.out_features, k if isinstance(k, int) else None, len(shared) >= 2, router)
 
     # attention --------------------------------------------------------------------------------
 
@@ -704,14 +747,16 @@ class _Analyzer:
         if op.target == aten.rms_norm.default:
             w = op.args[2] if len(op.args) > 2 else op.kwargs.get("weight")
             eps = op.args[3] if len(op.args) > 3 else op.kwargs.get("eps")
-            return Norm("rmsnorm", start, op, param_target(w), None, eps, nodes={op})
+            gain, offset = _gain(w)
+            return Norm("rmsnorm", start, op, gain, None, eps, offset, nodes={op})
         w = op.args[2] if len(op.args) > 2 else None
         b = op.args[3] if len(op.args) > 3 else None
         eps = op.args[4] if len(op.args) > 4 else 1e-5
         out = op
         if op.target == aten.native_layer_norm.default:
             out = next(iter(op.users))
-        return Norm("layernorm", start, out, param_target(w), param_target(b), eps, nodes={op, out})
+        gain, offset = _gain(w)
+        return Norm("layernorm", start, out, gain, param_target(b), eps, offset, nodes={op, out})
 
     def _affine(self, norm: Norm, allowed: set) -> None:
         """Extend a norm's output over its gain (w or 1 + w) and bias."""
@@ -731,12 +776,8 @@ class _Analyzer:
             )
             chain_out = u
             if is_call(u, {aten.mul.Tensor}) and norm.weight is None and isinstance(other, fx.Node):
-                target = param_target(other)
-                if target is None and is_call(other, ADD):
-                    inner = [param_target(a) for a in other.args[:2] if isinstance(a, fx.Node)]
-                    consts = [a for a in other.args[:2] if not isinstance(a, fx.Node)]
-                    if inner and inner[0] and consts == [1] or consts == [1.0]:
-                        target, norm.unit_offset = inner[0], True
+                target, offset = _gain(other)
+                norm.unit_offset = offset
                 if target is None or self.params[target].dim() != 1:
                     break
                 norm.weight = target
@@ -870,6 +911,7 @@ class _Unit:
     path: str
     nodes: list
     shares: str | None = None  # the block whose module this one calls again
+    has_site: bool = False  # holds a whole residual site (so it must be read)
 
 
 def _common_path(paths: list[str], strip_last: bool = True) -> str:
@@ -919,6 +961,18 @@ def _heads_view(node: fx.Node) -> fx.Node:
     return node
 
 
+def _gain(w) -> tuple[str | None, bool]:
+    """A norm op's weight argument: a parameter w, or 1 + w computed before the op."""
+    target = param_target(w)
+    if target is not None or not is_call(w, ADD):
+        return target, False
+    inner = [param_target(a) for a in w.args[:2] if isinstance(a, fx.Node)]
+    consts = [a for a in w.args[:2] if not isinstance(a, fx.Node)]
+    if len(inner) == 1 and inner[0] and consts in ([1], [1.0]):
+        return inner[0], True
+    return None, False
+
+
 def _identity_chain(node: fx.Node) -> list[fx.Node]:
     chain = [node]
     while is_identity(chain[-1]):
@@ -935,18 +989,38 @@ def _int_numel(s) -> int:
 
 
 def _activation(nodes: set) -> str | None:
-    targets = {n.target for n in nodes if n.op == "call_function"}
+    """The MLP's activation, named by what it computes (not by the op or module called)."""
+    calls = [n for n in nodes if n.op == "call_function"]
+    targets = {n.target for n in calls}
     found = [name for op, name in ACTIVATIONS.items() if op in targets]
     if "gelu" in found:
-        g = next(n for n in nodes if n.op == "call_function" and n.target == aten.gelu.default)
+        g = next(n for n in calls if n.target == aten.gelu.default)
         return "gelu_tanh" if g.kwargs.get("approximate", "none") == "tanh" else "gelu"
     if "tanh" in found and (
-        aten.pow.Tensor_Scalar in targets
-        or any(0.044715 in n.args for n in nodes if n.op == "call_function")
+        aten.pow.Tensor_Scalar in targets or any(0.044715 in n.args for n in calls)
     ):
         return "gelu_tanh"  # 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
     if "erf" in found:
         return "gelu"
+    if "relu" in found:
+        r = next(n for n in calls if n.target == aten.relu.default)
+        squared = any(
+            (u.target in (aten.pow.Tensor_Scalar,) and u.args[1] == 2)
+            or u.target == aten.square.default
+            or (u.target == aten.mul.Tensor and u.args[0] is u.args[1])
+            for u in r.users
+        )
+        return "relu2" if squared else "relu"
     if "sigmoid" in found:
-        return "silu" if aten.mul.Tensor in targets else "sigmoid"
+        sg = next(n for n in calls if n.target == aten.sigmoid.default)
+        arg = sg.args[0]
+        scale = (
+            next((a for a in arg.args if not isinstance(a, fx.Node)), None)
+            if is_call(arg, {aten.mul.Tensor})
+            else None
+        )
+        gated = any(is_call(u, {aten.mul.Tensor}) for u in sg.users)
+        if gated and scale is not None:
+            return "quick_gelu" if abs(float(scale) - 1.702) < 1e-3 else f"x·σ({scale}x)"
+        return "silu" if gated else "sigmoid"
     return found[0] if found else None

@@ -297,7 +297,7 @@ class _Rules:
         out = self.ax(self.n)
         if t in _IGNORED or "_assert" in str(t):
             return
-        if t in _ELEMENTWISE:
+        if t in _ELEMENTWISE or _pointwise(t):
             return self.broadcast(out)
         if t in (aten.linear.default,):
             return self.linear(self.n.args[0], self.n.args[1], _arg(self.n, 2), out)
@@ -369,6 +369,13 @@ class _Rules:
             return self.same(x[:dim] + x[dim + 1 :], out)
         if t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
             return self.split()
+        if t is aten.unbind.int:  # each item is a select along dim
+            x = self.ax(self.n.args[0])
+            dim = _arg(self.n, 1, 0) % len(x)
+            for u in self.n.users:
+                if u.target is operator.getitem:
+                    self.same(x[:dim] + x[dim + 1 :], self.ax(u))
+            return None
         if t is aten.cat.default:
             return self.cat(out)
         if t is aten.stack.default:
@@ -672,6 +679,12 @@ class _Rules:
         return None
 
 
+def _pointwise(target) -> bool:
+    """An op ATen declares element-wise (its `pointwise` tag): whatever its name, it commutes
+    with growing a feature axis, and its inputs broadcast to its output."""
+    return torch.Tag.pointwise in getattr(target, "tags", ())
+
+
 def _is_square(x) -> bool:
     while isinstance(x, fx.Node) and x.target in (aten.to.dtype, aten._to_copy.default):
         x = x.args[0]
@@ -679,6 +692,8 @@ def _is_square(x) -> bool:
         return False
     if x.target is aten.pow.Tensor_Scalar:
         return x.args[1] == 2
+    if x.target is aten.square.default:
+        return True
     return x.target is aten.mul.Tensor and x.args[0] is x.args[1]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from .errors import AnalysisError
 from .inputs import Inputs, resized
 
 
@@ -83,6 +84,19 @@ class Graph:
 
     @property
     def structure(self):
+        """The recognised Structure; a partial one (constructs the analysis could not account
+        for) raises AnalysisError naming them: passes rewrite whole models or nothing."""
+        found = self.found_structure
+        if found.partial:
+            raise AnalysisError(
+                "the structure is partial, archfx will not rewrite part of a model: "
+                + "; ".join(found.unrecognised)
+            )
+        return found
+
+    @property
+    def found_structure(self):
+        """What the analysis found, partial or not (what `inspect` shows)."""
         from .analyze import analyze
 
         return self.analysis("structure", analyze)

@@ -86,10 +86,24 @@ class MLP:
 
 
 @dataclass
+class MoE:
+    """A mixture-of-experts branch: a router scores `experts` experts, each token goes to
+    `top_k` of them; `shared`: an expert every token also goes through."""
+
+    experts: int
+    top_k: int | None
+    shared: bool
+    router: Linear
+
+    def to_json(self) -> dict:
+        return {"experts": self.experts, "top_k": self.top_k, "shared_expert": self.shared}
+
+
+@dataclass
 class Residual:
     """One residual site: stream ← carry + branch(stream), with its norms."""
 
-    kind: str  # "attention" | "cross_attention" | "mlp" | "parallel" | "other"
+    kind: str  # "attention" | "cross_attention" | "mlp" | "moe" | "parallel" | "other"
     placement: str  # "pre" | "post" | "sandwich" | "output" | "none"
     add: fx.Node  # the residual add on the trunk
     carry: fx.Node  # the stream entering the site
@@ -99,6 +113,7 @@ class Residual:
     post_norm: Norm | None = None  # norm on the stream after the add
     attention: Attention | None = None
     mlp: MLP | None = None
+    moe: MoE | None = None
     nodes: set = field(default_factory=set, repr=False)
 
     @property
@@ -115,6 +130,8 @@ class Residual:
             out["attention"] = self.attention.to_json()
         if self.mlp:
             out["mlp"] = self.mlp.to_json()
+        if self.moe:
+            out["moe"] = self.moe.to_json()
         return out
 
 
@@ -150,6 +167,10 @@ class Block:
         return self._first("mlp", "mlp")
 
     @property
+    def moe(self) -> MoE | None:
+        return self._first("moe", "moe")
+
+    @property
     def placement(self) -> str:
         kinds = {r.placement for r in self.residuals}
         return kinds.pop() if len(kinds) == 1 else "mixed"
@@ -165,6 +186,7 @@ class Block:
             "attention": self.attention.to_json() if self.attention else None,
             "cross_attention": self.cross_attention.to_json() if self.cross_attention else None,
             "mlp": self.mlp.to_json() if self.mlp else None,
+            "moe": self.moe.to_json() if self.moe else None,
         }
 
 
@@ -215,6 +237,12 @@ class Structure:
     stacks: list[Stack]
     head: Head | None
     remarks: list[str] = field(default_factory=list)
+    # constructs the analysis could not account for (ir/consistency.py): a partial structure
+    unrecognised: list[str] = field(default_factory=list)
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.unrecognised)
 
     @property
     def blocks(self) -> list[Block]:
@@ -229,6 +257,8 @@ class Structure:
             "blocks": [b.to_json() for b in self.blocks],
             "head": self.head.to_json() if self.head else None,
             "remarks": list(self.remarks),
+            "partial": self.partial,
+            "unrecognised": list(self.unrecognised),
         }
 
 

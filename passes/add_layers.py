@@ -58,8 +58,14 @@ class AddLayers(Pass):
                     f"{template.path} normalises after the residual add (post-LN): "
                     "Norm(x + 0) ≠ x, so a new block cannot start as the identity"
                 )
-        writers = _writers(template)
         stack = template.stack
+        if template.path != f"{stack}.{template.index}" or template.shares:
+            raise PassError(
+                f"{template.path} is not item {template.index} of an indexed container "
+                f"({stack or 'the model'} holds its blocks under names, as attributes or as "
+                "repeated calls of one module): add-layers numbers the blocks it inserts"
+            )
+        writers = _writers(template)
         local = template.index if before else template.index + 1
         before_names = [name for name, _ in graph.gm.named_parameters()]
         shift = _renumber(graph, stack, local, n)
@@ -93,6 +99,11 @@ def _writers(block) -> dict[str, float]:
             if norm.bias:
                 out[norm.bias] = 0.0
             continue
+        if r.moe is not None:
+            raise PassError(
+                f"{block.path} has a mixture-of-experts branch ({r.moe.experts} experts): "
+                "add-layers does not silence experts"
+            )
         linears = []
         if r.attention is not None:
             linears.append(r.attention.o)

@@ -222,7 +222,7 @@ def cmd_inspect(args, err: Console) -> int:
             check_path(picture)
     loaded, graph = _load_and_capture(args, err)
     with _step(err, "analysing structure"):
-        structure = graph.structure
+        structure = graph.found_structure
     title = f"{args.model}: {type(loaded.model).__name__}"
     if args.draw:
         from archfx.ir.draw import draw
@@ -292,6 +292,10 @@ def cmd_inspect(args, err: Console) -> int:
         )
     for r in data["remarks"]:
         out.print(f"[yellow]remark[/yellow]: {r}")
+    for r in data["unrecognised"]:
+        out.print(f"[red]unrecognised[/red]: {r}")
+    if data["partial"]:
+        out.print("[red]partial structure[/red]: passes refuse this model until the above is read")
     return 0
 
 

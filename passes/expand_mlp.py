@@ -48,6 +48,11 @@ class ExpandMLP(Pass):
         sizes = {}
         for b in blocks:
             if b.mlp is None:
+                if b.moe is not None:
+                    raise PassError(
+                        f"block {b.path}'s MLP is a mixture of {b.moe.experts} experts: "
+                        "expand-mlp grows dense MLPs only"
+                    )
                 raise PassError(f"block {b.path} has no MLP archfx recognises")
             atom = atoms(b)[0]
             if d.parts(atom) is not None:
