@@ -162,7 +162,7 @@ class _Analyzer:
         into them only when they are of one class (stages of blocks); calls of several classes
         inside (T5's self-attention, cross-attention and feed-forward layers) make it the block.
         """
-        calls: dict[str, _Call] = {}
+        calls: dict[tuple[str, str], _Call] = {}
         for n in self.nodes:
             if n.op != "call_function":
                 continue
@@ -170,9 +170,10 @@ class _Analyzer:
             for key, (path, kind) in (n.meta.get("nn_module_stack") or {}).items():
                 if not path:
                     continue
-                call = calls.get(key)
+                # a copied block (add-layers) keeps its template's keys under a new path
+                call = calls.get((key, path))
                 if call is None:
-                    call = calls[key] = _Call(key, path, str(kind), parent)
+                    call = calls[(key, path)] = _Call(key, path, str(kind), parent)
                 call.nodes.add(n)
                 parent = call
         if not calls:
@@ -869,6 +870,15 @@ class _Analyzer:
         return out
 
     def _head(self, stream: fx.Node, outside: set, embeddings: list[Embedding]) -> Head | None:
+        """The first projection after the last stack, or, past a transform (BERT's dense →
+        GELU → LayerNorm), the one that shares the token embedding's weight (tied)."""
+        tokens = [self.params[e.weight] for e in embeddings if e.kind == "token"]
+
+        def tied(lin: Linear) -> bool:
+            w = self.params[lin.weight]
+            return any(t is w or t.data_ptr() == w.data_ptr() for t in tokens)
+
+        found: list[Linear] = []
         seen, todo = set(), deque([stream])
         while todo:
             n = todo.popleft()
@@ -878,18 +888,12 @@ class _Analyzer:
                 seen.add(u)
                 lin = self.linear(u)
                 if lin is not None:
-                    w = self.params[lin.weight]
-                    tied = any(
-                        e.kind == "token"
-                        and (
-                            self.params[e.weight] is w
-                            or self.params[e.weight].data_ptr() == w.data_ptr()
-                        )
-                        for e in embeddings
-                    )
-                    return Head(lin, tied)
+                    found.append(lin)
                 todo.append(u)
-        return None
+        if not found:
+            return None
+        lin = next((f for f in found if tied(f)), found[0])
+        return Head(lin, tied(lin), self._norm_ending_at(lin.input, self._all))
 
 
 @dataclass(eq=False)

@@ -221,6 +221,7 @@ class Stack:
 class Head:
     linear: Linear
     tied: bool
+    norm: Norm | None = None  # the norm whose output the head reads (after any transform)
 
     def to_json(self) -> dict:
         return {

@@ -32,7 +32,7 @@ from torch import fx
 
 from archfx.ir import Graph, PassError
 from archfx.ir.dims import Dims, analyze_dims
-from archfx.ir.ops import IDENTITY, aten, param_target
+from archfx.ir.ops import IDENTITY, SHAPE, aten, is_assert, is_call, is_identity, param_target
 
 from .base import layer_indices
 
@@ -145,7 +145,7 @@ def grow(graph: Graph, growth: Growth, dims: Dims | None = None) -> tuple[dict, 
                     new,
                     k,
                     axis(i),
-                    roles.get(d.find(i), "free-elementwise"),
+                    roles.get(k, "free-elementwise"),
                     isinstance(t, torch.nn.Parameter),
                     gen,
                     target,
@@ -341,31 +341,45 @@ def _layout(d: Dims, i: int, atoms, modes, zero, scale, axis) -> _Axis:
 
 
 def _roles(d: Dims, nodes: list[fx.Node]) -> dict[int, str]:
-    """How each axis of a parameter (read by the get_attr `nodes`) is used: 'producer' (its
-    values become new features), 'consumer' (contracted away), 'gain', 'bias' or 'offset'
-    (gain used as 1 + w)."""
+    """How each axis (by position) of a parameter read by the get_attr `nodes` is used:
+    'producer' (its values become new features), 'consumer' (contracted away), 'gain', 'bias'
+    or 'offset' (gain used as 1 + w). An axis is a producer when the use's output carries its
+    dimension; a square matrix whose two axes are one dimension (a d × d transform) is read by
+    position instead: rows produce, columns are contracted."""
     roles: dict[int, str] = {}
     for node in nodes:
-        for use, arg in _uses(node):
+        ids = d.axes[node]
+        for use, arg, flipped in _uses(node):
             out = {d.find(i) for i in d.axes.get(use, [])}
-            for i in d.axes[node]:
-                r = d.find(i)
-                role = _role(use, arg, r in out)
-                if roles.get(r) not in (None, role):
-                    roles[r] = _merge(roles[r], role)
+            square = len(ids) == 2 and d.find(ids[0]) == d.find(ids[1])
+            for k, i in enumerate(ids):
+                if square and use.target in _MATRIX and not _is_bias(use, arg):
+                    produces = k == _produced_axis(use, arg) ^ flipped
+                    role = "producer" if produces else "consumer"
                 else:
-                    roles[r] = role
+                    role = _role(use, arg, d.find(i) in out)
+                roles[k] = _merge(roles[k], role) if roles.get(k) not in (None, role) else role
     return roles
 
 
+def _produced_axis(use: fx.Node, arg: fx.Node) -> int:
+    """Which axis of a 2-d weight `arg` a matrix op writes out: nn.Linear's (out, in) row,
+    or the column of x @ W (addmm, mm, matmul with W second)."""
+    return 0 if use.target in (aten.linear.default, aten.embedding.default) else 1
+
+
 def _uses(node: fx.Node):
-    stack = [(u, node) for u in node.users]
+    """(use, the argument it reads, whether the path there transposed a 2-d value)."""
+    stack = [(u, node, False) for u in node.users]
     while stack:
-        use, arg = stack.pop()
+        use, arg, flipped = stack.pop()
         if use.op == "call_function" and use.target in _TRANSPARENT and use.args[0] is arg:
-            stack.extend((u, use) for u in use.users)
+            flip = use.target in (aten.t.default, aten.numpy_T.default, aten.transpose.int) or (
+                use.target is aten.permute.default and list(use.args[1]) == [1, 0]
+            )
+            stack.extend((u, use, flipped ^ flip) for u in use.users)
         else:
-            yield use, arg
+            yield use, arg, flipped
 
 
 def _role(use: fx.Node, arg: fx.Node, in_output: bool) -> str:
@@ -572,17 +586,40 @@ def _tied_tile_compensation(d: Dims, graph: Graph, atoms, modes) -> dict[str, fl
     if head is None or not head.tied:
         return out
     m = atoms[tiled[0]] // d.size[tiled[0]]
-    stack = graph.structure.stacks[-1]
-    norm = stack.final_norm
+    norm = head.norm  # the final norm, a transform's norm (BERT's MLM head), a post-LN's last
     if norm is None or norm.weight is None or norm.unit_offset:
         raise PassError(
-            "the tied head reads duplicated features; archfx divides the final norm's "
-            "gain by the factor, but this model has no plain final-norm gain"
+            "the tied head reads duplicated features; archfx divides the gain of the norm "
+            "the head reads by the factor, but no plain norm gain comes right before the head"
+        )
+    other = _read_besides(norm.output, head.linear.node)
+    if other is not None:
+        raise PassError(
+            f"the tied head reads duplicated features through a norm whose output {other} "
+            "also reads; dividing its gain by the factor would change that"
         )
     out[norm.weight] = 1 / m
     if norm.bias:
         out[norm.bias] = 1 / m
     return out
+
+
+def _read_besides(start: fx.Node, head: fx.Node) -> str | None:
+    """The first thing other than `head` that reads `start`'s value (a model output, another
+    op): None when only the head does."""
+    seen, todo = set(), [start]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u is head or u in seen or is_assert(u):
+                continue
+            if u.op == "output":
+                return "a model output"
+            if not (is_identity(u) or is_call(u, SHAPE)):
+                return u.name
+            seen.add(u)
+            todo.append(u)
+    return None
 
 
 def _literals(d: Dims, new_size: dict, atoms: dict) -> int:
