@@ -125,7 +125,7 @@ class _Analyzer:
             stack_objs.append(Stack(path, blocks, final, final.output if final else last))
         stack_objs.sort(key=lambda s: self.order[s.blocks[0].input])
         embeddings = self._embeddings(outside)
-        head = self._head(stack_objs[-1].output, outside, embeddings)
+        head = self._head(stack_objs[-1], outside, embeddings)
         d = last_dim(stack_objs[0].blocks[0].input)
         structure = Structure(d, embeddings, stack_objs, head, self.remarks)
         kernels = [
@@ -869,7 +869,7 @@ class _Analyzer:
                 )
         return out
 
-    def _head(self, stream: fx.Node, outside: set, embeddings: list[Embedding]) -> Head | None:
+    def _head(self, stack: Stack, outside: set, embeddings: list[Embedding]) -> Head | None:
         """The first projection after the last stack, or, past a transform (BERT's dense →
         GELU → LayerNorm), the one that shares the token embedding's weight (tied)."""
         tokens = [self.params[e.weight] for e in embeddings if e.kind == "token"]
@@ -879,7 +879,7 @@ class _Analyzer:
             return any(t is w or t.data_ptr() == w.data_ptr() for t in tokens)
 
         found: list[Linear] = []
-        seen, todo = set(), deque([stream])
+        seen, todo = set(), deque([stack.output])
         while todo:
             n = todo.popleft()
             for u in self.sorted(n.users):
@@ -893,7 +893,16 @@ class _Analyzer:
         if not found:
             return None
         lin = next((f for f in found if tied(f)), found[0])
-        return Head(lin, tied(lin), self._norm_ending_at(lin.input, self._all))
+        end = lin.input
+        while is_identity(end) or is_call(end, SHAPE):
+            end = end.args[0]
+        last = stack.blocks[-1]
+        known = [stack.final_norm, *(r.post_norm for r in reversed(last.residuals))]
+        norm = next(
+            (k for k in known if k is not None and end in (k.output, strip(k.output))),
+            None,
+        ) or self._norm_ending_at(end, self._all)
+        return Head(lin, tied(lin), norm)
 
 
 @dataclass(eq=False)

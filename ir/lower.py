@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import fx
 
 from .errors import LoweringError, OnnxMismatchError, first_line
 from .fuse import FusionReport
@@ -26,6 +27,7 @@ from .fuse import fuse as fuse_for_ort
 from .graph import Graph
 from .inputs import Inputs
 from .layout import explicit_reshape_copies
+from .ops import aten, is_assert, is_call, is_dropout_identity
 from .verify import compare, in_fp64
 
 
@@ -281,9 +283,7 @@ def to_onnx(
             )
             program.save(str(raw))
     except Exception as exc:
-        raise LoweringError(
-            f"ONNX export failed: {first_line(exc)}; try canonicalize first, or report the op it names"
-        ) from exc
+        raise LoweringError(_export_failure(exc, gm)) from exc
     export_s = time.perf_counter() - t0
     sets = _input_sets(graph)
     exact = _fp64_outputs(graph, sets)
@@ -401,6 +401,37 @@ def check_onnx(
     if strict and not result.ok:
         raise OnnxMismatchError(result.failure, result)
     return result
+
+
+_OP_NAME = re.compile(r"\b(?:aten|prims|[a-z_]+)(?:::|\.)[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)?")
+
+
+def _export_failure(exc: BaseException, gm: fx.GraphModule) -> str:
+    """The exporter's error in one line, with the ops it names (from anywhere in the chain of
+    causes, where the first line is often generic) and canonicalize suggested only when the
+    graph still holds what canonicalize rewrites."""
+    texts, e = [], exc
+    while e is not None and len(texts) < 8:
+        texts.append(str(e))
+        e = e.__cause__ or e.__context__
+    graph_ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    named = []
+    for m in _OP_NAME.finditer("\n".join(texts)):
+        op = m.group(0).replace("::", ".")
+        if op not in named and any(g == op or g.startswith(op + ".") for g in graph_ops):
+            named.append(op)
+    where = f" at {', '.join(named[:3])}" if named else ""
+    pending = [
+        n.name
+        for n in gm.graph.nodes
+        if is_assert(n) or is_dropout_identity(n) or is_call(n, {aten.addmm.default})
+    ]
+    hint = (
+        f"; canonicalize rewrites {len(pending)} nodes of this graph ({pending[0]} …) and may help"
+        if pending
+        else "; the graph is already canonical: report the op"
+    )
+    return f"ONNX export failed{where}: {first_line(exc, 300)}{hint}"
 
 
 def _input_sets(graph: Graph) -> list[Inputs]:

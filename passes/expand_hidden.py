@@ -60,35 +60,50 @@ class ExpandHidden(Pass):
         blocks = graph.structure.blocks
         if not blocks:
             raise PassError("no Transformer blocks found")
-        atoms = {d.of(b.input, -1) for b in blocks} | {d.of(b.output, -1) for b in blocks}
-        if len(atoms) != 1:
-            raise PassError("the blocks' streams do not share one width")
-        atom = atoms.pop()
-        if d.parts(atom) is not None:
-            raise PassError("the stream width is built from other dimensions")
-        old = d.size[atom]
-        new = size or round(old * factor)
-        if new < old:
-            raise PassError(f"the stream is {old} wide; {new} is smaller")
+        streams: dict[int, list[str]] = {}  # one stream width per stack, unless shared
+        for stack in graph.structure.stacks:
+            for b in stack.blocks:
+                for node in (b.input, b.output):
+                    paths = streams.setdefault(d.of(node, -1), [])
+                    if stack.path not in paths:
+                        paths.append(stack.path)
+        for atom, paths in streams.items():
+            if d.parts(atom) is not None:
+                raise PassError(
+                    f"the stream width of {', '.join(paths)} is built from other dimensions"
+                )
+        olds = {atom: d.size[atom] for atom in streams}
+        if size and len(set(olds.values())) > 1:
+            widths = ", ".join(f"{', '.join(streams[a])} {w}" for a, w in olds.items())
+            raise PassError(f"the stacks' streams have different widths ({widths}): give factor")
+        news = {atom: size or round(old * factor) for atom, old in olds.items()}
+        for atom, new in news.items():
+            if new < olds[atom]:
+                raise PassError(f"the stream is {olds[atom]} wide; {new} is smaller")
         layernorm = any(
-            r.kind in ("layer_norm", "var", "mean") and any(d.contains(i, atom) for i in r.dims)
+            r.kind in ("layer_norm", "var", "mean")
+            and any(d.contains(i, atom) for i in r.dims for atom in streams)
             for r in d.reductions
         )
         if method == "auto":
             if not layernorm:
                 method = "zero"
-            elif new % old == 0:
+            elif all(new % olds[a] == 0 for a, new in news.items()):
                 method = "duplicate"
             else:
                 raise PassError(
-                    f"this model normalises its stream with LayerNorm, which is exact "
-                    f"only under duplication (a multiple of {old}); {new} is not; pass "
-                    "method=approximate to zero-pad anyway (not exact)"
+                    f"this model normalises its stream with LayerNorm, which is exact only "
+                    f"under duplication (a multiple of {min(olds.values())}); "
+                    f"{min(news.values())} is not; pass method=approximate to zero-pad anyway "
+                    "(not exact)"
                 )
         mode = {"zero": "zero", "approximate": "zero", "duplicate": "tile"}[method]
         growth = Growth(
-            {atom: new}, {atom: mode}, approximate=method == "approximate", seed=self.opts["seed"]
+            news,
+            {atom: mode for atom in news},
+            approximate=method == "approximate",
+            seed=self.opts["seed"],
         )
         out, maps = grow(graph, growth, d)
         out["method"] = method
-        return PassResult(changed=new != old, details=out, tensor_maps=maps)
+        return PassResult(changed=news != olds, details=out, tensor_maps=maps)

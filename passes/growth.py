@@ -48,6 +48,12 @@ _MATRIX = {
     aten.convolution.default,
     aten.cat.default,
 }
+_SPLITS = {
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.chunk.default,
+    aten.unbind.int,
+}
 _TRANSPARENT = {
     aten.t.default,
     aten.numpy_T.default,
@@ -373,7 +379,16 @@ def _uses(node: fx.Node):
     stack = [(u, node, False) for u in node.users]
     while stack:
         use, arg, flipped = stack.pop()
-        if use.op == "call_function" and use.target in _TRANSPARENT and use.args[0] is arg:
+        if use.op == "call_function" and use.target in _SPLITS and use.args[0] is arg:
+            # a fused weight split into parts (nn.MultiheadAttention's q and kv): each part
+            # is read by its own use
+            stack.extend(
+                (part, item, flipped)
+                for item in use.users
+                if item.target is operator.getitem
+                for part in item.users
+            )
+        elif use.op == "call_function" and use.target in _TRANSPARENT and use.args[0] is arg:
             flip = use.target in (aten.t.default, aten.numpy_T.default, aten.transpose.int) or (
                 use.target is aten.permute.default and list(use.args[1]) == [1, 0]
             )

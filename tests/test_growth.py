@@ -30,7 +30,8 @@ POST_LN = ["tiny-bert", "tiny-roberta", "tiny-distilbert", "tiny-bart", "family:
 # (model, pass) -> the reason archfx must give for refusing: every other pair must be exact
 REFUSED = {
     **{(m, "add-layers"): "post-LN" for m in POST_LN},
-    ("tiny-bart", "expand-hidden"): "tied head reads duplicated features",
+    # (BART — post-LN, tied head, no final norm — duplicates exactly: the last post-norm's
+    # gain and bias are divided by the factor)
     **{
         (m, p): "touches the grown dimension"
         for m in ("family:falcon", "family:falcon-mqa")
