@@ -49,6 +49,13 @@ from .ops import (
 from .structure import MLP, Attention, Block, Embedding, Head, MoE, Norm, Residual, Stack, Structure
 
 _INDEX = re.compile(r"^\d+$")
+_L2 = aten.linalg_vector_norm.default  # x / ‖x‖ · √d: an RMSNorm written with F.normalize
+_CLAMPS = {
+    aten.clamp_min.default,
+    aten.clamp.default,
+    aten.expand.default,
+    aten.expand_as.default,
+}
 _MAX_TOKEN_TYPES = 16
 _POSITION_OPS = {
     aten.arange.default,
@@ -711,18 +718,18 @@ class _Analyzer:
                     region.add(u)
                     todo.append((u, depth + 1))
         roots = self.sorted(
-            n for n in region if is_call(n, {aten.rsqrt.default, aten.sqrt.default})
+            n for n in region if is_call(n, {aten.rsqrt.default, aten.sqrt.default, _L2})
         )
         for r in roots:
-            stats = self.ancestors(r, region)
+            stats = self.ancestors(r, region) | {r}
             if not any(
-                is_call(n, {aten.mean.dim, aten.var.correction, aten.var_mean.correction})
+                is_call(n, {aten.mean.dim, aten.var.correction, aten.var_mean.correction, _L2})
                 for n in stats
             ):
                 continue
             scaled = [
                 u
-                for u in self._through(r, region)
+                for u in self._past_clamps(r, region)
                 if is_call(u, {aten.mul.Tensor, aten.div.Tensor})
             ]
             if not scaled:
@@ -743,6 +750,17 @@ class _Analyzer:
                 return None
             return norm
         return None
+
+    def _past_clamps(self, n: fx.Node, nodes: set) -> list[fx.Node]:
+        """Users of a statistic, looking through identity ops, clamps (F.normalize's
+        ‖x‖.clamp_min(ε)) and broadcasts."""
+        out = []
+        for u in self._through(n, nodes):
+            if is_call(u, _CLAMPS):
+                out.extend(self._past_clamps(u, nodes))
+            else:
+                out.append(u)
+        return out
 
     def _norm_op(self, start: fx.Node, op: fx.Node) -> Norm:
         if op.target == aten.rms_norm.default:
@@ -776,7 +794,11 @@ class _Analyzer:
                 None,
             )
             chain_out = u
-            if is_call(u, {aten.mul.Tensor}) and norm.weight is None and isinstance(other, fx.Node):
+            if is_call(u, {aten.mul.Tensor}) and isinstance(other, (int, float)):
+                pass  # a constant scale (F.normalize(x) · √d): part of the normalisation
+            elif (
+                is_call(u, {aten.mul.Tensor}) and norm.weight is None and isinstance(other, fx.Node)
+            ):
                 target, offset = _gain(other)
                 norm.unit_offset = offset
                 if target is None or self.params[target].dim() != 1:

@@ -47,6 +47,7 @@ def capture(
     gm, out_spec = _flatten(ep.module())
     _own_tensors(gm)
     _out_of_place(gm)
+    _inline_autocast_off(gm)
     _einsum_as_matmul(gm)
     return Graph(
         gm=gm,
@@ -154,6 +155,45 @@ def _out_of_place(gm: fx.GraphModule) -> None:
                 node.target = _INPLACE[node.target]
                 changed = True
     if changed:
+        gm.recompile()
+
+
+def _inline_autocast_off(gm: fx.GraphModule) -> None:
+    """`with torch.autocast(..., enabled=False)` regions (x-transformers' rotary embedding)
+    become ordinary ops: torch.export wraps them in a higher-order op the analyses cannot see
+    into, and with autocast off the region computes in the dtypes it is given, as inlined
+    ops do. Regions with autocast on stay wrapped."""
+    wrap = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
+    changed = False
+    for node in list(gm.graph.nodes):
+        if wrap is None or node.op != "call_function" or node.target is not wrap:
+            continue
+        if node.args[2] is not False:
+            continue
+        sub = getattr(gm, node.args[4].target)
+        env = dict(zip(sub.graph.find_nodes(op="placeholder"), node.args[5:], strict=True))
+        outputs = None
+        with gm.graph.inserting_before(node):
+            for inner in sub.graph.nodes:
+                if inner.op == "placeholder":
+                    continue
+                if inner.op == "output":
+                    outputs = fx.node.map_arg(inner.args[0], env.__getitem__)
+                    continue
+                if inner.op == "get_attr":
+                    raise CaptureError(f"{node.name}: an autocast region reads {inner.target}")
+                env[inner] = gm.graph.node_copy(inner, env.__getitem__)
+                stack = node.meta.get("nn_module_stack")
+                if stack is not None:
+                    env[inner].meta.setdefault("nn_module_stack", stack)
+        for user in list(node.users):
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
         gm.recompile()
 
 

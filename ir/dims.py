@@ -119,7 +119,8 @@ class Reduction:
     """A reduction over dimension ids (mean, var, softmax, norms): growth must keep its value."""
 
     node: fx.Node
-    # "mean" | "mean_sq" (a mean of squares: RMS) | "sum" | "max" | "var" | "softmax"
+    # "mean" | "mean_sq" (a mean of squares: RMS) | "sum" | "norm2" (‖x‖₂) | "max" | "var" |
+    # "softmax"
     # | "layer_norm" | "rms_norm"
     kind: str
     dims: list[int]
@@ -320,6 +321,8 @@ class _Rules:
             return self.norm(out)
         if t in _REDUCE:
             return self.reduce(_REDUCE[t], out)
+        if t is aten.linalg_vector_norm.default and _arg(self.n, 1, 2) == 2:
+            return self.norm2(out)
         if t in SOFTMAX or t is aten.log_softmax.int:
             x = self.ax(self.n.args[0])
             self.same(x, out)
@@ -330,6 +333,8 @@ class _Rules:
             return self.reshape(self.ax(self.n.args[0]), out, sizes_at=1)
         if t in (aten.expand.default, aten.broadcast_to.default):
             return self.expand(out)
+        if t is aten.expand_as.default:  # x broadcast to other's shape
+            return self.broadcast(out)
         if t is aten.unsqueeze.default:
             x = self.ax(self.n.args[0])
             dim = self.n.args[1] % len(out)
@@ -499,6 +504,18 @@ class _Rules:
         if kind == "mean" and _is_square(self.n.args[0]):
             kind = "mean_sq"
         self.d.reductions.append(Reduction(self.n, kind, [x[i] for i in dims]))
+
+    def norm2(self, out) -> None:
+        """‖x‖₂ over some axes (F.normalize, an RMSNorm written as x / ‖x‖ · √d)."""
+        x = self.ax(self.n.args[0])
+        dims = _arg(self.n, 2)
+        dims = list(range(len(x))) if dims is None else [dims] if isinstance(dims, int) else dims
+        dims = sorted(i % len(x) for i in dims)
+        keep = _arg(self.n, 3, False)
+        kept = [a for i, a in enumerate(x) if i not in dims]
+        if out is not None:
+            self.same(kept, [a for i, a in enumerate(out) if not (keep and i in dims)])
+        self.d.reductions.append(Reduction(self.n, "norm2", [x[i] for i in dims]))
 
     def squeeze(self, out) -> None:
         x = self.ax(self.n.args[0])

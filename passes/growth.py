@@ -210,7 +210,7 @@ def _check(d: Dims, graph: Graph, atoms: dict, modes: dict, approximate: bool) -
         for a in grown:
             mode = modes[a]
             ok = (
-                (mode == "zero" and r.kind in ("mean_sq", "rms_norm", "sum"))
+                (mode == "zero" and r.kind in ("mean_sq", "rms_norm", "sum", "norm2"))
                 or (
                     mode == "tile"
                     and r.kind in ("mean", "mean_sq", "var", "layer_norm", "rms_norm")
