@@ -79,6 +79,7 @@ class _Analyzer:
         self.remarks: list[str] = []
         self._linear_cache: dict = {}
         self._all = set(self.nodes)
+        self._sites: list | None = None
 
     # helpers ---------------------------------------------------------------------------------
 
@@ -242,7 +243,9 @@ class _Analyzer:
         """Every `x + f(x)` of the graph where f holds a projection or attention: (add, x, the
         nodes of f). The residual sites of blocks are among them; the consistency gate checks
         that every one outside a block is accounted for."""
-        out = []
+        if self._sites is not None:
+            return self._sites
+        self._sites = out = []
         for add in self.nodes:
             if not is_call(add, ADD) or not is_float(add):
                 continue
@@ -284,11 +287,21 @@ class _Analyzer:
                 None,
             )
             if key is not None:
+                item = f"{key[0]}.{key[1]}"
+                call = next(  # the item's call number: one module applied again is a new block
+                    (
+                        _call_number(k)
+                        for k, (p, _) in stack.items()
+                        if p == item or p.startswith(item + ".")
+                    ),
+                    0,
+                )
+                key = (*key, call)
                 groups.setdefault(key, []).append(n)
                 owner[n] = key
             else:
                 loose.append((n, path))
-        stacks = {stack for stack, _ in groups}
+        stacks = {key[0] for key in groups}
         for n, path in loose:  # topological order: chains of adds inherit step by step
             if not any(st == path or st.startswith(path + ".") or path == "" for st in stacks):
                 continue
@@ -298,8 +311,15 @@ class _Analyzer:
                 if key[0] == path or key[0].startswith(path + ".") or path == "":
                     groups[key].append(n)
                     owner[n] = key
-        return [
-            _Unit(f"{stack}.{idx}", self.sorted(nodes)) for (stack, idx), nodes in groups.items()
+        branches = set().union(*(branch for _, _, branch in self._candidate_sites()))
+        return [  # a group no residual branch runs through (an embedding's Sequential) is none
+            _Unit(
+                f"{stack}.{idx}" + (f"@{call}" if call else ""),
+                self.sorted(nodes),
+                shares=f"{stack}.{idx}" if call else None,
+            )
+            for (stack, idx, call), nodes in groups.items()
+            if branches & set(nodes)
         ]
 
     def _merge_periodic(self, blocks: list[Block]) -> list[Block]:
@@ -315,6 +335,9 @@ class _Analyzer:
                 names = [_common_path([b.path for b in g], strip_last=False) for g in groups]
                 if len(set(names)) != len(names):  # items of one container: name the range
                     names = [f"{g[0].path}-{g[-1].path.rpartition('.')[2]}" for g in groups]
+                merged_name = {
+                    b.path: name for g, name in zip(groups, names, strict=True) for b in g
+                }
                 merged = [
                     Block(
                         0,
@@ -324,6 +347,7 @@ class _Analyzer:
                         g[-1].output,
                         [r for b in g for r in b.residuals],
                         set().union(*(b.nodes for b in g)),
+                        shares=merged_name.get(g[0].shares, g[0].shares),
                     )
                     for g, name in zip(groups, names, strict=True)
                 ]
@@ -709,6 +733,8 @@ class _Analyzer:
         for u in self._through(start, allowed):
             if is_call(u, NORM_OPS):
                 norm = self._norm_op(start, u)
+                if norm.weight is None and norm.bias is None:  # affine applied after the op
+                    self._affine(norm, allowed)
                 return norm if on is None or norm.output in on else None
         region, todo = set(), deque([(start, 0)])
         while todo:
@@ -830,7 +856,13 @@ class _Analyzer:
             for a in n.all_input_nodes:
                 if a in allowed and a not in seen and depth < 10:
                     seen.add(a)
-                    if is_heavy(a) or self.linear(a):
+                    if is_call(a, NORM_OPS):  # a norm op whose affine comes after it
+                        norm = self._norm_op(a.args[0], a)
+                        if norm.weight is None and norm.bias is None:
+                            self._affine(norm, allowed)
+                        if end in (norm.output, strip(norm.output)):
+                            return norm
+                    elif is_heavy(a) or self.linear(a):
                         norm = self._norm_from(
                             self.linear(a).output if self.linear(a) else a, allowed
                         )
@@ -949,6 +981,12 @@ class _Unit:
     has_site: bool = False  # holds a whole residual site (so it must be read)
 
 
+def _call_number(key: str) -> int:
+    """torch.export's nn_module_stack key counts a module's calls: `…layers_0@2` is its third."""
+    head, _, n = key.rpartition("@")
+    return int(n) if head and n.isdigit() else 0
+
+
 def _common_path(paths: list[str], strip_last: bool = True) -> str:
     """The module path the blocks share: their common prefix ("model.layers" for
     model.layers.0 … model.layers.5; a repeated call's own path, without its call number)."""
@@ -1005,6 +1043,8 @@ def _gain(w) -> tuple[str | None, bool]:
     consts = [a for a in w.args[:2] if not isinstance(a, fx.Node)]
     if len(inner) == 1 and inner[0] and consts in ([1], [1.0]):
         return inner[0], True
+    if len(inner) == 1 and inner[0] and consts in ([0], [0.0]):  # w + 0 (an offset switched off)
+        return inner[0], False
     return None, False
 
 

@@ -407,7 +407,12 @@ def _role(use: fx.Node, arg: fx.Node, in_output: bool) -> str:
         return "gain" if use.args.index(arg) == 2 else "bias"
     if t in (aten.add.Tensor, aten.sub.Tensor):
         other = use.args[1] if use.args[0] is arg else use.args[0]
-        return "bias" if isinstance(other, fx.Node) else "offset"
+        if isinstance(other, fx.Node):
+            return "bias"
+        # w + 1 is a (1 + w) gain; w + 0 a plain one (an offset switched off)
+        return (
+            "gain" if other == 0 else "offset" if other == 1 and t is aten.add.Tensor else "other"
+        )
     if t in (aten.mul.Tensor, aten.div.Tensor):
         return "gain"
     return "other"
