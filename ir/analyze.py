@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
-from torch import fx
+from torch import fx, nn
 
 from . import consistency
 from .errors import AnalysisError
@@ -123,9 +123,13 @@ class _Analyzer:
                 "back onto their input"
             )
         stack_objs = []
-        for blocks in chains:
-            blocks = self._merge_periodic(blocks)
-            path = _common_path([b.path for b in blocks])
+        chains = [self._merge_periodic(blocks) for blocks in chains]
+        paths = [_common_path([b.path for b in blocks]) for blocks in chains]
+        for blocks, path in zip(chains, list(paths), strict=True):
+            if paths.count(path) > 1:  # stacks of one container (stages): named by their blocks
+                name = blocks[0].path + (f"-{blocks[-1].path}" if len(blocks) > 1 else "")
+                paths[paths.index(path)] = name
+        for blocks, path in zip(chains, paths, strict=True):
             for i, b in enumerate(blocks):
                 b.index, b.stack = i, path
             last = readouts.get(path, blocks[-1].output)  # a rethreaded stream continues there
@@ -258,7 +262,11 @@ class _Analyzer:
                 anc = _reach(f, self._all, lambda n: n.all_input_nodes) | {f}
                 if strip(x) not in anc and x not in anc:
                     continue
-                branch = anc & (_reach(x, self._all, lambda n: n.users) - {add})
+                branch = {  # tensors only: sizes read off the stream (sym_size) are not f
+                    n
+                    for n in anc & (_reach(x, self._all, lambda n: n.users) - {add})
+                    if isinstance(n.meta.get("val"), torch.Tensor)
+                }
                 if any(is_heavy(n) or self.linear(n) for n in branch):
                     out.append((add, x, branch))
                     break
@@ -306,8 +314,10 @@ class _Analyzer:
             if not any(st == path or st.startswith(path + ".") or path == "" for st in stacks):
                 continue
             keys = {owner[a] for a in n.all_input_nodes if a in owner}
-            if len(keys) == 1:
-                key = keys.pop()
+            if keys:
+                # the stream from one block and a branch of the next (`x = attn(x) + x` in a
+                # loop over ModuleList pairs): the add belongs to the later block
+                key = max(keys, key=lambda k: self.order[groups[k][0]])
                 if key[0] == path or key[0].startswith(path + ".") or path == "":
                     groups[key].append(n)
                     owner[n] = key
@@ -620,12 +630,24 @@ class _Analyzer:
                 n_rep *= _int_numel(shape(n)) // max(1, _int_numel(shape(n.args[0])))
             elif is_call(n, {aten.repeat_interleave.self_int}):
                 n_rep *= int(n.args[1])
-        rope_cats = [
+        rope_cats = [  # rotate-half: cat(-x2, x1); interleaved pairs: stack(x·cos − y·sin, …)
             n
             for n in q_path
             if is_call(n, {aten.cat.default, aten.stack.default})
-            and any(is_call(a, {aten.neg.default}) for a in n.args[0])
+            and (
+                any(is_call(a, {aten.neg.default}) for a in n.args[0])
+                or (
+                    len(n.args[0]) == 2
+                    and is_call(n.args[0][0], {aten.sub.Tensor})
+                    and is_call(n.args[0][1], ADD)
+                )
+            )
         ]
+        complex_rope = any(is_call(n, {aten.view_as_complex.default}) for n in q_path) or any(
+            self._positional(n, {*q_path, lq.node}, carry_desc)
+            for n in q_path
+            if is_call(n, {aten.mul.Tensor})
+        )
         rotary = None
         if rope_cats:
             c = rope_cats[0]
@@ -655,12 +677,32 @@ class _Analyzer:
             v=lv,
             o=o,
             cross=k not in carry_desc,
-            rope=bool(rope_cats),
+            rope=bool(rope_cats) or complex_rope,
             rotary_dim=rotary,
             qk_norm=qk_norm,
             query=q,
             key=k,
         )
+
+    def _positional(self, mul: fx.Node, q_path: set, stream: set) -> bool:
+        """A product of the queries with a position table (a rotation written as a matrix or
+        an elementwise product with cos/sin from a buffer, or computed from positions)."""
+        others = [
+            a
+            for a in mul.args[:2]
+            if isinstance(a, fx.Node) and a not in q_path and a not in stream
+        ]
+        for o in others:
+            anc = self._value_ancestors(o) | {o}
+            if any(a.op == "placeholder" and is_float(a) for a in anc):
+                continue  # a value computed from the input (a gate), not a table
+            if any(
+                is_call(a, {aten.cos.default, aten.sin.default, *_POSITION_OPS})
+                or (a.op == "get_attr" and not isinstance(self.params.get(a.target), nn.Parameter))
+                for a in anc
+            ):
+                return True
+        return False
 
     def _through(self, n: fx.Node, nodes: set) -> list[fx.Node]:
         """Users of n, looking through identity ops (dropout, casts)."""
@@ -1036,6 +1078,7 @@ def _heads_view(node: fx.Node) -> fx.Node:
 
 def _gain(w) -> tuple[str | None, bool]:
     """A norm op's weight argument: a parameter w, or 1 + w computed before the op."""
+    w = strip(w) if isinstance(w, fx.Node) else w
     target = param_target(w)
     if target is not None or not is_call(w, ADD):
         return target, False

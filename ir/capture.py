@@ -9,6 +9,7 @@ mode (its own mode is restored) and the graph owns copies of every parameter and
 
 from __future__ import annotations
 
+import operator
 import re
 import traceback
 
@@ -37,6 +38,7 @@ def capture(
         else _inputs.from_user(model, example_inputs)
     )
     was_training = model.training
+    state = _state(model)
     model.eval()
     try:
         if method == "fx":
@@ -44,11 +46,13 @@ def capture(
         ep = _export(model, ins, dynamic)
     finally:
         model.train(was_training)
+        _restore(model, state)
     gm, out_spec = _flatten(ep.module())
     _own_tensors(gm)
     _out_of_place(gm)
     _inline_autocast_off(gm)
     _einsum_as_matmul(gm)
+    _views_as_reshapes(gm)
     return Graph(
         gm=gm,
         inputs=ins,
@@ -59,6 +63,27 @@ def capture(
         },
         range_constraints=dict(ep.range_constraints),
     )
+
+
+def _state(model: nn.Module) -> dict:
+    """Each module's buffers and tensor attributes, before the export runs its forward."""
+    return {
+        m: (dict(m._buffers), {k for k, v in vars(m).items() if isinstance(v, torch.Tensor)})
+        for m in model.modules()
+    }
+
+
+def _restore(model: nn.Module, state: dict) -> None:
+    """Undo what the traced forward left on the model: buffers and tensors a module creates
+    lazily on its first call (PaLM's rotary tables, causal masks) hold the export's fake
+    tensors, and the model must stay as the user gave it."""
+    for m in model.modules():
+        buffers, tensors = state.get(m, ({}, set()))
+        m._buffers.clear()
+        m._buffers.update(buffers)
+        for k in [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)]:
+            if k not in tensors:
+                delattr(m, k)
 
 
 def _export(model: nn.Module, ins: _inputs.Inputs, dynamic: bool) -> torch.export.ExportedProgram:
@@ -145,15 +170,66 @@ _INPLACE = {
 
 
 def _out_of_place(gm: fx.GraphModule) -> None:
-    """`x.add_(y)` where nothing else reads x becomes `x + y`: the same value, no mutation a
-    rewrite could trip over (e.g. Falcon's `mlp_output += attention_output`)."""
+    """`x.add_(y)` becomes `x + y`, and what reads x after it reads the sum: the same values,
+    no mutation a rewrite could trip over (Falcon's `mlp_output += attention_output`, PaLM's
+    residual `x.add_(branch)` after a norm read x). Left alone when a view of x (which would
+    see the mutation) is read after it."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _INPLACE:
+            continue
+        x = node.args[0]
+        if not isinstance(x, fx.Node) or x.op != "call_function":
+            continue
+        later = [u for u in x.users if u is not node and order[u] > order[node]]
+        views = [u for u in x.users if u is not node and order[u] < order[node] and _aliases(u)]
+        if any(order[v2] > order[node] for v in views for v2 in v.users):
+            continue
+        node.target = _INPLACE[node.target]
+        for u in later:
+            u.replace_input_with(x, node)
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+def _aliases(node: fx.Node) -> bool:
+    """Ops whose output shares memory with their input."""
+    return node.op == "call_function" and node.target in (
+        torch.ops.aten.view.default,
+        torch.ops.aten.transpose.int,
+        torch.ops.aten.permute.default,
+        torch.ops.aten.slice.Tensor,
+        torch.ops.aten.select.int,
+        torch.ops.aten.unsqueeze.default,
+        torch.ops.aten.squeeze.dim,
+        torch.ops.aten.expand.default,
+        torch.ops.aten.t.default,
+        torch.ops.aten.alias.default,
+        torch.ops.aten.unflatten.int,
+        operator.getitem,
+    )
+
+
+def _views_as_reshapes(gm: fx.GraphModule) -> None:
+    """A `view` of a transposed or permuted tensor becomes a `reshape` (the same values). The
+    model's `.transpose(1, 2).contiguous().view(b, s, -1)` is exported without the
+    `.contiguous()` when the tensor happens to be laid out contiguously already — SDPA's
+    output is — and a rewrite that changes that layout (another value head size selects
+    another kernel) would leave a view the runtime refuses."""
+    layout = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default}
     changed = False
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _INPLACE:
-            x = node.args[0]
-            if isinstance(x, fx.Node) and len(x.users) == 1 and x.op == "call_function":
-                node.target = _INPLACE[node.target]
-                changed = True
+        if (
+            node.op == "call_function"
+            and node.target is torch.ops.aten.view.default
+            and isinstance(node.args[0], fx.Node)
+            and node.args[0].op == "call_function"
+            and node.args[0].target in layout
+        ):
+            node.target = torch.ops.aten.reshape.default
+            changed = True
     if changed:
         gm.recompile()
 
@@ -198,10 +274,12 @@ def _inline_autocast_off(gm: fx.GraphModule) -> None:
 
 
 def _einsum_as_matmul(gm: fx.GraphModule) -> None:
-    """A two-operand `einsum` that is a batched matrix product (one contracted index, at most
-    one free index per operand, shared batch indices) becomes permute → matmul → permute, the
-    form attention written as `einsum("bhid,bhjd->bhij", q, k)` is recognised in. Other
-    einsums stay as they are (and are named by the analyses that meet them)."""
+    """A two-operand `einsum` that is a batched matrix product (one contracted index, shared
+    batch indices, free indices of one operand broadcast over the other's) becomes permute →
+    unsqueeze → matmul → permute: the form attention written as
+    `einsum("bhid,bhjd->bhij", q, k)` — or multi-query `einsum("bhid,bjd->bhij", q, k)` — is
+    recognised in. Other einsums stay as they are (and are named by the analyses that meet
+    them)."""
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target != torch.ops.aten.einsum.default:
@@ -209,9 +287,12 @@ def _einsum_as_matmul(gm: fx.GraphModule) -> None:
         plan = _matmul_plan(node.args[0], node.args[1])
         if plan is None:
             continue
-        (a, b), (perm_a, perm_b, perm_out) = node.args[1], plan
+        (a, b), (perm_a, unsq_a, perm_b, unsq_b, perm_out) = node.args[1], plan
         with gm.graph.inserting_before(node):
-            pa, pb = (_permuted(gm, node, t, p) for t, p in ((a, perm_a), (b, perm_b)))
+            pa, pb = (
+                _unsqueezed(gm, node, _permuted(gm, node, t, p), at, n)
+                for t, p, (at, n) in ((a, perm_a, unsq_a), (b, perm_b, unsq_b))
+            )
             out = _fake_call(gm, node, torch.ops.aten.matmul.default, pa, pb)
             out = _permuted(gm, node, out, perm_out)
         node.replace_all_uses_with(out)
@@ -221,8 +302,9 @@ def _einsum_as_matmul(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _matmul_plan(equation, operands) -> tuple[list, list, list] | None:
-    """Permutations (A, B, product) that compute a two-operand einsum with one matmul."""
+def _matmul_plan(equation, operands):
+    """(A's permutation, (where, how many) unit axes A gets, the same for B, the product's
+    permutation) computing a two-operand einsum with one broadcasting matmul, or None."""
     if not isinstance(equation, str) or len(operands) != 2 or "..." in equation:
         return None
     lhs, _, out = equation.replace(" ", "").partition("->")
@@ -234,21 +316,25 @@ def _matmul_plan(equation, operands) -> tuple[list, list, list] | None:
     contracted = [i for i in ta if i in tb and i not in out]
     free_a = [i for i in ta if i not in tb]
     free_b = [i for i in tb if i not in ta]
-    if (
-        len(contracted) != 1
-        or len(free_a) != 1
-        or len(free_b) != 1
-        or set(out) != {*batch, *free_a, *free_b}
-    ):
+    if len(contracted) != 1 or not free_a or not free_b or set(out) != {*batch, *free_a, *free_b}:
         return None
-    order_a = [*batch, free_a[0], contracted[0]]
-    order_b = [*batch, contracted[0], free_b[0]]
-    product = [*batch, free_a[0], free_b[0]]
+    (*extra_a, fa), (*extra_b, fb), c = free_a, free_b, contracted[0]
+    product = [*batch, *extra_a, *extra_b, fa, fb]
     return (
-        [ta.index(i) for i in order_a],
-        [tb.index(i) for i in order_b],
+        [ta.index(i) for i in [*batch, *extra_a, fa, c]],
+        (len(batch) + len(extra_a), len(extra_b)),
+        [tb.index(i) for i in [*batch, *extra_b, c, fb]],
+        (len(batch), len(extra_a)),
         [product.index(i) for i in out],
     )
+
+
+def _unsqueezed(gm: fx.GraphModule, like: fx.Node, node: fx.Node, at: int, n: int) -> fx.Node:
+    if at == 0:
+        return node  # matmul broadcasts over missing leading axes itself (x @ W)
+    for _ in range(n):
+        node = _fake_call(gm, like, torch.ops.aten.unsqueeze.default, node, at)
+    return node
 
 
 def _permuted(gm: fx.GraphModule, like: fx.Node, node: fx.Node, perm: list) -> fx.Node:

@@ -335,6 +335,12 @@ class _Rules:
             return self.expand(out)
         if t is aten.expand_as.default:  # x broadcast to other's shape
             return self.broadcast(out)
+        if t is aten.view_as.default:  # x in other's shape
+            x, other = (self.ax(a) for a in self.n.args[:2])
+            self.same(other, out)
+            if [self.d.size[a] for a in x] == [self.d.size[a] for a in out]:
+                return self.same(x, out)
+            return self.opaque()
         if t is aten.unsqueeze.default:
             x = self.ax(self.n.args[0])
             dim = self.n.args[1] % len(out)

@@ -175,6 +175,13 @@ def grow(graph: Graph, growth: Growth, dims: Dims | None = None) -> tuple[dict, 
 
 
 def _check(d: Dims, graph: Graph, atoms: dict, modes: dict, approximate: bool) -> None:
+    for node in graph.gm.graph.find_nodes(op="placeholder"):
+        for i in d.axes.get(node) or []:
+            if any(d.contains(i, a) and atoms[a] != d.size[a] for a in atoms):
+                raise PassError(
+                    f"the model's input {node.name} carries the grown dimension (it is fed "
+                    "features of that width, not token ids); its callers would have to widen it"
+                )
     for a, n in atoms.items():
         old = d.size[a]
         if d.parts(a) is not None:

@@ -153,6 +153,13 @@ def rethread(graph: Graph, scheme: Scheme, owner: str) -> list[StackThreading]:
         raise PassError(
             "the residual stream is already rethreaded by a residual scheme; apply one scheme, once"
         )
+    widths = {s.path: s.blocks[0].input.meta["val"].shape[-1] for s in graph.structure.stacks}
+    if len(set(widths.values())) > 1:
+        raise PassError(
+            "the stacks' streams have different widths ("
+            + ", ".join(f"{p or 'the model'} {w}" for p, w in widths.items())
+            + "): a residual scheme's parameters have one width"
+        )
     em = Emitter(graph, owner)
     done = []
     for s_idx, stack in enumerate(graph.structure.stacks):
