@@ -36,14 +36,18 @@ def check(
     blocks = structure.blocks
     block_of = {n: b for b in blocks for n in b.nodes}
     adds = {r.add for b in blocks for r in b.residuals}
+    reach = _ancestors(outputs)  # what the outputs read (dead code, e.g. a rewrite's leftover
+    # read only by asserts, is not the model's)
     for add, _, _ in sites:
+        if add not in reach:
+            continue
         if add not in adds and add not in block_of and "archfx_scheme" not in add.meta:
             unrecognised.append(
                 f"residual add {add.name} ({_where(add)}) lies outside every recognised block"
             )
     cores = {r.attention.core for b in blocks for r in b.residuals if r.attention is not None}
     for k in kernels:
-        if k in cores:
+        if k in cores or k not in reach:
             continue
         block = block_of.get(k)
         if block is not None:
@@ -56,7 +60,6 @@ def check(
                 f"attention kernel {k.name} ({_where(k)}) runs outside the blocks "
                 "(pooling or a head): passes leave it as it is"
             )
-    reach = _ancestors(outputs)
     for stack in structure.stacks:
         if stack.blocks[-1].output not in reach:
             unrecognised.append(
