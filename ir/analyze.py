@@ -754,18 +754,24 @@ class _Analyzer:
         for up in ups:
             between |= self.descendants(up.node, nodes)
         between &= self.ancestors(down.node, nodes)
+        # gated: a product of two values computed from the up projections, neither from the
+        # other (x·σ(x), x·Φ(x), relu(x)² are activations of one value; a fused or split
+        # projection's halves, a gate and an up, are two)
+        up_nodes = {u.node for u in ups}
         gated = False
-        if len(ups) >= 2:
-            for n in between:
-                if is_call(n, {aten.mul.Tensor}) and all(
-                    isinstance(a, fx.Node) for a in n.args[:2]
-                ):
-                    srcs = [self.ancestors(a, nodes) | {a} for a in n.args[:2]]
-                    hit = [{u.node for u in ups} & s for s in srcs]
-                    if hit[0] and hit[1] and hit[0] != hit[1]:
-                        gated = True
-        elif ups[0].out_features == 2 * hidden:
-            gated = True
+        for n in between:
+            if not is_call(n, {aten.mul.Tensor}) or not all(
+                isinstance(a, fx.Node) for a in n.args[:2]
+            ):
+                continue
+            a, b = n.args[:2]
+            src_a, src_b = _sources(a), _sources(b)
+            if (
+                not src_a & src_b
+                and up_nodes & (self.ancestors(a, nodes) | {a})
+                and up_nodes & (self.ancestors(b, nodes) | {b})
+            ):
+                gated = True
         return MLP(hidden=hidden, gated=gated, activation=_activation(between), up=ups, down=down)
 
     # norms ----------------------------------------------------------------------------------------
@@ -1074,6 +1080,25 @@ def _heads_view(node: fx.Node) -> fx.Node:
             break
         n = n.args[0]
     return node
+
+
+def _sources(node: fx.Node) -> set:
+    """The tensors an element-wise expression is computed from: walking up through ops ATen
+    tags pointwise (and casts) to the first that is not (a projection, a split's part)."""
+    out, todo, seen = set(), [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        pointwise = n.op == "call_function" and (
+            torch.Tag.pointwise in getattr(n.target, "tags", ()) or is_identity(n)
+        )
+        if not pointwise:
+            out.add(n)
+            continue
+        todo.extend(a for a in n.all_input_nodes if is_float(a))
+    return out
 
 
 def _gain(w) -> tuple[str | None, bool]:
