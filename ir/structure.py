@@ -209,10 +209,16 @@ class Stack:
     final_norm: Norm | None
     output: fx.Node  # the stream after the final norm (or the last block)
 
+    @property
+    def width(self) -> int:
+        """The stream's width in this stack (stages of a hierarchical model differ)."""
+        return self.blocks[0].input.meta["val"].shape[-1]
+
     def to_json(self) -> dict:
         return {
             "path": self.path,
             "blocks": len(self.blocks),
+            "width": self.width,
             "final_norm": self.final_norm.to_json() if self.final_norm else None,
         }
 
@@ -233,7 +239,7 @@ class Head:
 
 @dataclass
 class Structure:
-    hidden_size: int
+    hidden_size: int  # the first stack's width (`Stack.width` for each stack's)
     embeddings: list[Embedding]
     stacks: list[Stack]
     head: Head | None

@@ -284,7 +284,7 @@ def cmd_inspect(args, err: Console) -> int:
     for s in data["stacks"]:
         fn = s["final_norm"]
         out.print(
-            f"stack {s['path']}: {s['blocks']} blocks, final norm {fn['kind'] if fn else 'none'}"
+            f"stack {s['path']}: {s['blocks']} blocks, width {s['width']}, final norm {fn['kind'] if fn else 'none'}"
         )
     if data["head"]:
         out.print(

@@ -153,11 +153,11 @@ def rethread(graph: Graph, scheme: Scheme, owner: str) -> list[StackThreading]:
         raise PassError(
             "the residual stream is already rethreaded by a residual scheme; apply one scheme, once"
         )
-    widths = {s.path: s.blocks[0].input.meta["val"].shape[-1] for s in graph.structure.stacks}
-    if len(set(widths.values())) > 1:
+    stacks = graph.structure.stacks
+    if len({s.width for s in stacks}) > 1:
         raise PassError(
             "the stacks' streams have different widths ("
-            + ", ".join(f"{p or 'the model'} {w}" for p, w in widths.items())
+            + ", ".join(f"{s.path or 'the model'} {s.width}" for s in stacks)
             + "): a residual scheme's parameters have one width"
         )
     em = Emitter(graph, owner)

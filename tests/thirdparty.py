@@ -1129,7 +1129,11 @@ def recognised(js: dict) -> dict:
     moe = first("moe")
     out = {
         "blocks": [s["blocks"] for s in js["stacks"]],
-        "hidden_size": js["hidden_size"],
+        "hidden_size": (
+            js["hidden_size"]
+            if len({s["width"] for s in js["stacks"]}) == 1
+            else [s["width"] for s in js["stacks"]]
+        ),
         "heads": attn and attn["heads"],
         "kv_heads": attn and attn["kv_heads"],
         "head_dim": attn and attn["head_dim"],
