@@ -17,7 +17,15 @@ from archfx.ir import PassError
 from archfx.ir.dims import analyze_dims
 
 from .base import Option, Pass, PassResult, layer_indices, register
-from .growth import LAYERS_DOC, SEED_DOC, Growth, check_coupling, grow, select_blocks
+from .growth import (
+    LAYERS_DOC,
+    SEED_DOC,
+    Growth,
+    check_coupling,
+    grow,
+    select_blocks,
+    shared_remarks,
+)
 from .heads import attentions, head_axes
 
 
@@ -51,7 +59,9 @@ class AddHeads(Pass):
         out, maps = grow(
             graph, Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"]), d
         )
-        return PassResult(changed=True, details=out, tensor_maps=maps)
+        return PassResult(
+            changed=True, remarks=shared_remarks(blocks), details=out, tensor_maps=maps
+        )
 
     def _atom(self, d, attention, n: int, path: str) -> tuple[int, int]:
         heads, _ = head_axes(d, attention)

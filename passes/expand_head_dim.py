@@ -13,7 +13,15 @@ from archfx.ir import PassError
 from archfx.ir.dims import analyze_dims
 
 from .base import Option, Pass, PassResult, layer_indices, register
-from .growth import LAYERS_DOC, SEED_DOC, Growth, check_coupling, grow, select_blocks
+from .growth import (
+    LAYERS_DOC,
+    SEED_DOC,
+    Growth,
+    check_coupling,
+    grow,
+    select_blocks,
+    shared_remarks,
+)
 from .heads import attentions, head_axes
 
 
@@ -60,5 +68,8 @@ class ExpandHeadDim(Pass):
             graph, Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"]), d
         )
         return PassResult(
-            changed=any(sizes[a] != d.size[a] for a in sizes), details=out, tensor_maps=maps
+            changed=any(sizes[a] != d.size[a] for a in sizes),
+            remarks=shared_remarks(blocks),
+            details=out,
+            tensor_maps=maps,
         )

@@ -14,7 +14,16 @@ from archfx.ir import PassError
 from archfx.ir.dims import analyze_dims
 
 from .base import Option, Pass, PassResult, layer_indices, register
-from .growth import LAYERS_DOC, SEED_DOC, Growth, check_coupling, grow, select_blocks, weight_axis
+from .growth import (
+    LAYERS_DOC,
+    SEED_DOC,
+    Growth,
+    check_coupling,
+    grow,
+    select_blocks,
+    shared_remarks,
+    weight_axis,
+)
 
 
 @register
@@ -66,5 +75,8 @@ class ExpandMLP(Pass):
         growth = Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"])
         out, maps = grow(graph, growth, d)
         return PassResult(
-            changed=any(sizes[a] != d.size[a] for a in sizes), details=out, tensor_maps=maps
+            changed=any(sizes[a] != d.size[a] for a in sizes),
+            remarks=shared_remarks(blocks),
+            details=out,
+            tensor_maps=maps,
         )

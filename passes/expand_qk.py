@@ -33,6 +33,7 @@ from .growth import (
     check_coupling,
     grow,
     select_blocks,
+    shared_remarks,
 )
 from .heads import attentions, head_axes
 
@@ -109,6 +110,7 @@ class ExpandQK(Pass):
         for core, value in scales:
             core.kwargs = {**core.kwargs, "scale": value}
         graph.gm.recompile()
+        remarks += shared_remarks(blocks)
         return PassResult(changed=True, remarks=remarks, details=out, tensor_maps=maps)
 
     def _atom(self, d: Dims, dqk: int, size: int, path: str) -> tuple[int, int]:

@@ -34,7 +34,7 @@ from archfx.ir import Graph, PassError
 from archfx.ir.dims import Dims, analyze_dims
 from archfx.ir.ops import IDENTITY, SHAPE, aten, is_assert, is_call, is_identity, param_target
 
-from .base import layer_indices
+from .base import Remark, layer_indices
 
 _MATRIX = {
     aten.linear.default,
@@ -725,6 +725,16 @@ def select_blocks(graph: Graph, text: str) -> list:
             f"layers {text!r} names blocks outside 0-{len(blocks) - 1} (this model has {len(blocks)})"
         )
     return [blocks[i] for i in chosen]
+
+
+def shared_remarks(blocks: list) -> list[Remark]:
+    """Blocks that call another block's module again (weights shared across depth): their
+    tensors are that block's, grown once with it."""
+    return [
+        Remark(b.path, f"calls the module of {b.shares} again: grown with it (shared weights)")
+        for b in blocks
+        if b.shares
+    ]
 
 
 def weight_axis(d: Dims, linear, side: str) -> int:
