@@ -1225,3 +1225,222 @@ def pass_texts(truth: dict, found: dict | None) -> list[str]:
         "expand-hidden(factor=2)",
         "add-layers(n=1)",
     ]
+
+
+# Hugging Face families outside the test zoo ----------------------------------------------------
+
+
+def _hf(cls: str, config: str, example: str = "ids", **kw) -> Callable[[], tuple]:
+    def build():
+        import transformers as tf
+
+        torch.manual_seed(0)
+        cfg = getattr(tf, config)(**kw)
+        cfg._attn_implementation = "sdpa" if cls not in _EAGER else "eager"
+        model = getattr(tf, cls)(cfg).eval()
+        if example == "pixels":
+            size = getattr(cfg, "image_size", 32)
+            return model, {"pixel_values": _image(size)}
+        if example == "audio":
+            feats = torch.randn(2, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=_gen())
+            return model, {
+                "input_features": feats,
+                "decoder_input_ids": _ids(seq=4),
+                "use_cache": False,
+            }
+        return model, {"input_ids": _ids(), "use_cache": False} if _causal(cls) else {
+            "input_ids": _ids()
+        }
+
+    return build
+
+
+_EAGER = {"DebertaV2Model"}
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1)
+
+
+def _causal(cls: str) -> bool:
+    return cls.endswith("ForCausalLM")
+
+
+def _hf_truth(model: nn.Module) -> dict:
+    """What a Hugging Face config says (the fields every family names the same way)."""
+    c = model.config
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "encoder_attention_heads", None)
+    width = getattr(c, "hidden_size", None) or getattr(c, "d_model", None)
+    layers = getattr(c, "num_hidden_layers", None)
+    if getattr(c, "is_encoder_decoder", False):  # one stack each
+        layers = [c.encoder_layers, c.decoder_layers]
+    return {
+        "blocks": layers,
+        "hidden_size": width,
+        "heads": heads,
+        "kv_heads": getattr(c, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(c, "head_dim", None) or width // heads,
+    }
+
+
+_SMALL = dict(
+    vocab_size=V, hidden_size=WIDTH, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4,
+)  # fmt: skip
+
+HF_HELD_OUT: dict[str, Entry] = {
+    "hf-phi3": Entry(
+        "transformers",
+        "transformers",
+        "Phi-3: fused qkv and gate_up",
+        _hf("Phi3ForCausalLM", "Phi3Config", num_key_value_heads=2, pad_token_id=0, **_SMALL),
+        _hf_truth,
+    ),
+    "hf-granite": Entry(
+        "transformers",
+        "transformers",
+        "Granite: residual and embedding multipliers",
+        _hf(
+            "GraniteForCausalLM",
+            "GraniteConfig",
+            num_key_value_heads=2,
+            residual_multiplier=0.5,
+            embedding_multiplier=2.0,
+            **_SMALL,
+        ),
+        _hf_truth,
+    ),
+    "hf-mixtral": Entry(
+        "transformers",
+        "transformers",
+        "Mixtral: top-2 of 4 experts",
+        _hf(
+            "MixtralForCausalLM",
+            "MixtralConfig",
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            **_SMALL,
+        ),
+        _hf_truth,
+    ),
+    "hf-olmoe": Entry(
+        "transformers",
+        "transformers",
+        "OLMoE: experts and QK-norm",
+        _hf(
+            "OlmoeForCausalLM",
+            "OlmoeConfig",
+            num_key_value_heads=4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **_SMALL,
+        ),
+        _hf_truth,
+    ),
+    "hf-qwen2-moe": Entry(
+        "transformers",
+        "transformers",
+        "Qwen2-MoE: experts and a shared expert",
+        _hf(
+            "Qwen2MoeForCausalLM",
+            "Qwen2MoeConfig",
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            **_SMALL,
+        ),
+        _hf_truth,
+    ),
+    "hf-persimmon": Entry(
+        "transformers",
+        "transformers",
+        "Persimmon: fused qkv, QK LayerNorm, partial rotary",
+        _hf("PersimmonForCausalLM", "PersimmonConfig", **_SMALL),
+        _hf_truth,
+    ),
+    "hf-nemotron": Entry(
+        "transformers",
+        "transformers",
+        "Nemotron: (1 + w) LayerNorm, relu², partial rotary",
+        _hf("NemotronForCausalLM", "NemotronConfig", num_key_value_heads=2, **_SMALL),
+        _hf_truth,
+    ),
+    "hf-modernbert": Entry(
+        "transformers",
+        "transformers",
+        "ModernBERT: local/global attention, fused GLU",
+        _hf(
+            "ModernBertModel",
+            "ModernBertConfig",
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+            **_SMALL,
+        ),
+        _hf_truth,
+    ),
+    "hf-deberta-v2": Entry(
+        "transformers",
+        "transformers",
+        "DeBERTa-v2: disentangled attention (bmm)",
+        _hf("DebertaV2Model", "DebertaV2Config", **_SMALL),
+        _hf_truth,
+    ),
+    "hf-clip-text": Entry(
+        "transformers",
+        "transformers",
+        "CLIP text: quick-GELU, end-of-text pooling",
+        _hf("CLIPTextModel", "CLIPTextConfig", **_SMALL),
+        _hf_truth,
+    ),
+    "hf-whisper": Entry(
+        "transformers",
+        "transformers",
+        "Whisper: conv stem, encoder-decoder",
+        _hf(
+            "WhisperForConditionalGeneration",
+            "WhisperConfig",
+            "audio",
+            vocab_size=V,
+            d_model=WIDTH,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            num_mel_bins=16,
+            max_source_positions=8,
+            max_target_positions=16,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        ),
+        _hf_truth,
+    ),
+    "hf-swin": Entry(
+        "transformers",
+        "transformers",
+        "Swin: windowed attention, patch-merging stages",
+        _hf(
+            "SwinModel",
+            "SwinConfig",
+            "pixels",
+            image_size=32,
+            patch_size=4,
+            embed_dim=16,
+            depths=[2, 2],
+            num_heads=[2, 4],
+            window_size=4,
+        ),
+        lambda m: {  # stages: one stack each, the width doubling at each patch merging
+            "blocks": list(m.config.depths),
+            "hidden_size": [m.config.embed_dim * 2**i for i in range(len(m.config.depths))],
+            "heads": list(m.config.num_heads),
+        },
+    ),
+}
