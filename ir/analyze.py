@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from . import consistency
-from .errors import AnalysisError
+from .errors import AnalysisError, first_line
 from .ops import (
     ACTIVATIONS,
     ADD,
@@ -67,7 +67,15 @@ _POSITION_OPS = {
 
 def analyze(graph) -> Structure:
     """The Structure of a captured `Graph` (cached on the graph as `graph.structure`)."""
-    return _Analyzer(graph).run()
+    try:
+        return _Analyzer(graph).run()
+    except AnalysisError:
+        raise
+    except Exception as exc:  # a construct the analysis did not foresee: refuse, never guess
+        raise AnalysisError(
+            f"the structure analysis stopped on this graph ({first_line(exc)}); archfx "
+            "refuses to guess — `archfx inspect --debug` shows where"
+        ) from exc
 
 
 class _Analyzer:
