@@ -378,6 +378,77 @@ MUTANTS = [
             "tests/test_precision.py::test_one_percent_growth_error_rejected_in_every_dtype[expand-mlp(factor=2)-dtype1]",
         ),
     ),
+    # recognition (issue 16): each rule of the analysis and the gate, broken
+    Mutant(
+        "gate-off",
+        "consistency gate: a residual site outside every block makes the structure partial",
+        "ir/consistency.py",
+        "unrecognised.extend(skipped)",
+        "return",
+        ("tests/test_recognition.py::test_a_partial_structure_is_shown_and_refused",),
+    ),
+    Mutant(
+        "repeated-call-merged",
+        "one module applied again is a new block (weights shared across depth)",
+        "ir/analyze.py",
+        "or len(by_path[c.path]) > 1",
+        "or False",
+        (
+            "tests/test_recognition.py::"
+            "test_one_module_applied_three_times_is_three_blocks_that_share_weights",
+        ),
+    ),
+    Mutant(
+        "attribute-blocks",
+        "same-class sibling attributes are blocks",
+        "ir/analyze.py",
+        'or len(siblings[(c.path.rpartition(".")[0], c.kind)]) > 1',
+        "or False",
+        ("tests/test_recognition.py::test_blocks_held_as_named_attributes",),
+    ),
+    Mutant(
+        "einsum-kept",
+        "capture turns batched-matmul einsums into matmuls (attention written with einsum)",
+        "ir/capture.py",
+        "    _einsum_as_matmul(gm)\n",
+        "",
+        ("tests/test_recognition.py::test_einsum_attention_is_attention",),
+    ),
+    Mutant(
+        "no-period-merge",
+        "alternating single-site blocks are merged into layers",
+        "ir/analyze.py",
+        "        for p in range(2, len(blocks) // 2 + 1):",
+        "        for p in range(len(blocks), len(blocks)):",
+        ("tests/test_thirdparty.py::test_structure_is_the_librarys_or_refused[xt-gqa-swiglu]",),
+    ),
+    Mutant(
+        "relu2-as-relu",
+        "activations are named by their arithmetic (relu² is not relu)",
+        "ir/analyze.py",
+        'return "relu2" if squared else "relu"',
+        'return "relu"',
+        (
+            "tests/test_recognition.py::"
+            "test_activations_named_by_what_they_compute[xt-tied-relu2-relu2]",
+        ),
+    ),
+    Mutant(
+        "user-model-left-fake",
+        "capture leaves the user's model as it was",
+        "ir/capture.py",
+        "        _restore(model, state)\n",
+        "",
+        ("tests/test_thirdparty.py::test_capture_leaves_the_users_model_as_it_was",),
+    ),
+    Mutant(
+        "tied-head-norm",
+        "duplication divides the gain of the norm the tied head reads (BART: the last post-norm)",
+        "passes/growth.py",
+        "    out[norm.weight] = 1 / m\n",
+        "",
+        ("tests/test_growth.py::test_each_growth_is_exact_or_refused_with_its_reason[tiny-bart]",),
+    ),
 ]
 
 
