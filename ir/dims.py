@@ -111,6 +111,7 @@ class Literal:
     path: tuple  # where in node.args: (arg index,) or (arg index, list index)
     dim: int  # the dimension id whose size it is
     offset_of: tuple = ()  # for slice bounds: (cat id, part index) — the value is an offset
+    # (growth finds the boundary by its old value: later slices may cut the parts finer)
     split_parts: tuple = ()  # for aten.split's one size: every part's id (they may diverge)
 
 

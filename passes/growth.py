@@ -660,20 +660,22 @@ def _literals(d: Dims, new_size: dict, atoms: dict) -> int:
                 changed += 1
             continue
         if lit.offset_of:
-            cat, index = lit.offset_of
+            # a slice bound: the boundary between two parts of the axis. It is found by its
+            # old value among the axis's current parts (another slice of the same axis may
+            # have cut them finer since this one was read: Phi-3's q | k | v slices)
+            cat, _ = lit.offset_of
             parts = d.parts(cat)
-            if parts is None:
+            old_value = _get(lit.node, lit.path)
+            if parts is None or old_value is None or not isinstance(old_value, int):
                 continue
             sizes_old = [d.size[p] for p in parts[1]]
             sizes_new = [new_size[p] for p in parts[1]]
-            old_value = _get(lit.node, lit.path)
-            if old_value is None or not isinstance(old_value, int):
-                continue
-            if index >= len(parts[1]) and old_value >= sum(sizes_old):
-                continue
-            value = sum(sizes_new[:index])
-            at_boundary = old_value == sum(sizes_old[:index]) or old_value < 0
-            if at_boundary and value != old_value:
+            bounds = [sum(sizes_old[:k]) for k in range(len(sizes_old) + 1)]
+            pos = old_value + bounds[-1] if old_value < 0 else old_value
+            if pos > bounds[-1] or pos not in bounds:
+                continue  # to the end (a sentinel past it), or inside one part: unchanged
+            value = sum(sizes_new[: bounds.index(pos)])
+            if value != old_value:
                 _put(lit.node, lit.path, value)
                 changed += 1
             continue

@@ -40,17 +40,12 @@ from .thirdparty import (
 
 # every pass on these in the default run (structures of the whole zoo are checked in every
 # run): einsum attention in alternating layer lists, litgpt's fused GQA with RoPE outside the
-# blocks, a ModuleList-pairs ViT whose adds run in the owner, and Qwen2-MoE's experts
-SAMPLE = ("xt-gqa-swiglu", "litgpt-llama", "vitp-vit", "hf-qwen2-moe")
+# blocks, a ModuleList-pairs ViT whose adds run in the owner, Qwen2-MoE's experts, and Phi-3's
+# q | k | v slices of one GQA projection (new heads move the slices' bounds)
+SAMPLE = ("xt-gqa-swiglu", "litgpt-llama", "vitp-vit", "hf-qwen2-moe", "hf-phi3")
 # models archfx refuses as a whole, and what the refusal must name
 REFUSED_MODELS = {
     "esm2": "branches on tensor values",  # capture: `padding_mask.any()` decides a branch
-}
-# known failures (a shape check, not a refusal): the pass, and what goes wrong
-KNOWN_FAILURES = {
-    # Phi-3 slices q | k | v out of one GQA projection and views them with -1 heads: the
-    # growth of a new key/value group reaches the slices' bounds wrongly
-    ("hf-phi3", "add-heads"): "shape check failed",
 }
 ENTRIES = {**THIRDPARTY, **HF_HELD_OUT}
 
@@ -129,9 +124,6 @@ def test_every_pass_is_exact_or_refused(name):
             assert str(exc).startswith(text.split("(")[0]) or "structure is partial" in str(exc)
             continue
         except VerificationError as exc:  # a shape check or a certificate: a broken claim
-            known = KNOWN_FAILURES.get((name, text.split("(")[0]))
-            if known and known in str(exc):
-                continue
             pytest.fail(f"{name}: {exc}")
         record = result.records[-1]
         assert record.certificate is not None and record.certificate.ok, (name, text)
