@@ -133,10 +133,13 @@ class _Analyzer:
         stack_objs = []
         chains = [self._merge_periodic(blocks) for blocks in chains]
         paths = [_common_path([b.path for b in blocks]) for blocks in chains]
-        for blocks, path in zip(chains, list(paths), strict=True):
-            if paths.count(path) > 1:  # stacks of one container (stages): named by their blocks
-                name = blocks[0].path + (f"-{blocks[-1].path}" if len(blocks) > 1 else "")
-                paths[paths.index(path)] = name
+        shared = {p for p in paths if paths.count(p) > 1}
+        paths = [  # stacks of one container (stages): named by their blocks
+            blocks[0].path + (f"-{blocks[-1].path}" if len(blocks) > 1 else "")
+            if path in shared
+            else path
+            for blocks, path in zip(chains, paths, strict=True)
+        ]
         for blocks, path in zip(chains, paths, strict=True):
             for i, b in enumerate(blocks):
                 b.index, b.stack = i, path

@@ -151,6 +151,7 @@ def test_stages_of_different_widths_are_stacks():
     graph = _zoo("vitp-pit")
     st = graph.structure
     assert [s.width for s in st.stacks] == [32, 64]
+    assert len({s.path for s in st.stacks}) == 2  # each stage named apart
     with pytest.raises(PassError, match="different widths"):
         Pipeline.parse("ddl(dv=1,value=compat)").run(graph)
 
