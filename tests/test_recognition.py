@@ -78,7 +78,9 @@ class Pooled(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.emb = nn.Embedding(V, D)
-        self.blocks = nn.TransformerEncoder(_layer(), 2, norm=nn.LayerNorm(D))
+        self.blocks = nn.TransformerEncoder(
+            _layer(), 2, norm=nn.LayerNorm(D), enable_nested_tensor=False
+        )
         self.head = nn.Linear(D, 3)
 
     def forward(self, ids):
