@@ -7,7 +7,8 @@
    quick-GELU, (1 + w) gains) and growth through them; 7. messages that name the real cause.
 Plus the consistency gate itself: a structure that does not account for the graph is partial
 and every pass refuses it. The models are torch.nn's own layers and the third-party zoo
-(tests/thirdparty.py); nothing here is a hand-written Transformer.
+(tests/thirdparty.py); the one hand-written piece is the (B, N, 3, H, D) fused-qkv layout of
+timm's attention (timm does not import here).
 """
 
 from __future__ import annotations
@@ -256,3 +257,36 @@ def test_a_partial_structure_is_shown_and_refused():
     assert found.partial and "outside every recognised block" in found.unrecognised[0]
     with pytest.raises(AnalysisError, match="altup.*structure is partial.*outside every"):
         Pipeline.parse("altup(k=2)").run(graph)
+
+
+# fused qkv laid out as (B, N, 3, H, D) -----------------------------------------------------
+
+
+class FusedQKV(nn.Module):
+    """The (B, N, 3, H, D) layout of one fused projection (timm's ViT attention; timm itself
+    does not import here: it needs torchvision), in torch.nn layers of pre-norm blocks."""
+
+    def __init__(self, heads: int = 4):
+        super().__init__()
+        self.heads, self.norm1, self.norm2 = heads, nn.LayerNorm(D), nn.LayerNorm(D)
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.mlp = nn.Sequential(nn.Linear(D, 64), nn.GELU(), nn.Linear(64, D))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, -1))
+        return x + self.mlp(self.norm2(x))
+
+
+def test_fused_qkv_b_n_3_h_d_grows_heads_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(V, D), FusedQKV(), FusedQKV(), nn.Linear(D, V))
+    graph = capture(model, (_ids(),))
+    a = graph.structure.blocks[0].attention
+    assert (a.heads, a.head_dim) == (4, 8) and a.fused_qkv
+    assert Pipeline.parse("add-heads(n=2)").run(graph).records[-1].certificate.ok
+    with pytest.raises(PassError, match="shares one dimension"):  # one head size for q, k, v
+        Pipeline.parse("expand-qk(size=10)").run(graph)
