@@ -15,6 +15,7 @@ inside a block comes from dataflow:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from .ops import (
     is_float,
     is_heavy,
     is_identity,
+    is_pointwise,
     last_dim,
     param_target,
     shape,
@@ -87,7 +89,7 @@ class _Analyzer:
         self.remarks: list[str] = []
         self._linear_cache: dict = {}
         self._all = set(self.nodes)
-        self._sites: list | None = None
+        self._skipped: list[str] = []  # blocks that hold a site and could not be read
 
     # helpers ---------------------------------------------------------------------------------
 
@@ -109,7 +111,6 @@ class _Analyzer:
 
     def run(self) -> Structure:
         units = self._module_units() or self._indexed_units()
-        self._skipped: list[str] = []
         in_blocks = set().union(*(u.nodes for u in units)) if units else set()
         scheme = {n for n in self.nodes if "archfx_scheme" in n.meta}  # residual-scheme nodes
         outside = set(self.nodes) - in_blocks - scheme
@@ -155,7 +156,7 @@ class _Analyzer:
             n for n in self.nodes if is_call(n, ATTENTION_OPS) or self._is_softmax_attention(n)
         ]
         outputs = [a for a in self.nodes[-1].all_input_nodes]
-        consistency.check(structure, self._candidate_sites(), kernels, outputs, self._skipped)
+        consistency.check(structure, self._candidate_sites, kernels, outputs, self._skipped)
         return structure
 
     # blocks from repeated computation ----------------------------------------------------------
@@ -201,7 +202,7 @@ class _Analyzer:
                 parent = call
         if not calls:
             return []
-        sites = self._candidate_sites()
+        sites = self._candidate_sites
         by_path: dict[str, list[_Call]] = {}
         for c in calls.values():
             by_path.setdefault(c.path, []).append(c)
@@ -237,30 +238,29 @@ class _Analyzer:
 
         tops = [c for c in units if not any(c in kids for kids in inner.values())]
         chosen = [b for c in tops for b in blocks_of(c)]
-        chosen.sort(key=lambda c: min(self.order[n] for n in c.nodes))
+        chosen.sort(key=self._first_op)
         out = []
-        for c in chosen:
-            calls_of_path = by_path[c.path]
-            first = min(calls_of_path, key=lambda x: min(self.order[n] for n in x.nodes))
-            call_no = sorted(calls_of_path, key=lambda x: min(self.order[n] for n in x.nodes))
-            k = call_no.index(c)
+        for c in chosen:  # the k-th call of a module (k > 0) shares the first call's weights
+            k = sorted(by_path[c.path], key=self._first_op).index(c)
             out.append(
                 _Unit(
-                    path=c.path if k == 0 else f"{c.path}@{k}",
+                    path=f"{c.path}@{k}" if k else c.path,
                     nodes=self.sorted(c.nodes),
-                    shares=first.path if c is not first else None,
+                    shares=c.path if k else None,
                     has_site=True,
                 )
             )
         return out
 
+    def _first_op(self, call: _Call) -> int:
+        return min(self.order[n] for n in call.nodes)
+
+    @functools.cached_property
     def _candidate_sites(self) -> list[tuple[fx.Node, fx.Node, set]]:
         """Every `x + f(x)` of the graph where f holds a projection or attention: (add, x, the
         nodes of f). The residual sites of blocks are among them; the consistency gate checks
         that every one outside a block is accounted for."""
-        if self._sites is not None:
-            return self._sites
-        self._sites = out = []
+        out = []
         for add in self.nodes:
             if not is_call(add, ADD) or not is_float(add):
                 continue
@@ -332,7 +332,7 @@ class _Analyzer:
                 if key[0] == path or key[0].startswith(path + ".") or path == "":
                     groups[key].append(n)
                     owner[n] = key
-        branches = set().union(*(branch for _, _, branch in self._candidate_sites()))
+        branches = set().union(*(branch for _, _, branch in self._candidate_sites))
         return [  # a group no residual branch runs through (an embedding's Sequential) is none
             _Unit(
                 f"{stack}.{idx}" + (f"@{call}" if call else ""),
@@ -791,9 +791,7 @@ class _Analyzer:
         """A norm applied to `start` (its output inside `on`, when given)."""
         for u in self._through(start, allowed):
             if is_call(u, NORM_OPS):
-                norm = self._norm_op(start, u)
-                if norm.weight is None and norm.bias is None:  # affine applied after the op
-                    self._affine(norm, allowed)
+                norm = self._norm_op(start, u, allowed)
                 return norm if on is None or norm.output in on else None
         region, todo = set(), deque([(start, 0)])
         while todo:
@@ -847,20 +845,28 @@ class _Analyzer:
                 out.append(u)
         return out
 
-    def _norm_op(self, start: fx.Node, op: fx.Node) -> Norm:
+    def _norm_op(self, start: fx.Node, op: fx.Node, allowed: set | None = None) -> Norm:
+        """A LayerNorm/RMSNorm op; without a gain or bias of its own, extended over the affine
+        applied after it within `allowed` (x-transformers' LayerNorm · γ)."""
         if op.target == aten.rms_norm.default:
             w = op.args[2] if len(op.args) > 2 else op.kwargs.get("weight")
             eps = op.args[3] if len(op.args) > 3 else op.kwargs.get("eps")
             gain, offset = _gain(w)
-            return Norm("rmsnorm", start, op, gain, None, eps, offset, nodes={op})
-        w = op.args[2] if len(op.args) > 2 else None
-        b = op.args[3] if len(op.args) > 3 else None
-        eps = op.args[4] if len(op.args) > 4 else 1e-5
-        out = op
-        if op.target == aten.native_layer_norm.default:
-            out = next(iter(op.users))
-        gain, offset = _gain(w)
-        return Norm("layernorm", start, out, gain, param_target(b), eps, offset, nodes={op, out})
+            norm = Norm("rmsnorm", start, op, gain, None, eps, offset, nodes={op})
+        else:
+            w = op.args[2] if len(op.args) > 2 else None
+            b = op.args[3] if len(op.args) > 3 else None
+            eps = op.args[4] if len(op.args) > 4 else 1e-5
+            out = op
+            if op.target == aten.native_layer_norm.default:
+                out = next(iter(op.users))
+            gain, offset = _gain(w)
+            norm = Norm(
+                "layernorm", start, out, gain, param_target(b), eps, offset, nodes={op, out}
+            )
+        if allowed is not None and norm.weight is None and norm.bias is None:
+            self._affine(norm, allowed)
+        return norm
 
     def _affine(self, norm: Norm, allowed: set) -> None:
         """Extend a norm's output over its gain (w or 1 + w) and bias."""
@@ -916,9 +922,7 @@ class _Analyzer:
                 if a in allowed and a not in seen and depth < 10:
                     seen.add(a)
                     if is_call(a, NORM_OPS):  # a norm op whose affine comes after it
-                        norm = self._norm_op(a.args[0], a)
-                        if norm.weight is None and norm.bias is None:
-                            self._affine(norm, allowed)
+                        norm = self._norm_op(a.args[0], a, allowed)
                         if end in (norm.output, strip(norm.output)):
                             return norm
                     elif is_heavy(a) or self.linear(a):
@@ -1102,9 +1106,7 @@ def _sources(node: fx.Node) -> set:
         if n in seen:
             continue
         seen.add(n)
-        pointwise = n.op == "call_function" and (
-            torch.Tag.pointwise in getattr(n.target, "tags", ()) or is_identity(n)
-        )
+        pointwise = is_pointwise(n) or is_identity(n)
         if not pointwise:
             out.add(n)
             continue

@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from .memory import WRITE
-from .ops import ATTENTION_OPS, IDENTITY, SOFTMAX, aten
+from .ops import ATTENTION_OPS, IDENTITY, SOFTMAX, aten, is_pointwise
 
 _ELEMENTWISE = {
     aten.add.Tensor,
@@ -299,7 +299,7 @@ class _Rules:
         out = self.ax(self.n)
         if t in _IGNORED or "_assert" in str(t):
             return
-        if t in _ELEMENTWISE or _pointwise(t):
+        if t in _ELEMENTWISE or is_pointwise(self.n):
             return self.broadcast(out)
         if t in (aten.linear.default,):
             return self.linear(self.n.args[0], self.n.args[1], _arg(self.n, 2), out)
@@ -701,12 +701,6 @@ class _Rules:
         self.d.define(out[dim], "prod", [x[dim], rep])
         self.d.literals.append(Literal(self.n, (1,), rep))
         return None
-
-
-def _pointwise(target) -> bool:
-    """An op ATen declares element-wise (its `pointwise` tag): whatever its name, it commutes
-    with growing a feature axis, and its inputs broadcast to its output."""
-    return torch.Tag.pointwise in getattr(target, "tags", ())
 
 
 def _is_square(x) -> bool:

@@ -107,6 +107,16 @@ def is_identity(node) -> bool:
     return is_dropout_identity(node)
 
 
+def is_pointwise(node) -> bool:
+    """An op ATen declares element-wise (its `pointwise` tag): whatever its name, it commutes
+    with growing a feature axis, and its inputs broadcast to its output."""
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and torch.Tag.pointwise in getattr(node.target, "tags", ())
+    )
+
+
 def strip(node: fx.Node) -> fx.Node:
     """The node behind a chain of identity ops."""
     while is_identity(node):
