@@ -48,6 +48,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from archfx.passes.zoo import hf_model as zoo_model
+
 V = 128  # vocabulary
 SEQ = 8  # example sequence length
 WIDTH = 64
@@ -1231,13 +1233,14 @@ def pass_texts(truth: dict, found: dict | None) -> list[str]:
 
 
 def _hf(cls: str, config: str, example: str = "ids", **kw) -> Callable[[], tuple]:
-    def build():
-        import transformers as tf
+    """The model as the built-in zoo builds one (SDPA unless `attn_implementation` is given),
+    with example inputs of the `example` kind."""
+    make = zoo_model(cls, config, **kw)
 
+    def build():
         torch.manual_seed(0)
-        cfg = getattr(tf, config)(**kw)
-        cfg._attn_implementation = "sdpa" if cls not in _EAGER else "eager"
-        model = getattr(tf, cls)(cfg).eval()
+        model = make().eval()
+        cfg = model.config
         if example == "pixels":
             size = getattr(cfg, "image_size", 32)
             return model, {"pixel_values": _image(size)}
@@ -1253,9 +1256,6 @@ def _hf(cls: str, config: str, example: str = "ids", **kw) -> Callable[[], tuple
         }
 
     return build
-
-
-_EAGER = {"DebertaV2Model"}
 
 
 def _gen() -> torch.Generator:
@@ -1388,7 +1388,7 @@ HF_HELD_OUT: dict[str, Entry] = {
         "transformers",
         "transformers",
         "DeBERTa-v2: disentangled attention (bmm)",
-        _hf("DebertaV2Model", "DebertaV2Config", **_SMALL),
+        _hf("DebertaV2Model", "DebertaV2Config", attn_implementation="eager", **_SMALL),
         _hf_truth,
     ),
     "hf-clip-text": Entry(

@@ -24,7 +24,10 @@ class Builtin:
     family: str = ""
 
 
-def _hf(cls_name: str, config_name: str, **kw) -> Callable[[], torch.nn.Module]:
+def hf_model(cls_name: str, config_name: str, **kw) -> Callable[[], torch.nn.Module]:
+    """A builder of a Hugging Face model from its config (SDPA attention unless
+    `attn_implementation` is given): the zoo's, and the tests' families outside it."""
+
     def make():
         import transformers as tf
 
@@ -45,7 +48,7 @@ BUILTINS: dict[str, Builtin] = {
         Builtin(
             "tiny-gpt2",
             "GPT-2 (Conv1D, fused QKV, tied head)",
-            _hf(
+            hf_model(
                 "GPT2LMHeadModel",
                 "GPT2Config",
                 vocab_size=V,
@@ -61,19 +64,21 @@ BUILTINS: dict[str, Builtin] = {
         Builtin(
             "tiny-bert",
             "BERT encoder (post-LN)",
-            _hf("BertModel", "BertConfig", vocab_size=V, **_SMALL),
+            hf_model("BertModel", "BertConfig", vocab_size=V, **_SMALL),
             family="bert",
         ),
         Builtin(
             "tiny-llama",
             "Llama (RMSNorm, RoPE, GQA 4/2, SwiGLU)",
-            _hf("LlamaForCausalLM", "LlamaConfig", vocab_size=V, num_key_value_heads=2, **_SMALL),
+            hf_model(
+                "LlamaForCausalLM", "LlamaConfig", vocab_size=V, num_key_value_heads=2, **_SMALL
+            ),
             family="llama",
         ),
         Builtin(
             "tiny-t5",
             "T5 encoder-decoder (relative bias, cross-attention)",
-            _hf(
+            hf_model(
                 "T5ForConditionalGeneration",
                 "T5Config",
                 vocab_size=V,
@@ -88,7 +93,7 @@ BUILTINS: dict[str, Builtin] = {
         Builtin(
             "tiny-vit",
             "ViT (patch embedding, pre-LN)",
-            _hf("ViTModel", "ViTConfig", image_size=32, patch_size=8, **_SMALL),
+            hf_model("ViTModel", "ViTConfig", image_size=32, patch_size=8, **_SMALL),
             family="vit",
         ),
         Builtin(
@@ -100,25 +105,29 @@ BUILTINS: dict[str, Builtin] = {
         Builtin(
             "tiny-qwen2",
             "Qwen2 (GQA, QKV biases)",
-            _hf("Qwen2ForCausalLM", "Qwen2Config", vocab_size=V, num_key_value_heads=2, **_SMALL),
+            hf_model(
+                "Qwen2ForCausalLM", "Qwen2Config", vocab_size=V, num_key_value_heads=2, **_SMALL
+            ),
             family="qwen2",
         ),
         Builtin(
             "tiny-gpt-neox",
             "GPT-NeoX (parallel residual, partial rotary, fused QKV)",
-            _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", vocab_size=V, rotary_pct=0.5, **_SMALL),
+            hf_model("GPTNeoXForCausalLM", "GPTNeoXConfig", vocab_size=V, rotary_pct=0.5, **_SMALL),
             family="gpt_neox",
         ),
         Builtin(
             "tiny-phi",
             "Phi (parallel attention/MLP, one LayerNorm, partial rotary)",
-            _hf("PhiForCausalLM", "PhiConfig", vocab_size=V, partial_rotary_factor=0.5, **_SMALL),
+            hf_model(
+                "PhiForCausalLM", "PhiConfig", vocab_size=V, partial_rotary_factor=0.5, **_SMALL
+            ),
             family="phi",
         ),
         Builtin(
             "tiny-gemma",
             "Gemma ((1+w) RMSNorm, √d embedding scale, GQA)",
-            _hf(
+            hf_model(
                 "GemmaForCausalLM",
                 "GemmaConfig",
                 vocab_size=V,
@@ -131,13 +140,13 @@ BUILTINS: dict[str, Builtin] = {
         Builtin(
             "tiny-roberta",
             "RoBERTa encoder (post-LN)",
-            _hf("RobertaModel", "RobertaConfig", vocab_size=V, **_SMALL),
+            hf_model("RobertaModel", "RobertaConfig", vocab_size=V, **_SMALL),
             family="roberta",
         ),
         Builtin(
             "tiny-distilbert",
             "DistilBERT encoder (post-LN)",
-            _hf(
+            hf_model(
                 "DistilBertModel",
                 "DistilBertConfig",
                 vocab_size=V,
@@ -151,7 +160,7 @@ BUILTINS: dict[str, Builtin] = {
         Builtin(
             "tiny-bart",
             "BART encoder-decoder (post-LN, learned positions)",
-            _hf(
+            hf_model(
                 "BartForConditionalGeneration",
                 "BartConfig",
                 vocab_size=V,
@@ -168,7 +177,7 @@ BUILTINS: dict[str, Builtin] = {
         Builtin(
             "tiny-qwen3",
             "Qwen3 (QK-norm)",
-            _hf(
+            hf_model(
                 "Qwen3ForCausalLM",
                 "Qwen3Config",
                 vocab_size=V,
@@ -181,7 +190,7 @@ BUILTINS: dict[str, Builtin] = {
         Builtin(
             "tiny-mistral",
             "Mistral (GQA, sliding window)",
-            _hf(
+            hf_model(
                 "MistralForCausalLM", "MistralConfig", vocab_size=V, num_key_value_heads=2, **_SMALL
             ),
             family="mistral",
