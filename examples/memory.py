@@ -14,7 +14,8 @@ import torch
 from archfx.ir import capture
 from archfx.ir.draw import draw_memory
 from archfx.passes import Pipeline
-from archfx.passes.sdnc import MemoryStream, memories
+from archfx.passes.decode import MemoryStream
+from archfx.passes.sdnc import memories
 from archfx.passes.zoo import build
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"

@@ -26,8 +26,6 @@ torch.compile and ONNX run the fused attention kernel as before.
 
 from __future__ import annotations
 
-import copy
-import itertools
 import math
 import operator
 from dataclasses import dataclass
@@ -35,10 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from archfx.ir import Graph, Inputs, PassError
+from archfx.ir import Graph, PassError
 from archfx.ir.memory import DELTA, READ, WRITE, weightings
 from archfx.ir.ops import DROPOUT, IDENTITY, MATMUL, SOFTMAX, aten, is_call, op_arg
-from archfx.ir.verify import refresh_shapes
 
 from .base import Option, Pass, PassResult, register
 
@@ -115,7 +112,7 @@ class SDNC(Pass):
             if a.core.target is SDPA:
                 plans.append((a, None))
             elif is_call(a.core, SOFTMAX):
-                plans.append((a, _parse(graph, a.core, block.path)))
+                plans.append((a, parse_attention(graph, a.core, block.path)))
             else:
                 raise PassError(
                     f"{block.path}: attention kernel {a.core.target} has no memory-read form"
@@ -127,7 +124,7 @@ class SDNC(Pass):
         reads = []
         for a, plan in plans:
             with g.inserting_before(a.core if plan is None else plan.out):
-                reads.append(_from_sdpa(g, a.core) if plan is None else plan.emit(g))
+                reads.append(from_sdpa(g, a.core) if plan is None else plan.emit(g))
             kinds["sdpa" if plan is None else "hand-written"] += 1
             kinds["cross"] += a.cross
         if self.opts["addressing"] == "cosine":
@@ -137,9 +134,11 @@ class SDNC(Pass):
         graph.gm.recompile()
         kinds["shared_banks"] = sum(op_arg(r, "enable_gqa") for r in reads)
         if self.opts["persistent"]:
-            _persist(graph, [(block.path, a) for block, a in sites], reads)
+            from .decode import persist  # the decode form builds on this pass's reads
+
+            persist(graph, reads)
         if self.opts["write"] == "delta":
-            _check_causal(graph, reads, [block.path for block, _ in sites])
+            check_causal(graph, reads, [block.path for block, _ in sites])
             for (block, a), read in zip(sites, reads, strict=True):
                 _delta(graph, read, a, _owner(block, a), self.opts["beta0"])
             g.eliminate_dead_code()
@@ -152,7 +151,7 @@ def _owner(block, a) -> str:
     return f"sdnc.{block.path.replace('.', '_')}.r{a.core.name}"
 
 
-def _from_sdpa(g: fx.Graph, core: fx.Node) -> fx.Node:
+def from_sdpa(g: fx.Graph, core: fx.Node) -> fx.Node:
     q, k, v, *rest = core.args
     k, v, gqa = _shared_banks(k, v)
     memory = _node(g, core, WRITE, (k, v))
@@ -290,7 +289,7 @@ def _untranspose(g: fx.Graph, like: fx.Node, kt: fx.Node) -> fx.Node:
     return _node(g, like, aten.transpose.int, (kt, -2, -1))
 
 
-def _parse(graph, softmax: fx.Node, where: str) -> _Plan:
+def parse_attention(graph, softmax: fx.Node, where: str) -> _Plan:
     """Read the chain q·kᵀ → … → softmax → … → ·v of a hand-written attention."""
 
     def refuse(why: str):
@@ -540,117 +539,6 @@ def _delta(graph, read: fx.Node, a, owner: str, beta0: float) -> None:
     g.erase_node(read)
 
 
-# persistent memory -----------------------------------------------------------------------------
-
-
-def _persist(graph, sites: list, cores: list) -> None:
-    """Memory that persists across calls: for each site, the slots written by earlier calls
-    come in as inputs (`past.<i>.addresses` / `.contents`, empty at first), the new slots
-    are appended after them, the queries' positions start after them, each query reads every
-    earlier slot and the causal part of its own segment, and the whole memory goes out as
-    outputs (`memory.<i>.addresses` / `.contents`). Refused unless every read's mask is exactly
-    causal (no padding, window or bias: those are not written down anywhere the next call
-    could continue) and the model takes token ids only."""
-    _needs_values(graph)
-    g = graph.gm.graph
-    if len(graph.placeholders) != 1 or len(graph.placeholders[0].meta["val"].shape) != 2:
-        raise PassError(
-            "sdnc(persistent=true): the model must take one (batch, tokens) input; "
-            f"this one takes {', '.join(graph.inputs.names)}"
-        )
-    for path, a in sites:
-        if a.cross:
-            raise PassError(f"sdnc(persistent=true): {path} reads another stream's memory")
-    _check_causal(graph, cores, [p for p, _ in sites])
-    tokens = graph.placeholders[0]
-    seq = str(tokens.meta["val"].shape[1])
-    last = graph.placeholders[-1]
-    names, tensors, outputs, pasts = [], [], [], []
-    for i, core in enumerate(cores):
-        memory = core.args[1].args[0]
-        fresh = []
-        for j, part in enumerate(("addresses", "contents")):
-            new = memory.args[j]
-            val = new.meta["val"]
-            with g.inserting_after(last):
-                last = g.placeholder(f"past_{i}_{part}")
-            with val.fake_mode:
-                last.meta["val"] = val.narrow(-2, 0, 0)
-            pasts.append(last)
-            names.append(f"past.{i}.{part}")
-            shape = [graph.inputs.tensors[0].shape[0], *val.shape[1:-2], 0, val.shape[-1]]
-            tensors.append(torch.zeros(shape, dtype=val.dtype))
-            with g.inserting_before(memory):
-                fresh.append(_node(g, memory, aten.cat.default, ([last, new], -2)))
-        memory.args = tuple(fresh)
-        outputs += [core.args[1], core.args[2]]
-    with g.inserting_after(last):
-        past_len = g.call_function(aten.sym_size.int, (pasts[0], -2))
-    _offset_positions(g, seq, past_len)
-    with g.inserting_before(cores[0]):
-        mask = _causal_after(g, cores[0], past_len, tokens)
-    for core in cores:
-        core.args = (*core.args[:3], mask, op_arg(core, "dropout_p"), False)
-        core.kwargs = {
-            k: v for k, v in core.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")
-        }
-    out = next(n for n in g.nodes if n.op == "output")
-    out.args = ((*out.args[0], *outputs),)
-    graph.output_names = [*graph.output_names, *(n.replace("past.", "memory.", 1) for n in names)]
-    graph.inputs = Inputs(
-        [*graph.inputs.names, *names],
-        [*graph.inputs.tensors, *tensors],
-        graph.inputs.positional,
-        graph.inputs.fixed,
-    )
-    _drop_dead_asserts(g)
-    g.eliminate_dead_code()
-    graph.gm.recompile()
-    _check_segments(graph)
-
-
-def _check_segments(graph) -> None:
-    """The claim itself, on the example tokens: split in two segments, and token by token over
-    the last three, the outputs equal the whole sequence's (≤ 1e-5 × max |output|, at least
-    1e-5)."""
-    tokens = graph.inputs.tensors[0]
-    n = tokens.shape[1]
-    if n < 4:
-        return
-    stream = MemoryStream(graph)
-    with torch.no_grad():
-        whole = stream(tokens)
-        for cuts in ([0, n // 2, n], [0, n - 3, n - 2, n - 1, n]):
-            stream.reset()
-            parts = [stream(tokens[:, a:b]) for a, b in itertools.pairwise(cuts)]
-            for name, ref, *pieces in zip(graph.output_names, whole, *parts, strict=False):
-                if ref.dim() < 2 or ref.shape[1] != n:
-                    raise PassError(f"sdnc(persistent=true): output {name} is not per token")
-                diff = float((torch.cat(pieces, 1) - ref).abs().max())
-                if diff > 1e-5 * max(1.0, float(ref.abs().max())):
-                    raise PassError(
-                        f"sdnc(persistent=true): {name} computed segment by segment differs "
-                        f"from the whole sequence by {diff:.2e} on the example input: the model "
-                        "derives positions from something other than an arange over its tokens"
-                    )
-
-
-def _drop_dead_asserts(g: fx.Graph) -> None:
-    """Erase assertions about values nothing else uses any more (the masks the reads dropped),
-    so dead-code elimination can remove what computed them."""
-    changed = True
-    while changed:
-        changed = False
-        g.eliminate_dead_code()
-        for n in list(g.nodes):
-            checked = n.args[0] if "_assert" in str(n.target) and n.args else None
-            if isinstance(checked, fx.Node) and all(
-                "_assert" in str(u.target) for u in checked.users
-            ):
-                g.erase_node(n)
-                changed = True
-
-
 def _needs_values(graph) -> None:
     if graph.device.type == "meta":
         raise PassError(
@@ -659,13 +547,13 @@ def _needs_values(graph) -> None:
         )
 
 
-def _check_causal(graph, cores: list, paths: list) -> None:
+def check_causal(graph: Graph, reads: list, paths: list) -> None:
     """Every read's mask allows exactly the causal slots (checked on the example inputs)."""
     _needs_values(graph)
-    masks = [op_arg(c, "attn_mask") for c in cores]
+    masks = [op_arg(c, "attn_mask") for c in reads]
     probed = graph.probe([m for m in masks if isinstance(m, fx.Node)])
     values = iter(probed)
-    for core, mask, path in zip(cores, masks, paths, strict=True):
+    for core, mask, path in zip(reads, masks, paths, strict=True):
         causal = op_arg(core, "is_causal")
         if mask is None:
             if causal:
@@ -679,118 +567,11 @@ def _check_causal(graph, cores: list, paths: list) -> None:
             )
         n = allowed.shape[-1]
         tril = torch.ones(n, n, dtype=torch.bool).tril()
-        if causal or not bool((allowed == tril).all()):
+        if causal or allowed.shape[-2] != n or not bool((allowed == tril).all()):
             raise PassError(
                 f"{path}'s mask is not exactly causal "
-                "(padding, a sliding window or bidirectional attention)"
+                "(cross-attention, padding, a sliding window or bidirectional attention)"
             )
-
-
-def _offset_positions(g: fx.Graph, seq: str, past_len: fx.Node) -> None:
-    """Token positions (every arange over the sequence) start after the slots already written."""
-    for n in list(g.nodes):
-        if (
-            is_call(n, {aten.arange.default, aten.arange.start})
-            and str(n.meta["val"].shape[0]) == seq
-        ):
-            with g.inserting_after(n):
-                shifted = _node(g, n, aten.add.Tensor, (n, past_len))
-            n.replace_all_uses_with(shifted, delete_user_cb=shifted.__ne__)
-
-
-def _causal_after(g: fx.Graph, like: fx.Node, past_len: fx.Node, tokens: fx.Node) -> fx.Node:
-    """allowed[i, j] = j ≤ P + i: every earlier slot, and the causal part of this segment."""
-    n = _node(g, like, aten.sym_size.int, (tokens, 1))
-    total = _node(g, like, operator.add, (past_len, n))
-    device = tokens.meta["val"].device
-    q = _node(g, like, aten.arange.start, (past_len, total), {"device": device})
-    k = _node(g, like, aten.arange.default, (total,), {"device": device})
-    q = _node(g, like, aten.unsqueeze.default, (q, -1))
-    return _node(g, like, aten.le.Tensor, (k, q))
-
-
-def is_persistent(graph) -> bool:
-    """Whether `graph` was rewritten by `sdnc(persistent=true)` (takes and returns its memory)."""
-    return bool(graph.output_names) and graph.output_names[-1].startswith("memory.")
-
-
-def first_call(graph) -> Graph:
-    """An `sdnc(persistent=true)` graph as its first call, comparable with the graph the pass
-    rewrote: the memory inputs replaced by empty memories (batch taken from the tokens), the
-    memory outputs dropped. With an empty memory the rewrite computes what the model computed,
-    so `certify(original, first_call(persistent))` checks it. Shares the parameters."""
-    if not is_persistent(graph):
-        raise PassError("first_call needs a graph rewritten by sdnc(persistent=true)")
-    count = sum(n.startswith("past.") for n in graph.inputs.names)
-    g = copy.deepcopy(graph.gm.graph)
-    placeholders = [n for n in g.nodes if n.op == "placeholder"]
-    tokens, pasts = placeholders[0], placeholders[-count:]
-    device = tokens.meta["val"].device
-    with g.inserting_after(placeholders[-1]):
-        batch = g.call_function(aten.sym_size.int, (tokens, 0))
-    last = batch
-    for ph, t in zip(pasts, graph.inputs.tensors[-count:], strict=True):
-        with g.inserting_after(last):
-            last = g.call_function(
-                aten.zeros.default,
-                ([batch, *t.shape[1:]],),
-                {"dtype": t.dtype, "device": device},
-            )
-        ph.replace_all_uses_with(last)
-        g.erase_node(ph)
-    out = next(n for n in g.nodes if n.op == "output")
-    out.args = (tuple(out.args[0][:-count]),)
-    g.eliminate_dead_code()
-    gm = fx.GraphModule(graph.gm, g)  # the same parameters, not a copy
-    result = Graph(
-        gm,
-        Inputs(
-            graph.inputs.names[:-count],
-            graph.inputs.tensors[:-count],
-            graph.inputs.positional,
-            graph.inputs.fixed,
-        ),
-        graph.output_names[:-count],
-        dict(graph.provenance),
-        dict(graph.range_constraints),
-    )
-    refresh_shapes(result)
-    return result
-
-
-class MemoryStream:
-    """Runs an `sdnc(persistent=true)` graph segment by segment: each call reads the memory
-    the earlier calls wrote and appends its own tokens' slots (also one token at a time, as in
-    decoding). Gradients flow within a call; earlier calls' slots are kept detached (truncated
-    backpropagation through time). `reset()` forgets everything."""
-
-    def __init__(self, graph):
-        if not graph.output_names or not graph.output_names[-1].startswith("memory."):
-            raise PassError("MemoryStream needs a graph rewritten by sdnc(persistent=true)")
-        self.graph = graph
-        self.count = sum(n.startswith("past.") for n in graph.inputs.names)
-        self.memory: list[torch.Tensor] | None = None
-
-    def reset(self) -> None:
-        self.memory = None
-
-    @property
-    def slots(self) -> int:
-        return 0 if self.memory is None else self.memory[0].shape[-2]
-
-    def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.memory is None:
-            empty = self.graph.inputs.tensors[-self.count :]
-            self.memory = [
-                t.new_zeros(tokens.shape[0], *t.shape[1:]).to(tokens.device) for t in empty
-            ]
-        if tokens.shape[0] != self.memory[0].shape[0]:
-            raise PassError(
-                f"MemoryStream: batch {tokens.shape[0]}, but the memory holds {self.memory[0].shape[0]}"
-            )
-        out = self.graph(tokens, *self.memory)
-        self.memory = [m.detach() for m in out[-self.count :]]
-        return out[: -self.count]
 
 
 # inspection ------------------------------------------------------------------------------------

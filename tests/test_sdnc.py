@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 
-from archfx.ir import LoweringError, PassError, capture
+from archfx.ir import PassError, capture
 from archfx.ir.lower import compile_graph, to_onnx
 from archfx.ir.memory import READ, WRITE, delta_update
 from archfx.passes import Pipeline
 from archfx.passes.cli import main as cli
-from archfx.passes.sdnc import MemoryStream, first_call, memories
+from archfx.passes.decode import MemoryStream, first_call
+from archfx.passes.sdnc import memories
 
 from .helpers import EVERY, byte_gpt, model, train
 
@@ -179,12 +180,19 @@ def test_persistent_memory_refusals(name, why):
         Pipeline.parse("sdnc(persistent=true)").run(capture(model(name)))
 
 
-def test_persistent_graphs_are_not_exported_with_an_empty_memory(tmp_path):
+def test_persistent_memory_is_the_decode_form_and_exports_with_the_ecosystems_names(tmp_path):
     out = Pipeline.parse("sdnc(persistent=true)").run(capture(model("nanogpt"))).graph
-    assert out.inputs.names[1:3] == ["past.0.addresses", "past.0.contents"]
-    assert out.output_names[-2:] == ["memory.1.addresses", "memory.1.contents"]
-    with pytest.raises(LoweringError, match="past.0.addresses is empty"):
-        to_onnx(out, tmp_path / "m.onnx")
+    assert out.inputs.names[:5] == [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+    ]
+    assert out.output_names[-2:] == ["present.1.key", "present.1.value"]
+    assert out.inputs.tensors[3].shape[-2] == 2  # cached slots in the example: exportable
+    result = to_onnx(out, tmp_path / "m.onnx")
+    assert result.ok
 
 
 def test_persistent_graph_as_its_first_call_certifies_and_the_cli_verifies(capsys):
@@ -248,7 +256,6 @@ def test_smollm2_memory_is_exact_and_persists():
     out.gm = in_fp64(out.gm)  # segment equality is arithmetic; fp32 adds ~1e-4 of rounding
     ids = torch.randint(0, 49152, (2, 23), generator=torch.Generator().manual_seed(0))
     stream = MemoryStream(out)
-    stream.memory = [t.double().expand(2, *t.shape[1:]) for t in out.inputs.tensors[1:]]
     with torch.no_grad():
         whole = in_fp64(graph.gm)(ids)[0]
         parts = torch.cat([stream(ids[:, :11])[0], stream(ids[:, 11:])[0]], 1)

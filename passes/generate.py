@@ -1,0 +1,238 @@
+"""Text generation with a rewritten causal language model, in PyTorch or ONNX Runtime.
+
+`generate(graph, prompts, …)` decodes with the graph's decode form (passes/decode.py): the
+prompts, left-padded into one batch, are prefilled in one call; each new token is one call
+that reads the key/value cache the earlier calls wrote. Positions count the tokens that are
+not padding, as transformers' `generate` counts them, so greedy decoding gives its tokens.
+Greedy unless a temperature is given; then temperature, top-k and top-p are transformers'
+logits warpers, sampled with a seeded generator. A sequence that emits an end-of-sequence
+token is finished (its later positions are padding); generation stops when all are.
+
+ONNX Runtime keeps the cache on its side: each call's `present.*` outputs are bound as the
+next call's `past_key_values.*` inputs (I/O binding), never copied through Python.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from archfx.ir import Graph, PassError
+
+from .decode import PAST, MemoryStream, decode_form, positions
+
+
+@dataclass
+class Generation:
+    new_tokens: list[list[int]]  # generated ids only, each sequence up to its end-of-sequence
+    text: list[str] | None  # decoded new tokens, when a tokenizer is given
+    prefill_seconds: float
+    decode_tokens_per_second: float  # generated tokens (all sequences) per second after prefill
+    runtime: str
+
+    def to_json(self) -> dict:
+        out = {
+            "new_tokens": self.new_tokens,
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "decode_tokens_per_second": round(self.decode_tokens_per_second, 3),
+            "runtime": self.runtime,
+        }
+        if self.text is not None:
+            out["text"] = self.text
+        return out
+
+
+def generate(
+    graph: Graph,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int = 32,
+    runtime: str = "torch",
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    tokenizer=None,
+    onnx: str | Path | None = None,
+    on_tokens: Callable[[list[int]], None] | None = None,
+) -> Generation:
+    """Generate up to `max_new_tokens` after each prompt (token id lists, one batch).
+
+    `graph`: a causal language model, captured and rewritten by any pipeline (its decode form
+    is built and checked here) or already in decode form. `runtime`: "torch", or "onnx" (the
+    decode form exported to `onnx`, a temporary file by default, checked, and run with ONNX
+    Runtime). `on_tokens` receives each step's new ids (one per sequence) as they come."""
+    if runtime not in ("torch", "onnx"):
+        raise PassError(f"unknown runtime {runtime!r}: torch or onnx")
+    if max_new_tokens < 1:
+        raise PassError("max_new_tokens must be at least 1")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise PassError("every prompt needs at least one token")
+    if temperature is not None and temperature <= 0:
+        raise PassError("temperature must be positive (leave it out for greedy decoding)")
+    decoder = decode_form(graph)
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+    ids, mask = left_padded(prompts, pad)
+    device = decoder.device
+    step = (
+        _TorchStep(decoder, device)
+        if runtime == "torch"
+        else _OrtStep(onnx_decoder(decoder, onnx), device)
+    )
+    choose = _chooser(temperature, top_k, top_p, seed)
+    seqs = ids.to(device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    new: list[torch.Tensor] = []
+    t0 = time.perf_counter()
+    logits = step(seqs, mask.to(device))
+    prefill = time.perf_counter() - t0
+    t1, calls = time.perf_counter(), 0
+    while True:
+        token = choose(seqs, logits)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        new.append(token)
+        seqs = torch.cat([seqs, token[:, None]], 1)
+        finished |= torch.isin(token, torch.tensor(sorted(eos), device=device, dtype=token.dtype))
+        if on_tokens is not None:
+            on_tokens(token.tolist())
+        if len(new) == max_new_tokens or bool(finished.all()):
+            break
+        logits = step(token[:, None], torch.ones_like(token[:, None]))
+        calls += 1
+    elapsed = time.perf_counter() - t1
+    out = _trimmed(torch.stack(new, 1).tolist(), eos)
+    return Generation(
+        new_tokens=out,
+        text=[tokenizer.decode(t, skip_special_tokens=True) for t in out] if tokenizer else None,
+        prefill_seconds=prefill,
+        decode_tokens_per_second=calls * len(prompts) / elapsed if calls else 0.0,
+        runtime=runtime,
+    )
+
+
+def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of the prompts as one left-padded batch."""
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), n), dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p) :] = torch.tensor(p, dtype=torch.int64)
+        mask[i, n - len(p) :] = 1
+    return ids, mask
+
+
+def onnx_decoder(decoder: Graph, path: str | Path | None) -> Path:
+    """The decode form exported to ONNX (checked against PyTorch) at `path`, or in a temporary
+    directory kept for the process when `path` is None."""
+    import tempfile
+
+    from archfx.ir.lower import to_onnx
+
+    if path is None:
+        path = Path(tempfile.mkdtemp(prefix="archfx-decoder-")) / "decoder.onnx"
+    to_onnx(decoder, path)
+    return Path(path)
+
+
+def _trimmed(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
+    out = []
+    for row in rows:
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        out.append(row[:end])
+    return out
+
+
+def _chooser(temperature, top_k, top_p, seed):
+    """next token ← logits [batch, vocab]: argmax, or a sample after transformers' warpers."""
+    if temperature is None:
+        if top_k is not None or top_p is not None:
+            raise PassError("top_k and top_p apply to sampling: give a temperature too")
+        return lambda seqs, logits: logits.argmax(-1)
+    from transformers import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k is not None:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None:
+        warpers.append(TopPLogitsWarper(top_p))
+    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+
+    def sample(seqs, logits):
+        probs = torch.softmax(warpers(seqs, logits.float()), -1)
+        return torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0].to(logits.device)
+
+    return sample
+
+
+class _TorchStep:
+    """One call of the decode form in PyTorch: the last position's logits."""
+
+    def __init__(self, decoder: Graph, device):
+        self.stream = MemoryStream(decoder)
+
+    def __call__(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.stream(tokens, mask)[0][:, -1]
+
+
+class _OrtStep:
+    """One call of the exported decode form in ONNX Runtime with I/O binding: the cache
+    outputs stay ONNX Runtime's values and are bound as the next call's inputs."""
+
+    def __init__(self, path: Path, device):
+        import onnxruntime as ort
+
+        from archfx.ir.lower import ort_session
+
+        self.ort = ort
+        self.session = ort_session(path)
+        self.device = device
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.past = [n for n in self.inputs if n.startswith(f"{PAST}.")]
+        self.where = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.cache: list | None = None
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b = tokens.shape[0]
+        if self.cache is None:
+            args = {a.name: a for a in self.session.get_inputs()}
+            self.cache = [self._empty(b, args[n]) for n in self.past]
+            self.mask = torch.zeros(b, 0, dtype=torch.int64)
+        self.mask = torch.cat([self.mask, mask.cpu().to(torch.int64)], 1)
+        io = self.session.io_binding()
+        feed = {
+            "input_ids": tokens.cpu().numpy(),
+            "attention_mask": self.mask.numpy(),
+            "position_ids": positions(self.mask, tokens.shape[1]).numpy(),
+        }
+        for name, value in feed.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in zip(self.past, self.cache, strict=True):
+            io.bind_ortvalue_input(name, value)
+        for name in self.outputs:
+            io.bind_output(name, self.where)
+        self.session.run_with_iobinding(io)
+        values = io.get_outputs()
+        self.cache = list(values[-len(self.past) :])
+        logits = values[0].numpy()[:, -1]
+        return torch.from_numpy(np.array(logits)).to(self.device)
+
+    def _empty(self, b: int, arg):
+        shape = [b if i == 0 else (0 if i == 2 else d) for i, d in enumerate(arg.shape)]
+        dtype = np.float64 if "double" in arg.type else np.float32
+        return self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.where)
