@@ -150,7 +150,9 @@ def backends(
         .graph
     )
     tmp = Path(tempfile.mkdtemp())
-    plain = to_onnx(graph, tmp / "plain.onnx", fuse=False, strict=False)  # a failure is reported
+    plain = to_onnx(  # a failure is reported; the exporter's model kept: raw_path
+        graph, tmp / "plain.onnx", fuse=False, strict=False, keep_intermediate=True
+    )
     ours = to_onnx(graph, tmp / "archfx.onnx", strict=False)
     feed = graph.inputs
     fns = {}

@@ -4,6 +4,9 @@ PyTorch and in ONNX Runtime, per sequence of a batch of 8 × 128 random tokens.
     .venv/bin/python docs/onnx_accuracy.py                      # exports SmolLM2 first (minutes)
     .venv/bin/python docs/onnx_accuracy.py --onnx m.raw.onnx    # an existing export of it
 
+(the exporter's model: `archfx apply smollm2 --pipeline canonicalize --onnx m.onnx
+--keep-intermediate` leaves it beside m.onnx as m.raw.onnx)
+
 Every figure is max |logit − fp64 logit| (logits reach ~36), over the batch and per sequence.
 """
 

@@ -154,7 +154,9 @@ class OutputCheck:
 @dataclass
 class OnnxResult:
     path: Path  # the ORT-optimised model
-    raw_path: Path  # the exporter's model
+    # the exporter's model: to_onnx keeps it only with keep_intermediate (else None); check_onnx's
+    # is the model it ran in fp64
+    raw_path: Path | None
     max_abs_diff: float  # ONNX Runtime vs PyTorch, both fp32, max over outputs and input sets
     providers: list[str]
     export_seconds: float
@@ -168,6 +170,9 @@ class OnnxResult:
     outputs: list[OutputCheck] = field(default_factory=list)  # per floating-point output
     fp64_model: str | None = None  # which model ran in fp64 ("raw": the exporter's); None: none
     notes: list[str] = field(default_factory=list)
+    # every file to_onnx wrote: `path` first, then its external data (past the 2 GB protobuf
+    # limit only), then the intermediates kept with keep_intermediate
+    files: list[str] = field(default_factory=list)
 
     @property
     def fp64_error(self) -> float | None:
@@ -190,7 +195,8 @@ class OnnxResult:
     def to_json(self) -> dict:
         return {
             "path": str(self.path),
-            "raw_path": str(self.raw_path),
+            "raw_path": None if self.raw_path is None else str(self.raw_path),
+            "files": list(self.files),
             "ok": self.ok,
             "failure": self.failure,
             "max_abs_diff": self.max_abs_diff,
@@ -233,14 +239,21 @@ def to_onnx(
     fuse: bool = True,
     opset: int | None = None,
     strict: bool = True,
+    keep_intermediate: bool = False,
 ) -> OnnxResult:
     """Export `graph` with the dynamo exporter at its dynamic shapes, rewrite it into ONNX
     Runtime's fused operators (`fuse`, ir/fuse.py: each group checked against PyTorch), optimise
-    it with ONNX Runtime (saved to `path`; the exporter's model beside it as `*.raw.onnx`), and
-    check both input sets against PyTorch (`check_onnx`: per output, the export in fp64 and
-    ONNX Runtime's fp32 run against the graph in fp64). `optimize=False` saves the exporter's
-    model alone. Raises OnnxMismatchError (a LoweringError; the result is its `.result`) when
-    an output fails the check, unless `strict=False`."""
+    it with ONNX Runtime, save it to `path`, and check both input sets against PyTorch
+    (`check_onnx`: per output, the export in fp64 and ONNX Runtime's fp32 run against the graph
+    in fp64). `optimize=False` saves the exporter's model alone.
+
+    `path` is self-contained: every weight inside it below the 2 GB protobuf limit, past it in
+    one external-data file beside it, `<name>.data` (relative location: move the two together).
+    The intermediates (the exporter's model, the fused one) are written to a temporary
+    directory and deleted, unless `keep_intermediate`: then they stay beside `path` as
+    `*.raw.onnx` and `*.fused.onnx` (+ `.data`). `OnnxResult.files` lists every file written.
+    Raises OnnxMismatchError (a LoweringError; the result is its `.result`) when an output fails
+    the check, unless `strict=False`."""
     import onnx
 
     path = Path(path)
@@ -253,88 +266,110 @@ def to_onnx(
             "(give the graph a non-empty example)"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = path.with_suffix(".raw.onnx") if optimize else path
-    t0 = time.perf_counter()
-    shapes = _dynamic_shapes(graph)
-    gm = graph.gm
-    if any(n.target is torch.ops.aten.reshape.default for n in gm.graph.nodes):
-        gm = copy.deepcopy(gm)  # the exported copy gets explicit layouts; `graph` is untouched
-        if explicit_reshape_copies(gm.graph):
-            gm.recompile()
-    sink = io.StringIO()
-    try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(sink),
-            contextlib.redirect_stderr(sink),
-            _quiet(),
-        ):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                gm,
-                tuple(graph.inputs.tensors),
-                dynamo=True,
-                dynamic_shapes=shapes,
-                input_names=list(graph.inputs.names),
-                output_names=list(graph.output_names),
-                opset_version=opset,
-                optimize=True,
-                verbose=False,
-            )
-            program.save(str(raw))
-    except Exception as exc:
-        raise LoweringError(_export_failure(exc, gm)) from exc
-    export_s = time.perf_counter() - t0
-    sets = _input_sets(graph)
-    exact = _fp64_outputs(graph, sets)
-
-    def against_fp64(model: Path) -> dict[str, float]:
-        """Per output, ONNX Runtime's fp32 error from PyTorch's fp64 run, relative to the
-        output's max |value|, the largest over the input sets (the fusion stage's check)."""
-        session = ort_session(model, level="basic")
-        errors: dict[str, float] = {}
-        for ins, xs in zip(sets, exact, strict=True):
-            got = run_onnx(session, ins)
-            if len(got) != len(xs):
-                raise LoweringError(f"{len(got)} outputs from ONNX Runtime, {len(xs)} expected")
-            for name, a, x in zip(graph.output_names, got, xs, strict=True):
-                if x.is_floating_point():
-                    e = _abs_err(torch.from_numpy(np.asarray(a)), x) / _scale(x)
-                    errors[name] = max(errors.get(name, 0.0), e)
-        return errors
-
-    t1 = time.perf_counter()
-    report = None
-    if optimize and fuse:
-        fused = path.with_suffix(".fused.onnx")
-        report = fuse_for_ort(
-            raw, fused, providers=providers(), check=against_fp64, tolerance=TOLERANCE
-        )
-    if optimize:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        )  # portable across providers
-        so.optimized_model_filepath = str(path)
-        so.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="archfx-onnx-") as tmp:
+        work = path.parent if keep_intermediate else Path(tmp)
+        raw = work / path.with_suffix(".raw.onnx").name if optimize else path
+        t0 = time.perf_counter()
+        shapes = _dynamic_shapes(graph)
+        gm = graph.gm
+        if any(n.target is torch.ops.aten.reshape.default for n in gm.graph.nodes):
+            gm = copy.deepcopy(gm)  # the exported copy gets explicit layouts; `graph` is untouched
+            if explicit_reshape_copies(gm.graph):
+                gm.recompile()
+        sink = io.StringIO()
         try:
-            ort.InferenceSession(
-                str(fused if report is not None else raw),
-                so,
-                providers=["CPUExecutionProvider"],
-                disabled_optimizers=disabled_fusions(providers()),
-            )
+            with (
+                warnings.catch_warnings(),
+                contextlib.redirect_stdout(sink),
+                contextlib.redirect_stderr(sink),
+                _quiet(),
+            ):
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(
+                    gm,
+                    tuple(graph.inputs.tensors),
+                    dynamo=True,
+                    dynamic_shapes=shapes,
+                    input_names=list(graph.inputs.names),
+                    output_names=list(graph.output_names),
+                    opset_version=opset,
+                    optimize=True,
+                    verbose=False,
+                )
+                if raw == path:
+                    _remove_stale_data(path)
+                program.save(str(raw))  # past 2 GB: its weights in `<name>.data` beside it
         except Exception as exc:
-            raise LoweringError(
-                f"ONNX Runtime cannot optimise the exported model: {first_line(exc)}"
-            ) from exc
-    optimize_s = time.perf_counter() - t1
-    result = check_onnx(graph, path, raw=raw, strict=False, exact=exact)
-    result.export_seconds, result.optimize_seconds = export_s, optimize_s
-    result.nodes = {"raw": len(onnx.load(str(raw), load_external_data=False).graph.node)}
-    result.fusions = report
+            raise LoweringError(_export_failure(exc, gm)) from exc
+        export_s = time.perf_counter() - t0
+        sets = _input_sets(graph)
+        exact = _fp64_outputs(graph, sets)
+
+        def against_fp64(model: Path) -> dict[str, float]:
+            """Per output, ONNX Runtime's fp32 error from PyTorch's fp64 run, relative to the
+            output's max |value|, the largest over the input sets (the fusion stage's check)."""
+            session = ort_session(model, level="basic")
+            errors: dict[str, float] = {}
+            for ins, xs in zip(sets, exact, strict=True):
+                got = run_onnx(session, ins)
+                if len(got) != len(xs):
+                    raise LoweringError(f"{len(got)} outputs from ONNX Runtime, {len(xs)} expected")
+                for name, a, x in zip(graph.output_names, got, xs, strict=True):
+                    if x.is_floating_point():
+                        e = _abs_err(torch.from_numpy(np.asarray(a)), x) / _scale(x)
+                        errors[name] = max(errors.get(name, 0.0), e)
+            return errors
+
+        t1 = time.perf_counter()
+        report = None
+        if optimize and fuse:
+            fused = work / path.with_suffix(".fused.onnx").name
+            report = fuse_for_ort(
+                raw, fused, providers=providers(), check=against_fp64, tolerance=TOLERANCE
+            )
+        if optimize:
+            import onnxruntime as ort
+
+            # ONNX Runtime writes the optimised model with its weights in one file of its own
+            # (by default it would point into the fused model's data); `_save_self_contained`
+            # then puts them inside `path`, or beside it as `<name>.data` past 2 GB
+            optimized = Path(tmp) / "optimized" / "model.onnx"
+            optimized.parent.mkdir()
+            so = ort.SessionOptions()
+            so.graph_optimization_level = (
+                ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            )  # portable across providers
+            so.optimized_model_filepath = str(optimized)
+            so.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", "model.onnx.data"
+            )
+            so.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+            )
+            so.log_severity_level = 3
+            try:
+                ort.InferenceSession(
+                    str(fused if report is not None else raw),
+                    so,
+                    providers=["CPUExecutionProvider"],
+                    disabled_optimizers=disabled_fusions(providers()),
+                )
+            except Exception as exc:
+                raise LoweringError(
+                    f"ONNX Runtime cannot optimise the exported model: {first_line(exc)}"
+                ) from exc
+            _save_self_contained(optimized, path)
+        optimize_s = time.perf_counter() - t1
+        result = check_onnx(graph, path, raw=raw, strict=False, exact=exact)
+        result.export_seconds, result.optimize_seconds = export_s, optimize_s
+        result.nodes = {"raw": len(onnx.load(str(raw), load_external_data=False).graph.node)}
+        result.fusions = report
+        kept = keep_intermediate or not optimize  # the exporter's model outlives this call
+        result.raw_path = raw if kept else None
+        result.files = [str(f) for f in _model_files(path)]
+        if optimize and keep_intermediate:
+            for model in (raw, *([fused] if report is not None else [])):
+                result.files += [str(f) for f in _model_files(model)]
     if optimize:
         final = onnx.load(str(path), load_external_data=False).graph.node
         result.nodes["optimized"] = len(final)
@@ -345,6 +380,54 @@ def to_onnx(
     if strict and not result.ok:
         raise OnnxMismatchError(result.failure, result)
     return result
+
+
+# A model is saved in one protobuf file below this size (protobuf's 2 GB limit, less room for
+# the non-tensor fields); past it its weights go to one external-data file beside it
+PROTOBUF_LIMIT = 2**31 - 2**24
+
+
+def _save_self_contained(source: Path, path: Path) -> None:
+    """The ONNX model at `source` (external data wherever it points) saved to `path` alone, or
+    with its weights in `<path name>.data` beside it (relative location) past PROTOBUF_LIMIT."""
+    import onnx
+
+    size = sum(f.stat().st_size for f in _model_files(source))
+    model = onnx.load(str(source))  # its external data read in
+    _remove_stale_data(path)
+    if size < PROTOBUF_LIMIT:
+        onnx.save(model, str(path), save_as_external_data=False)
+    else:
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+        )
+
+
+def _remove_stale_data(path: Path) -> None:
+    """Remove `<path name>.data` left by an earlier model at `path` (onnx appends to it)."""
+    data = path.with_name(path.name + ".data")
+    if data.is_file():
+        data.unlink()
+
+
+def _model_files(path: Path) -> list[Path]:
+    """The ONNX model file and the external-data files its tensors point to."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    model = onnx.load(str(path), load_external_data=False)
+    files = [path]
+    for t in _get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            location = next(e.value for e in t.external_data if e.key == "location")
+            f = path.parent / location
+            if f not in files:
+                files.append(f)
+    return files
 
 
 def check_onnx(

@@ -99,9 +99,17 @@ def grown_config(graph: Graph, config: transformers.PretrainedConfig):
 
 
 def save_pretrained(
-    graph: Graph, model: transformers.PreTrainedModel, out, *, force: bool = False
+    graph: Graph,
+    model: transformers.PreTrainedModel,
+    out,
+    *,
+    force: bool = False,
+    tokenizer=None,
 ) -> Path:
-    """Write `graph` as a Hugging Face checkpoint of `model`'s class, checked to reproduce it."""
+    """Write `graph` as a Hugging Face checkpoint of `model`'s class, checked to reproduce it,
+    with `tokenizer` beside it (`tokenizer.save_pretrained`, so that AutoTokenizer loads it
+    from `out`). By default the tokenizer is the source model's own when its checkpoint
+    directory (`model.name_or_path`) has one (models.tokenizer_from); False: none."""
     if not isinstance(model, transformers.PreTrainedModel):
         raise ArtifactError(
             f"a Hugging Face checkpoint needs a Hugging Face model; {type(model).__name__} is "
@@ -116,8 +124,15 @@ def save_pretrained(
             f"the grown sizes are not a valid {type(model.config).__name__}: {exc}"
         ) from exc
 
+    if tokenizer is None:
+        from .models import tokenizer_from
+
+        tokenizer = tokenizer_from(getattr(model, "name_or_path", None))
+
     def fill(tmp: Path) -> None:
         rebuilt.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None and tokenizer is not False:
+            tokenizer.save_pretrained(str(tmp))
 
     return write_dir(out, fill, force=force)
 

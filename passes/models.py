@@ -61,6 +61,60 @@ def rebuild(source: dict) -> torch.nn.Module:
     raise ModelSpecError(f"cannot rebuild a model from source {source!r}")
 
 
+# A checkpoint directory has a tokenizer when it holds one of these (AutoTokenizer decides)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def tokenizer(loaded: Loaded, *, trust_remote_code: bool = False):
+    """The source model's own tokenizer, or None: a checkpoint directory's (AutoTokenizer from
+    its files), the packaged models' (MiniLM's files, SmolLM2's from its GGUF), a callable's
+    model's when `name_or_path` is a directory that has one. Models built from configs (the
+    zoo) have none."""
+    from .zoo import packaged
+
+    kind = loaded.source.get("kind")
+    if kind == "builtin":
+        name = loaded.source["name"]
+        if name == "minilm":
+            return tokenizer_from(packaged.minilm_dir())
+        if name == "smollm2":
+            return tokenizer_from(packaged.smollm2_dir(), gguf_file=packaged.SMOLLM2_GGUF)
+        return None
+    if kind == "hf-dir":
+        return tokenizer_from(loaded.source["path"], trust_remote_code=trust_remote_code)
+    return tokenizer_from(getattr(loaded.model, "name_or_path", None))
+
+
+def tokenizer_from(directory, *, trust_remote_code: bool = False, gguf_file: str | None = None):
+    """AutoTokenizer from the local directory `directory` (no hub), or None when it has no
+    tokenizer files or they do not load."""
+    if not directory or not Path(directory).is_dir():
+        return None
+    directory = Path(directory)
+    if gguf_file is None and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(directory),
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            **({"gguf_file": gguf_file} if gguf_file else {}),
+        )
+    except Exception:  # no usable tokenizer: the checkpoint is written without one
+        return None
+
+
 def _call(spec: str):
     module_name, attr = spec.split(":")
     try:

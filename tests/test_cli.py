@@ -62,6 +62,9 @@ def test_apply_canonicalize_verify_onnx(capsys, tmp_path, name):
     data = run_json(capsys, "apply", name, "--pipeline", "canonicalize", "--verify", "--onnx", onnx)
     assert data["verify"]["max_abs_diff"] <= 1e-5
     onnx = data["onnx"]
+    # one self-contained file, nothing beside it (SmolLM2: 540 MB, under protobuf's 2 GB)
+    assert onnx["files"] == [str(tmp_path / "m.onnx")] and onnx["raw_path"] is None
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
     # per output: the export in fp64 within 1e-7 of the output's scale (1e-5 where ORT has no
     # fp64 kernel and says so), ORT's fp32 run within 1e-3 of fp64
     assert onnx["ok"] and onnx["failure"] is None and onnx["outputs"], onnx
@@ -248,6 +251,8 @@ def test_apply_growth_saves_both_formats(capsys, tmp_path):
         str(hf),
     )
     assert data["verify"]["ok"] and data["params"]["after"] > data["params"]["before"]
+    assert data["save_pretrained_tokenizer"] is None  # built from a config: no tokenizer
+    assert not [p for p in hf.iterdir() if p.name.startswith("tokenizer")]
     back = transformers.LlamaForCausalLM.from_pretrained(str(hf))
     assert back.config.hidden_size == 96 and back.config.num_hidden_layers == 3
     graph = load(out)  # the recipe replays the growth, then loads the weights
@@ -264,3 +269,39 @@ def test_apply_growth_saves_both_formats(capsys, tmp_path):
         str(tmp_path / "x"),
     )
     assert code != 0 and "not one" in err.strip().splitlines()[-1]
+
+
+def test_keep_intermediate_keeps_the_exports_models_and_lists_every_file(capsys, tmp_path):
+    onnx = tmp_path / "m.onnx"
+    argv = ["apply", "tiny-llama", "--pipeline", "canonicalize", "--onnx", str(onnx)]
+    code, out, err = run(capsys, *argv, "--keep-intermediate")
+    assert code == 0, err
+    kept = ["m.onnx", "m.raw.onnx", "m.fused.onnx", "m.fused.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    for name in kept:  # human output: every file written, with its size
+        assert f"  wrote {tmp_path / name} (" in out, out
+    code, _, err = run(
+        capsys, "apply", "tiny-llama", "--pipeline", "canonicalize", "--keep-intermediate"
+    )
+    assert code != 0 and "give --onnx" in err
+
+
+def test_save_pretrained_copies_the_tokenizer(capsys, tmp_path):
+    """MiniLM (packaged, with its tokenizer files): the grown checkpoint loads with AutoTokenizer
+    and encodes as the source's tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from archfx.passes.zoo.packaged import minilm_dir
+
+    hf = tmp_path / "hf"
+    argv = ["apply", "minilm", "--pipeline", "expand-mlp(factor=2)", "--save-pretrained", str(hf)]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert f"saved Hugging Face checkpoint: {hf} (with the source model's tokenizer" in out, out
+    text = "The quick brown fox jumps over the lazy dog, doesn't it?"
+    source, saved = (
+        AutoTokenizer.from_pretrained(str(minilm_dir())),
+        AutoTokenizer.from_pretrained(str(hf)),
+    )
+    assert saved(text)["input_ids"] == source(text)["input_ids"]
+    assert len(source(text)["input_ids"]) > 10

@@ -248,6 +248,20 @@ def test_hugging_face_round_trip(tmp_path, name, text):
         assert (got[key] - expected).abs().max() <= 1e-5, key
 
 
+def test_hugging_face_export_saves_the_source_tokenizer(tmp_path):
+    """MiniLM's checkpoint directory has a tokenizer: it is saved with the grown checkpoint, and
+    encodes as the source's does; a model built from a config has none and gets none."""
+    source = model("minilm")
+    grown = Pipeline.parse("expand-mlp(factor=2)").run(captured("minilm")).graph
+    out = save_pretrained(grown, source, tmp_path / "grown")
+    text = "Growing a model keeps its vocabulary: tokenizers don't change."
+    want = transformers.AutoTokenizer.from_pretrained(source.name_or_path)(text)["input_ids"]
+    assert transformers.AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == want
+    tiny = Pipeline.parse("expand-mlp(factor=2)").run(captured("tiny-bert")).graph
+    plain = save_pretrained(tiny, model("tiny-bert"), tmp_path / "tiny")
+    assert sorted(p.name for p in plain.iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_hugging_face_export_refuses_what_the_config_cannot_say(tmp_path):
     grown = Pipeline.parse("add-heads(n=2)").run(captured("tiny-gpt2")).graph
     with pytest.raises(ArtifactError, match="divisible"):

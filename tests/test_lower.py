@@ -28,13 +28,71 @@ def test_provider_and_device_selection():
 
 def test_onnx_files_sessions_and_dynamic_shapes(tmp_path):
     g = capture(build("tiny-llama"))
-    result = to_onnx(g, tmp_path / "m.onnx")
+    result = to_onnx(g, tmp_path / "m.onnx", keep_intermediate=True)
     assert result.path.exists() and result.raw_path.exists() and result.max_abs_diff <= 1e-4
     assert result.nodes["optimized"] <= result.nodes["raw"]
+    kept = {"m.onnx", "m.raw.onnx", "m.fused.onnx", "m.fused.onnx.data"}  # intermediates beside
+    assert {p.name for p in tmp_path.iterdir()} == kept
+    assert sorted(result.files) == sorted(str(tmp_path / f) for f in kept)
+    assert result.files[0] == str(result.path) and result.to_json()["files"] == result.files
     session = ort_session(result.path, threads=1)
     second = g.second_inputs()
     out = run_onnx(session, second)
     assert out[0].shape == tuple(g.run(second)[0].shape)  # dynamic batch and sequence
+
+
+def _run_alone(file, graph, tmp_path, *, data=False):
+    """Copy the ONNX model `file` (and `<file>.data` when `data`) alone to a fresh directory and
+    run it there with ONNX Runtime on the graph's inputs: its outputs."""
+    import shutil
+
+    import onnxruntime as ort
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(file, elsewhere)
+    if data:
+        shutil.copy(f"{file}.data", elsewhere)
+    session = ort.InferenceSession(str(elsewhere / file.name), providers=["CPUExecutionProvider"])
+    feed = {
+        i.name: t.numpy() for i, t in zip(session.get_inputs(), graph.inputs.tensors, strict=True)
+    }
+    return session.run(None, feed)
+
+
+def test_the_onnx_file_is_self_contained(tmp_path):
+    """The exported file alone, copied to another directory, runs and matches PyTorch; no
+    intermediate is left beside it."""
+    g = capture(build("tiny-llama"))
+    out = tmp_path / "out"
+    result = to_onnx(g, out / "m.onnx")
+    assert [p.name for p in out.iterdir()] == ["m.onnx"]
+    assert result.files == [str(out / "m.onnx")] and result.raw_path is None
+    assert result.to_json()["files"] == result.files and result.to_json()["raw_path"] is None
+    got = _run_alone(result.path, g, tmp_path)
+    for expected, actual in zip(g.run(), got, strict=True):
+        assert (torch.from_numpy(actual) - expected).abs().max() <= 1e-4
+
+
+def test_past_the_protobuf_limit_the_weights_go_to_one_data_file(tmp_path, monkeypatch):
+    import onnx
+
+    from archfx.ir import lower
+
+    monkeypatch.setattr(lower, "PROTOBUF_LIMIT", 1)  # as if the model were past 2 GB
+    g = capture(build("tiny-gpt2"))
+    out = tmp_path / "out"
+    result = to_onnx(g, out / "m.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert result.files == [str(out / "m.onnx"), str(out / "m.onnx.data")]
+    model = onnx.load(str(result.path), load_external_data=False)
+    locations = {
+        e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"
+    }
+    assert locations == {"m.onnx.data"}  # relative: the two move together
+    got = _run_alone(result.path, g, tmp_path, data=True)
+    for expected, actual in zip(g.run(), got, strict=True):
+        assert (torch.from_numpy(actual) - expected).abs().max() <= 1e-4
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU choice")
@@ -42,7 +100,7 @@ def test_cpu_sessions_leave_out_the_slow_skip_layer_norm(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    result = to_onnx(capture(build("tiny-gpt2")), tmp_path / "m.onnx")
+    result = to_onnx(capture(build("tiny-gpt2")), tmp_path / "m.onnx", keep_intermediate=True)
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "ort-default.onnx")
     ort.InferenceSession(str(result.raw_path), so, providers=["CPUExecutionProvider"])
@@ -122,7 +180,7 @@ def deep_llama(tmp_path_factory):
     )
     ids = torch.randint(0, 128, (2, 16))
     g = capture(tf.LlamaForCausalLM(config).eval(), {"input_ids": ids, "use_cache": False})
-    return g, to_onnx(g, tmp_path_factory.mktemp("deep") / "m.onnx")
+    return g, to_onnx(g, tmp_path_factory.mktemp("deep") / "m.onnx", keep_intermediate=True)
 
 
 def test_an_exact_export_passes_in_fp64(deep_llama):

