@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from archfx.ir import ArchfxError, capture
+from archfx.ir import ArchfxError, ModelSpecError, capture
 from archfx.ir.verify import certify
 
 from . import REGISTRY, Pipeline
@@ -100,8 +100,41 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --onnx: skip archfx's fusion into ONNX Runtime's operators (ir/fuse.py)",
     )
+    s.add_argument(
+        "--keep-intermediate",
+        action="store_true",
+        help="with --onnx: keep the exporter's and the fusion's models beside FILE "
+        "(*.raw.onnx, *.fused.onnx); by default FILE alone is written, self-contained",
+    )
     s.add_argument("--dump-ir", metavar="DIR", help="write the graph before and after every pass")
     s.set_defaults(func=cmd_apply)
+
+    s = sub.add_parser(
+        "generate", help="generate text with MODEL, as rewritten by a pipeline, with a KV cache"
+    )
+    model_args(s)
+    source = s.add_mutually_exclusive_group()
+    source.add_argument("--pipeline", metavar="TEXT", help="rewrite MODEL first (as apply does)")
+    source.add_argument(
+        "--from", dest="from_dir", metavar="DIR", help="the rewritten model `apply --out` saved"
+    )
+    prompt = s.add_mutually_exclusive_group(required=True)
+    prompt.add_argument(
+        "--prompt", nargs="+", metavar="TEXT", help="one or more prompts (one padded batch)"
+    )
+    prompt.add_argument(
+        "--input-ids", metavar="IDS", help="token ids: comma-separated, ';' between sequences"
+    )
+    s.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    s.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
+    s.add_argument(
+        "--onnx", metavar="FILE", help="with --runtime onnx: where to export the decoder"
+    )
+    s.add_argument("--temperature", type=float, metavar="T", help="sample (default: greedy)")
+    s.add_argument("--top-k", type=int, metavar="K")
+    s.add_argument("--top-p", type=float, metavar="P")
+    s.add_argument("--seed", type=int, metavar="S")
+    s.set_defaults(func=cmd_generate)
     return p
 
 
@@ -304,6 +337,8 @@ def cmd_inspect(args, err: Console) -> int:
 
 def cmd_apply(args, err: Console) -> int:
     pipeline = Pipeline.parse(args.pipeline)  # before loading: a typo fails fast
+    if args.keep_intermediate and not args.onnx:
+        raise ArchfxError("--keep-intermediate keeps the ONNX export's intermediates: give --onnx")
     if args.out and not args.force:
         out = Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -339,7 +374,13 @@ def cmd_apply(args, err: Console) -> int:
         from archfx.ir.lower import to_onnx
 
         with _step(err, f"exporting ONNX to {args.onnx}"):
-            onnx = to_onnx(result.graph, args.onnx, fuse=not args.no_fuse, strict=False)
+            onnx = to_onnx(
+                result.graph,
+                args.onnx,
+                fuse=not args.no_fuse,
+                strict=False,
+                keep_intermediate=args.keep_intermediate,
+            )
         data["onnx"] = onnx.to_json()
         if not onnx.ok:
             _fail(f"ONNX check failed: {onnx.failure}")
@@ -359,10 +400,20 @@ def cmd_apply(args, err: Console) -> int:
         data["out"] = str(args.out)
     if args.save_pretrained:
         from .hf_export import save_pretrained
+        from .models import tokenizer
 
         with _step(err, f"writing a Hugging Face checkpoint to {args.save_pretrained}"):
-            save_pretrained(result.graph, loaded.model, args.save_pretrained, force=args.force)
+            tok = tokenizer(loaded, trust_remote_code=args.trust_remote_code)
+            save_pretrained(
+                result.graph,
+                loaded.model,
+                args.save_pretrained,
+                force=args.force,
+                tokenizer=False if tok is None else tok,
+            )
         data["save_pretrained"] = str(args.save_pretrained)
+        # the source model's tokenizer, saved beside the weights (None: the model has none)
+        data["save_pretrained_tokenizer"] = None if tok is None else type(tok).__name__
     if args.json:
         print(json.dumps(data, indent=2))
         return status
@@ -384,12 +435,12 @@ def _verify(graph, result, pipeline):
     preserves), else the rewritten graph run against the input. A graph whose memory persists
     across calls (sdnc(persistent=true)) takes its memory as extra inputs and returns it as
     extra outputs: it is compared as its first call, with the memory empty."""
-    from .sdnc import first_call, is_persistent
+    from .decode import first_call, is_decoder
 
     if result.certificate is not None:
         return result.certificate
     candidate, note = result.graph, None
-    if is_persistent(candidate):
+    if is_decoder(candidate):
         candidate = first_call(candidate)
         note = (
             "persistent memory: compared as the first call (memory empty); the memory "
@@ -458,8 +509,120 @@ def _print_apply(data: dict) -> None:
             out.print(f"  note: {note}")
         for line in o["fusions"] or []:
             out.print(f"  {line}", markup=False)
+        for f in o["files"]:  # the model first, self-contained (past 2 GB: with its .data)
+            size = Path(f).stat().st_size if Path(f).exists() else 0
+            out.print(f"  wrote {f} ({size / 1e6:,.1f} MB)", markup=False, soft_wrap=True)
     if "out" in data:
         out.print(f"saved: {data['out']}")
+    if "save_pretrained" in data:
+        tok = data["save_pretrained_tokenizer"]
+        out.print(
+            f"saved Hugging Face checkpoint: {data['save_pretrained']} "
+            + (
+                f"(with the source model's tokenizer, {tok})"
+                if tok
+                else "(no tokenizer: the source model has none)"
+            ),
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+# generate -------------------------------------------------------------------------------------
+
+
+def cmd_generate(args, err: Console) -> int:
+    from .generate import generate
+    from .models import load, tokenizer
+
+    prompts = _input_ids(args.input_ids) if args.input_ids else None
+    pipeline = Pipeline.parse(args.pipeline) if args.pipeline else None
+    with _step(err, f"loading {args.model}"):
+        loaded = load(args.model, trust_remote_code=args.trust_remote_code)
+        tok = tokenizer(loaded, trust_remote_code=args.trust_remote_code)
+    if prompts is None:
+        if tok is None:
+            raise ModelSpecError(
+                f"{args.model} has no tokenizer: give --input-ids instead of --prompt"
+            )
+        prompts = [tok(text).input_ids for text in args.prompt]
+    if args.from_dir:
+        from .artifact import load as load_saved
+
+        with _step(err, f"loading the rewritten model from {args.from_dir}"):
+            graph = load_saved(args.from_dir, trust_remote_code=args.trust_remote_code)
+    else:
+        with _step(err, f"capturing {type(loaded.model).__name__}"):
+            graph = capture(loaded.model, loaded.example_inputs, method=args.method)
+        if pipeline is not None:
+            with _step(err, f"running {pipeline}"):
+                graph = pipeline.run(graph).graph
+    eos, pad = _special_tokens(loaded.model, tok)
+    streaming = tok is not None and len(prompts) == 1 and not args.json
+    out = _out()
+    shown: list[int] = []
+    printed = [""]
+
+    def show(ids: list[int]) -> None:  # the text so far, printed as it grows
+        shown.append(ids[0])
+        text = tok.decode(shown, skip_special_tokens=True)
+        out.print(text[len(printed[0]) :], end="", soft_wrap=True)
+        printed[0] = text
+
+    what = "generating" + (" (ONNX Runtime)" if args.runtime == "onnx" else "")
+    with _step(err, what) if not streaming else contextlib.nullcontext():
+        result = generate(
+            graph,
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            runtime=args.runtime,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            tokenizer=tok,
+            onnx=args.onnx,
+            on_tokens=show if streaming else None,
+        )
+    data = {"model": args.model, "pipeline": args.pipeline, **result.to_json()}
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    if streaming:
+        out.print()
+    else:
+        for i, new in enumerate(result.new_tokens):
+            text = result.text[i] if result.text else ",".join(map(str, new))
+            out.print(f"[{i}] {text}", soft_wrap=True)
+    err.print(
+        f"{sum(map(len, result.new_tokens))} new tokens ({result.runtime}): prefill "
+        f"{result.prefill_seconds:.2f}s, decode {result.decode_tokens_per_second:.1f} tokens/s"
+    )
+    return 0
+
+
+def _input_ids(text: str) -> list[list[int]]:
+    """`1,2,3;4,5` → [[1, 2, 3], [4, 5]]."""
+    try:
+        rows = [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";")]
+    except ValueError as exc:
+        raise ModelSpecError(
+            f"--input-ids {text!r}: comma-separated integers, ';' between sequences"
+        ) from exc
+    if not rows or any(not r or min(r) < 0 for r in rows):
+        raise ModelSpecError(f"--input-ids {text!r}: every sequence needs non-negative ids")
+    return rows
+
+
+def _special_tokens(model, tok) -> tuple:
+    """End-of-sequence ids and the padding id, as transformers' generate takes them: the
+    model's generation config, then its config, then the tokenizer."""
+    cfgs = [getattr(model, "generation_config", None), getattr(model, "config", None), tok]
+    eos = next((c.eos_token_id for c in cfgs if getattr(c, "eos_token_id", None) is not None), None)
+    pad = next((c.pad_token_id for c in cfgs if getattr(c, "pad_token_id", None) is not None), None)
+    return eos, pad
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ next call's `past_key_values.*` inputs (I/O binding), never copied through Pytho
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,8 +48,48 @@ class Generation:
         return out
 
 
+class Session:
+    """A causal language model ready to generate: its decode form (built and checked once) in
+    PyTorch, or exported to ONNX (`onnx`: the file, a temporary one by default; checked
+    against PyTorch) and loaded in ONNX Runtime with `threads` intra-op threads."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        runtime: str = "torch",
+        *,
+        onnx: str | Path | None = None,
+        threads: int | None = None,
+    ):
+        if runtime not in ("torch", "onnx"):
+            raise PassError(f"unknown runtime {runtime!r}: torch or onnx")
+        self.runtime = runtime
+        self.decoder = decode_form(graph)
+        self.onnx = self.ort = None
+        if runtime == "onnx":
+            from archfx.ir.lower import ort_session
+
+            self.onnx = onnx_decoder(self.decoder, onnx)
+            self.ort = ort_session(self.onnx, threads=threads)
+
+    def with_threads(self, threads: int | None) -> Session:
+        """The same decode form (and ONNX file) in a new ONNX Runtime session."""
+        other = copy.copy(self)
+        if self.onnx is not None:
+            from archfx.ir.lower import ort_session
+
+            other.ort = ort_session(self.onnx, threads=threads)
+        return other
+
+    def stream(self):
+        """A fresh cache: a callable (new tokens, their attention mask) → last logits."""
+        if self.ort is None:
+            return _TorchStep(self.decoder)
+        return _OrtStep(self.ort, self.decoder.device)
+
+
 def generate(
-    graph: Graph,
+    model: Graph | Session,
     prompts: list[list[int]],
     *,
     max_new_tokens: int = 32,
@@ -65,28 +106,22 @@ def generate(
 ) -> Generation:
     """Generate up to `max_new_tokens` after each prompt (token id lists, one batch).
 
-    `graph`: a causal language model, captured and rewritten by any pipeline (its decode form
-    is built and checked here) or already in decode form. `runtime`: "torch", or "onnx" (the
-    decode form exported to `onnx`, a temporary file by default, checked, and run with ONNX
-    Runtime). `on_tokens` receives each step's new ids (one per sequence) as they come."""
-    if runtime not in ("torch", "onnx"):
-        raise PassError(f"unknown runtime {runtime!r}: torch or onnx")
+    `model`: a causal language model, captured and rewritten by any pipeline (or already in
+    decode form), run with `runtime` ("torch", or "onnx": exported to `onnx`, a temporary file
+    by default); or a `Session` prepared once for many generations. `on_tokens` receives each
+    step's new ids (one per sequence) as they come."""
     if max_new_tokens < 1:
         raise PassError("max_new_tokens must be at least 1")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise PassError("every prompt needs at least one token")
     if temperature is not None and temperature <= 0:
         raise PassError("temperature must be positive (leave it out for greedy decoding)")
-    decoder = decode_form(graph)
+    session = model if isinstance(model, Session) else Session(model, runtime, onnx=onnx)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
     ids, mask = left_padded(prompts, pad)
-    device = decoder.device
-    step = (
-        _TorchStep(decoder, device)
-        if runtime == "torch"
-        else _OrtStep(onnx_decoder(decoder, onnx), device)
-    )
+    device = session.decoder.device
+    step = session.stream()
     choose = _chooser(temperature, top_k, top_p, seed)
     seqs = ids.to(device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -114,7 +149,7 @@ def generate(
         text=[tokenizer.decode(t, skip_special_tokens=True) for t in out] if tokenizer else None,
         prefill_seconds=prefill,
         decode_tokens_per_second=calls * len(prompts) / elapsed if calls else 0.0,
-        runtime=runtime,
+        runtime=session.runtime,
     )
 
 
@@ -180,7 +215,7 @@ def _chooser(temperature, top_k, top_p, seed):
 class _TorchStep:
     """One call of the decode form in PyTorch: the last position's logits."""
 
-    def __init__(self, decoder: Graph, device):
+    def __init__(self, decoder: Graph):
         self.stream = MemoryStream(decoder)
 
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -192,13 +227,11 @@ class _OrtStep:
     """One call of the exported decode form in ONNX Runtime with I/O binding: the cache
     outputs stay ONNX Runtime's values and are bound as the next call's inputs."""
 
-    def __init__(self, path: Path, device):
+    def __init__(self, session, device):
         import onnxruntime as ort
 
-        from archfx.ir.lower import ort_session
-
         self.ort = ort
-        self.session = ort_session(path)
+        self.session = session
         self.device = device
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]

@@ -75,3 +75,9 @@ def test_memory(tmp_path):
     out = load("memory").main(["tiny-llama", "--picture", str(tmp_path / "m.png")])
     assert len(out["layers"]) == 2 and out["segment_diff"] <= 1e-5
     assert (tmp_path / "m.png").stat().st_size > 5000
+
+
+def test_generate():
+    out = load("generate").main(["tiny-llama", "--ids", "5,17,33;44,12", "--new", "12"])
+    assert out["same"] == {"torch": True, "onnx": True}
+    assert all(0 < len(t) <= 12 for t in out["new_tokens"])  # up to 12, or to an end token

@@ -1,0 +1,250 @@
+"""Generation with a key/value cache (passes/decode.py, passes/generate.py): greedy tokens equal
+transformers' `generate` on the original model, for every pipeline, both runtimes, prompts
+alone and as one left-padded batch; at every step the logits with the cache equal the
+original model's without it."""
+
+import json
+
+import pytest
+import torch
+
+from archfx.ir import PassError, capture
+from archfx.passes import Pipeline
+from archfx.passes.cli import main as cli
+from archfx.passes.decode import MemoryStream, decode_form, is_decoder
+from archfx.passes.generate import generate, left_padded
+
+from .helpers import model
+
+PIPELINES = [
+    "canonicalize",
+    "altup(k=2)",
+    "ddl(dv=1,value=compat)",
+    "sdnc",
+    "expand-mlp(factor=2),add-layers(n=2)",
+    "canonicalize,expand-hidden(factor=2),add-heads(n=2),expand-mlp(factor=2),add-layers(n=1),"
+    "altup(k=2)",
+]
+FAMILIES = ["tiny-llama", "tiny-gpt2", "tiny-qwen2", "tiny-gemma", "tiny-phi", "tiny-gpt-neox"]
+PROMPTS = [[5, 17, 33, 2, 9], [44, 12, 7], [3, 3, 90, 100, 21, 8, 1]]
+NEW = 32
+
+
+def cases():
+    """Every family × pipeline; a representative few in the default run."""
+    default = {("tiny-llama", p) for p in PIPELINES} | {
+        ("tiny-gpt2", "altup(k=2)"),
+        ("tiny-gemma", "ddl(dv=1,value=compat)"),
+    }
+    return [
+        (f, p) if (f, p) in default else pytest.param(f, p, marks=pytest.mark.slow)
+        for f in FAMILIES
+        for p in PIPELINES
+    ]
+
+
+def reference(m, prompts, new=NEW) -> list[list[int]]:
+    """transformers' greedy `generate` on the original model, one left-padded batch, each
+    sequence cut after its end-of-sequence token as archfx reports it."""
+    ids, mask = left_padded(prompts, 0)
+    with torch.no_grad():
+        out = m.generate(
+            ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0
+        )
+    eos = m.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    rows = out[:, ids.shape[1] :].tolist()
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+
+
+def ours(graph, m, prompts, runtime="torch", new=NEW):
+    return generate(
+        graph,
+        prompts,
+        max_new_tokens=new,
+        runtime=runtime,
+        eos_token_id=m.generation_config.eos_token_id,
+        pad_token_id=0,
+    ).new_tokens
+
+
+def check_steps(graph, m, prompt, steps=8, tolerance=1e-4):
+    """At every step the last position's logits with the cache equal the original model's on
+    the whole sequence so far (≤ tolerance × max |logit|)."""
+    stream = MemoryStream(decode_form(graph))
+    seq = torch.tensor([prompt])
+    with torch.no_grad():
+        logits = stream(seq)[0][:, -1]
+        for _ in range(steps):
+            ref = m(seq).logits[:, -1]
+            diff = float((logits - ref).abs().max())
+            assert diff <= tolerance * max(1.0, float(ref.abs().max())), (seq.shape, diff)
+            token = ref.argmax(-1, keepdim=True)
+            seq = torch.cat([seq, token], 1)
+            logits = stream(token)[0][:, -1]
+
+
+@pytest.mark.parametrize(("family", "pipeline"), cases())
+def test_greedy_tokens_equal_transformers_generate(family, pipeline):
+    m = model(family).eval()
+    graph = Pipeline.parse(pipeline).run(capture(m)).graph
+    assert ours(graph, m, PROMPTS) == reference(m, PROMPTS)  # one padded batch
+    for p in PROMPTS:
+        assert ours(graph, m, [p]) == reference(m, [p])
+    check_steps(graph, m, PROMPTS[2])
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        "altup(k=2)",
+        *(pytest.param(p, marks=pytest.mark.slow) for p in PIPELINES if p != "altup(k=2)"),
+    ],
+)
+def test_onnx_runtime_generates_the_same_tokens(pipeline, tmp_path):
+    import onnx
+
+    m = model("tiny-llama").eval()
+    graph = Pipeline.parse(pipeline).run(capture(m)).graph
+    path = tmp_path / "decoder.onnx"
+    got = generate(
+        graph,
+        PROMPTS,
+        max_new_tokens=NEW,
+        runtime="onnx",
+        onnx=path,
+        eos_token_id=m.generation_config.eos_token_id,
+        pad_token_id=0,
+    )
+    assert got.runtime == "onnx" and got.new_tokens == reference(m, PROMPTS)
+    proto = onnx.load(str(path), load_external_data=False).graph
+    layers = len([i for i in proto.input if i.name.endswith(".key")])
+    assert [i.name for i in proto.input] == [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        *(f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")),
+    ]
+    assert [o.name for o in proto.output] == [
+        "logits",
+        *(f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")),
+    ]
+    past = proto.input[3].type.tensor_type.shape.dim
+    assert past[2].dim_param and not past[2].dim_value  # the cached length is dynamic
+
+
+def test_smollm2_generates_transformers_tokens_after_altup():
+    m = model("smollm2").eval()
+    graph = Pipeline.parse("altup(k=2)").run(capture(m)).graph
+    prompts = [[504, 3575, 282, 4649, 314], [1, 4093, 28, 2, 314, 2593], [504, 1978]]
+    assert ours(graph, m, prompts) == reference(m, prompts)
+    check_steps(graph, m, prompts[0], steps=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_smollm2_every_pipeline_both_runtimes(pipeline, tmp_path):
+    m = model("smollm2").eval()
+    graph = Pipeline.parse(pipeline).run(capture(m)).graph
+    prompts = [[504, 3575, 282, 4649, 314], [1, 4093, 28, 2, 314, 2593], [504, 1978]]
+    ref = reference(m, prompts)
+    assert ours(graph, m, prompts) == ref
+    for p in prompts:
+        assert ours(graph, m, [p]) == reference(m, [p])
+    assert ours(graph, m, prompts, runtime="onnx") == ref
+    check_steps(graph, m, prompts[0], steps=4)
+
+
+def test_hand_written_attention_decodes_like_the_whole_sequence():
+    # nanoGPT (no transformers generate): greedy with the cache equals greedy re-running the
+    # whole sequence through the original model
+    m = model("nanogpt").eval()
+    graph = capture(m)
+    seq = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        for _ in range(12):
+            out = m(seq)
+            logits = out[0] if isinstance(out, tuple) else out
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert generate(graph, [PROMPTS[0]], max_new_tokens=12).new_tokens == [seq[0, 5:].tolist()]
+
+
+@pytest.mark.parametrize(
+    ("name", "pipeline", "why"),
+    [
+        ("tiny-bert", "canonicalize", "not exactly causal"),
+        ("tiny-t5", "canonicalize", "one \\(batch, tokens\\) input"),
+        ("tiny-llama", "sdnc(write=delta)", "not a key/value cache"),
+    ],
+)
+def test_models_that_cannot_decode_are_refused_with_the_reason(name, pipeline, why):
+    graph = Pipeline.parse(pipeline).run(capture(model(name))).graph
+    with pytest.raises(PassError, match=why):
+        decode_form(graph)
+
+
+def test_sampling_options():
+    graph = decode_form(capture(model("tiny-llama")))
+    assert is_decoder(graph) and decode_form(graph) is graph
+    sample = dict(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9)
+    a = generate(graph, PROMPTS, seed=1, **sample).new_tokens
+    assert a == generate(graph, PROMPTS, seed=1, **sample).new_tokens  # seeded: reproducible
+    assert a != generate(graph, PROMPTS, seed=2, **sample).new_tokens
+    greedy = generate(graph, PROMPTS, max_new_tokens=12).new_tokens
+    assert (
+        generate(graph, PROMPTS, max_new_tokens=12, temperature=0.7, top_k=1).new_tokens == greedy
+    )
+    for bad, why in [
+        (dict(top_k=5), "give a temperature"),
+        (dict(temperature=0.0), "positive"),
+        (dict(runtime="tpu"), "unknown runtime"),
+        (dict(max_new_tokens=0), "at least 1"),
+    ]:
+        with pytest.raises(PassError, match=why):
+            generate(graph, PROMPTS, **{"max_new_tokens": 4, **bad})
+    with pytest.raises(PassError, match="at least one token"):
+        generate(graph, [[1, 2], []])
+
+
+def test_cli_generate_json_from_a_pipeline_and_from_a_saved_model(capsys, tmp_path):
+    m = model("tiny-llama").eval()
+    ids = "5,17,33,2,9;44,12,7"
+    code = cli(["generate", "tiny-llama", "--pipeline", "altup(k=2)", "--input-ids", ids, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["new_tokens"] == reference(m, PROMPTS[:2])
+    assert data["runtime"] == "torch" and data["prefill_seconds"] > 0
+    assert data["decode_tokens_per_second"] > 0 and "text" not in data  # no tokenizer
+    saved = tmp_path / "saved"
+    assert cli(["apply", "tiny-llama", "--pipeline", "altup(k=2)", "--out", str(saved)]) == 0
+    capsys.readouterr()
+    code = cli(["generate", "tiny-llama", "--from", str(saved), "--input-ids", ids, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["new_tokens"] == data["new_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--prompt", "hello"], "no tokenizer: give --input-ids"),
+        (["--input-ids", "1,x"], "comma-separated integers"),
+        (["--input-ids", "1,2;"], "every sequence needs"),
+        (["--input-ids", "1", "--pipeline", "nope"], "unknown pass"),
+    ],
+)
+def test_cli_generate_errors(capsys, argv, why):
+    code = cli(["generate", "tiny-llama", *argv])
+    _, err = capsys.readouterr()
+    assert code != 0 and why in err
+
+
+@pytest.mark.slow
+def test_cli_streams_smollm2_text(capsys):
+    code = cli(
+        ["generate", "smollm2", "--prompt", "The capital of France is", "--max-new-tokens", "8"]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Paris" in out and "decode" in err
