@@ -373,15 +373,17 @@ def cmd_apply(args, err: Console) -> int:
     if args.onnx:
         from archfx.ir.lower import to_onnx
 
-        with _step(err, f"exporting ONNX to {args.onnx}"):
+        with _step(err, "building the decode form (causal language models)"):
+            exported, form, why = _onnx_form(result.graph)
+        with _step(err, f"exporting ONNX ({form}) to {args.onnx}"):
             onnx = to_onnx(
-                result.graph,
+                exported,
                 args.onnx,
                 fuse=not args.no_fuse,
                 strict=False,
                 keep_intermediate=args.keep_intermediate,
             )
-        data["onnx"] = onnx.to_json()
+        data["onnx"] = {**onnx.to_json(), "form": form, "form_note": why}
         if not onnx.ok:
             _fail(f"ONNX check failed: {onnx.failure}")
             status = 1
@@ -419,6 +421,20 @@ def cmd_apply(args, err: Console) -> int:
         return status
     _print_apply(data)
     return status
+
+
+def _onnx_form(graph):
+    """What `--onnx` exports: a causal language model's decode form (the ecosystem's
+    decoder-with-past: input_ids, attention_mask, position_ids, past_key_values.* → logits,
+    present.*), any other model as it is, with the reason it has no decode form."""
+    from archfx.ir import PassError
+
+    from .decode import decode_form
+
+    try:
+        return decode_form(graph), "decoder-with-past", None
+    except PassError as exc:
+        return graph, "whole-sequence", f"no decode form: {exc}"
 
 
 def _params(before, after) -> dict:
@@ -497,8 +513,11 @@ def _print_apply(data: dict) -> None:
     if "onnx" in data:
         o = data["onnx"]
         out.print(
-            f"onnx: {o['path']} max |Δ| = {o['max_abs_diff']:.3e} ({', '.join(o['providers'])})"
+            f"onnx: {o['path']} ({o['form']}) max |Δ| = {o['max_abs_diff']:.3e} "
+            f"({', '.join(o['providers'])})"
         )
+        if o["form_note"]:
+            out.print(f"  note: {o['form_note']}")
         for c in o["outputs"]:  # relative to the output's scale, against PyTorch's fp64 run
             fp64 = "—" if c["fp64_error"] is None else f"{c['fp64_error']:.1e}"
             out.print(
