@@ -17,7 +17,6 @@ from archfx.passes.generate import onnx_decoder
 
 from .helpers import model
 
-
 PROMPTS = [[5, 17, 33, 2, 9], [44, 12, 7], [3, 3, 90, 100, 21, 8, 1]]
 NEW = 16
 
