@@ -4,20 +4,21 @@ Per batch size (1 and 8) and thread count (one, and every core), each the best o
 interleaved runs of `--prompt` prompt tokens and `--new` new tokens (no early stop):
 
 - transformers `generate` with its KV cache on the original model (the reference);
-- archfx in PyTorch: the decode form (passes/decode.py) of the canonicalized graph, of
-  `altup(k=2)` and of `ddl(dv=1,value=compat)`;
-- archfx in ONNX Runtime: the canonicalized graph's decode form exported, cache bound on
-  ONNX Runtime's side (I/O binding).
+- archfx in PyTorch: the decode form (passes/decode.py) of the canonicalized graph, and of
+  `altup(k=2)` and `ddl(dv=1,value=compat)` applied to it;
+- archfx in ONNX Runtime: the same three decode forms exported, the cache bound on ONNX
+  Runtime's side (I/O binding).
 
 Printed: end-to-end tokens/s (prefill + decode, all sequences) and decode time per token,
 with the ratios the targets name — archfx torch / transformers ≥ 1.0, archfx ONNX /
-transformers ≥ 1.5, altup and ddl decode time per token / the canonicalized graph's ≤ 1.10.
-transformers' decode time is its whole time less a one-token run's (its prefill).
-Then the time of each decode step against the context length (batch 1, every core, up to
-`--context` tokens) for archfx torch and ONNX: a linear fit (slope per 1k tokens, R²) and a plot.
+transformers ≥ 1.5, a scheme's decode time per token / the canonicalized graph's in the same
+runtime ≤ 1.10. transformers' decode time is its whole time less a one-token run's (its
+prefill). Then the time of each decode step against the context length (batch 1, every core,
+up to `--context` tokens) for archfx torch and ONNX, their steps interleaved: a linear fit to
+the median of every BIN steps (slope per 1k tokens, R²) and a plot.
 
-    python benchmarks/generate.py [--prompt 128] [--new 128] [--rounds 2] [--context 1024]
-                                  [--out docs/results-generate]
+    python benchmarks/generate.py [--prompt 128] [--new 128] [--rounds 3] [--context 1024]
+                                  [--batches 1,8] [--out docs/results-generate]
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ from archfx.passes import Pipeline
 from archfx.passes.generate import Session, generate
 from archfx.passes.zoo import build
 
-SCHEMES = {
-    "canonicalize": "archfx torch",
-    "altup(k=2)": "altup(k=2)",
-    "ddl(dv=1,value=compat)": "ddl(dv=1)",
+PIPELINES = {  # column name: pipeline (the schemes on the canonicalized graph)
+    "": "canonicalize",
+    " altup(k=2)": "canonicalize,altup(k=2)",
+    " ddl(dv=1)": "canonicalize,ddl(dv=1,value=compat)",
 }
 
 
@@ -86,22 +87,36 @@ def measure(model, sessions: dict, prompt: int, new: int, batch: int, rounds: in
     }
 
 
-def per_step(session: Session, prompt: int, context: int) -> tuple[list[int], list[float]]:
-    """Each decode step's seconds against the context length it reads (batch 1)."""
+BIN = 32  # steps per point of the step-time fit (the median: robust to the machine's noise)
+
+
+def per_step(sessions: dict, prompt: int, context: int) -> dict:
+    """Each decode step's seconds against the context length it reads (batch 1), the
+    sessions' steps interleaved so that the machine's slow spells fall on all of them; a
+    linear fit to the median step time of every BIN steps."""
     ids = torch.randint(100, 49000, (1, prompt), generator=torch.Generator().manual_seed(0))
-    step = session.stream()
-    logits = step(ids, torch.ones_like(ids))
-    lengths, seconds = [], []
+    streams = {name: s.stream() for name, s in sessions.items()}
+    logits = {name: st(ids, torch.ones_like(ids)) for name, st in streams.items()}
+    out = {name: {"lengths": [], "seconds": []} for name in sessions}
     for n in range(prompt, context):
-        token = logits.argmax(-1, keepdim=True)
-        t0 = time.perf_counter()
-        logits = step(token, torch.ones_like(token))
-        seconds.append(time.perf_counter() - t0)
-        lengths.append(n + 1)
-    return lengths, seconds
+        for name, st in streams.items():
+            token = logits[name].argmax(-1, keepdim=True)
+            t0 = time.perf_counter()
+            logits[name] = st(token, torch.ones_like(token))
+            out[name]["seconds"].append(time.perf_counter() - t0)
+            out[name]["lengths"].append(n + 1)
+    for c in out.values():
+        x, y = np.asarray(c["lengths"]), np.asarray(c["seconds"])
+        bins = range(0, len(x) - BIN + 1, BIN)
+        c["bins"] = (
+            [float(np.median(x[i : i + BIN])) for i in bins],
+            [float(np.median(y[i : i + BIN])) for i in bins],
+        )
+        c["fit"] = linear_fit(*c["bins"])
+    return out
 
 
-def linear_fit(x: list[int], y: list[float]) -> dict:
+def linear_fit(x: list, y: list) -> dict:
     a, b = np.polyfit(np.asarray(x, float), np.asarray(y, float), 1)
     pred = a * np.asarray(x) + b
     ss = float(((np.asarray(y) - pred) ** 2).sum())
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--out", default="docs/results-generate")
@@ -123,44 +138,42 @@ def main(argv: list[str] | None = None) -> dict:
     cores = os.cpu_count() or 1
     model = build("smollm2").eval()
     graph = capture(model)
-    sessions = {}
-    for text, name in SCHEMES.items():
-        t0 = time.perf_counter()
-        sessions[name] = Session(Pipeline.parse(text).run(graph).graph)
-        print(f"{name}: decode form in {time.perf_counter() - t0:.1f}s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        onnx = Session(
-            Pipeline.parse("canonicalize").run(graph).graph, "onnx", onnx=Path(tmp) / "decoder.onnx"
-        )
-        ort_threads = {t: onnx.with_threads(t) for t in sorted({1, cores})}
-        print(f"archfx ONNX: exported in {time.perf_counter() - t0:.1f}s", flush=True)
+        torch_sessions, onnx_sessions = {}, {}
+        for suffix, text in PIPELINES.items():
+            rewritten = Pipeline.parse(text).run(graph).graph
+            t0 = time.perf_counter()
+            torch_sessions["archfx torch" + suffix] = Session(rewritten)
+            t1 = time.perf_counter()
+            onnx_sessions["archfx ONNX" + suffix] = Session(
+                rewritten, "onnx", onnx=Path(tmp) / f"decoder{len(onnx_sessions)}.onnx"
+            )
+            print(
+                f"{text}: decode form {t1 - t0:.1f}s, ONNX export {time.perf_counter() - t1:.1f}s",
+                flush=True,
+            )
         table = []
         for threads in sorted({1, cores}):
             torch.set_num_threads(threads)
+            ort = {name: s.with_threads(threads) for name, s in onnx_sessions.items()}
             for batch in map(int, args.batches.split(",")):
                 runs = measure(
-                    model,
-                    {**sessions, "archfx ONNX": ort_threads[threads]},
-                    args.prompt,
-                    args.new,
-                    batch,
-                    args.rounds,
+                    model, {**torch_sessions, **ort}, args.prompt, args.new, batch, args.rounds
                 )
                 table.append({"threads": threads, "batch": batch, "runs": runs})
                 _print_row(table[-1])
         torch.set_num_threads(cores)
-        context = {}
-        for name, session in (
-            ("archfx torch", sessions["archfx torch"]),
-            ("archfx ONNX", ort_threads[cores]),
-        ):
-            x, y = per_step(session, args.prompt, args.context)
-            context[name] = {"lengths": x, "seconds": y, "fit": linear_fit(x, y)}
-            f = context[name]["fit"]
+        pair = {
+            "archfx torch": torch_sessions["archfx torch"],
+            "archfx ONNX": onnx_sessions["archfx ONNX"].with_threads(cores),
+        }
+        context = per_step(pair, args.prompt, args.context)
+        for name, c in context.items():
+            f = c["fit"]
             print(
-                f"{name}: step time {f['ms_at_start']:.1f} ms at {x[0]} tokens, "
-                f"+{f['ms_per_1k_tokens']:.2f} ms per 1k tokens of context, R² {f['r2']:.3f}"
+                f"{name}: step time {f['ms_at_start']:.1f} ms at {c['lengths'][0]} tokens, "
+                f"+{f['ms_per_1k_tokens']:.2f} ms per 1k tokens of context "
+                f"(fit to the median of every {BIN} steps: R² {f['r2']:.3f})"
             )
     _plot(context, out / "step_time.png")
     result = {
@@ -170,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": args.rounds,
         "torch": torch.__version__,
         "table": table,
-        "context": {k: {"fit": v["fit"]} for k, v in context.items()},
+        "context": {k: {"fit": v["fit"], "bins": v["bins"]} for k, v in context.items()},
     }
     (out / "generate.json").write_text(json.dumps(result, indent=2))
     return result
@@ -179,14 +192,14 @@ def main(argv: list[str] | None = None) -> dict:
 def _print_row(row: dict) -> None:
     runs = row["runs"]
     ref = runs["transformers"]
-    canon = runs["archfx torch"]
     print(f"\nthreads {row['threads']}, batch {row['batch']}")
-    print(f"{'':16} {'tokens/s':>9} {'× tf':>6} {'ms/token':>9} {'× canon':>8}")
+    print(f"{'':24} {'tokens/s':>9} {'× tf':>6} {'ms/token':>9} {'× canonicalized':>16}")
     for name, r in runs.items():
+        base = runs["archfx ONNX" if "ONNX" in name else "archfx torch"]
         print(
-            f"{name:16} {r['tokens_per_s']:9.2f} {r['tokens_per_s'] / ref['tokens_per_s']:6.2f} "
+            f"{name:24} {r['tokens_per_s']:9.2f} {r['tokens_per_s'] / ref['tokens_per_s']:6.2f} "
             f"{r['decode_ms_per_token']:9.2f} "
-            f"{r['decode_ms_per_token'] / canon['decode_ms_per_token']:8.2f}",
+            f"{r['decode_ms_per_token'] / base['decode_ms_per_token']:16.2f}",
             flush=True,
         )
 
@@ -200,11 +213,18 @@ def _plot(context: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, c in context.items():
         x, y = np.asarray(c["lengths"]), np.asarray(c["seconds"]) * 1e3
-        ax.plot(x, y, ".", ms=2, alpha=0.4, label=f"{name} (each step)")
+        ax.plot(x, y, ".", ms=2, alpha=0.3, label=f"{name} (each step)")
+        ax.plot(
+            c["bins"][0],
+            np.asarray(c["bins"][1]) * 1e3,
+            "o",
+            ms=4,
+            label=f"{name}: median of {BIN}",
+        )
         f = c["fit"]
         ax.plot(
             x,
-            f["ms_at_start"] + (x - x[0]) * f["ms_per_1k_tokens"] / 1e3,
+            f["ms_at_start"] + (x - c["bins"][0][0]) * f["ms_per_1k_tokens"] / 1e3,
             "-",
             label=f"{name}: linear fit, R² {f['r2']:.2f}",
         )

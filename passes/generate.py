@@ -93,7 +93,7 @@ def generate(
     prompts: list[list[int]],
     *,
     max_new_tokens: int = 32,
-    runtime: str = "torch",
+    runtime: str | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -107,22 +107,29 @@ def generate(
     """Generate up to `max_new_tokens` after each prompt (token id lists, one batch).
 
     `model`: a causal language model, captured and rewritten by any pipeline (or already in
-    decode form), run with `runtime` ("torch", or "onnx": exported to `onnx`, a temporary file
-    by default); or a `Session` prepared once for many generations. `on_tokens` receives each
-    step's new ids (one per sequence) as they come."""
+    decode form), run with `runtime` ("torch", the default, or "onnx": exported to `onnx`, a
+    temporary file by default); or a `Session` prepared once for many generations (which
+    fixes the runtime). `on_tokens` receives each step's new ids (one per sequence)."""
     if max_new_tokens < 1:
         raise PassError("max_new_tokens must be at least 1")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise PassError("every prompt needs at least one token")
     if temperature is not None and temperature <= 0:
         raise PassError("temperature must be positive (leave it out for greedy decoding)")
-    session = model if isinstance(model, Session) else Session(model, runtime, onnx=onnx)
+    choose = _chooser(temperature, top_k, top_p, seed)
+    if isinstance(model, Session):
+        if runtime not in (None, model.runtime) or onnx is not None:
+            raise PassError(
+                f"this Session runs on {model.runtime}: runtime and onnx are the Session's"
+            )
+        session = model
+    else:
+        session = Session(model, runtime or "torch", onnx=onnx)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
     ids, mask = left_padded(prompts, pad)
     device = session.decoder.device
     step = session.stream()
-    choose = _chooser(temperature, top_k, top_p, seed)
     seqs = ids.to(device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     new: list[torch.Tensor] = []

@@ -87,32 +87,30 @@ def tokenizer(loaded: Loaded, *, trust_remote_code: bool = False):
         if name == "minilm":
             return tokenizer_from(packaged.minilm_dir())
         if name == "smollm2":
-            return tokenizer_from(packaged.smollm2_dir(), gguf_file=packaged.SMOLLM2_GGUF)
+            return packaged.smollm2_tokenizer()
         return None
     if kind == "hf-dir":
         return tokenizer_from(loaded.source["path"], trust_remote_code=trust_remote_code)
     return tokenizer_from(getattr(loaded.model, "name_or_path", None))
 
 
-def tokenizer_from(directory, *, trust_remote_code: bool = False, gguf_file: str | None = None):
+def tokenizer_from(directory, *, trust_remote_code: bool = False):
     """AutoTokenizer from the local directory `directory` (no hub), or None when it has no
-    tokenizer files or they do not load."""
+    tokenizer files; files that do not load are an error, not a missing tokenizer."""
     if not directory or not Path(directory).is_dir():
         return None
     directory = Path(directory)
-    if gguf_file is None and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(
-            str(directory),
-            local_files_only=True,
-            trust_remote_code=trust_remote_code,
-            **({"gguf_file": gguf_file} if gguf_file else {}),
+            str(directory), local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except Exception:  # no usable tokenizer: the checkpoint is written without one
-        return None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSpecError(f"{directory} has tokenizer files that do not load: {first}") from exc
 
 
 def _call(spec: str):

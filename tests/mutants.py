@@ -36,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ORACLE = "tests/test_oracles.py::"
+GENERATE = "tests/test_generate.py::test_greedy_tokens_equal_transformers_generate"
 TIMEOUT = 1200  # seconds per pytest run
 
 
@@ -448,6 +449,39 @@ MUTANTS = [
         "    out[norm.weight] = 1 / m\n",
         "",
         ("tests/test_growth.py::test_each_growth_is_exact_or_refused_with_its_reason[tiny-bart]",),
+    ),
+    # generation with a key/value cache (passes/decode.py, passes/generate.py)
+    Mutant(
+        "decode-padding-read",
+        "a query never reads a padding slot",
+        "passes/decode.py",
+        "seen = _node(g, like, aten.logical_and.default, (causal, real))",
+        "seen = causal",
+        (GENERATE + "[tiny-llama-canonicalize]",),
+    ),
+    Mutant(
+        "decode-padding-row-masked",
+        "a padding row reads its own slot (finite: no NaN reaches the tokens)",
+        "passes/decode.py",
+        "return _node(g, like, aten.logical_or.default, (seen, own))",
+        "return seen",
+        (GENERATE + "[tiny-llama-canonicalize]",),
+    ),
+    Mutant(
+        "generate-positions-count-padding",
+        "positions count the tokens that are not padding (transformers' rule)",
+        "passes/decode.py",
+        "return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -q:]",
+        "return torch.arange(mask.shape[1]).expand_as(mask)[:, -q:]",
+        (GENERATE + "[tiny-gpt2-altup(k=2)]",),
+    ),
+    Mutant(
+        "generate-onnx-cache-dropped",
+        "ONNX Runtime's cache outputs are the next call's inputs",
+        "passes/generate.py",
+        "        self.cache = list(values[-len(self.past) :])\n",
+        "",
+        ("tests/test_generate.py::test_onnx_runtime_generates_the_same_tokens[altup(k=2)]",),
     ),
 ]
 

