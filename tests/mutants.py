@@ -481,7 +481,9 @@ MUTANTS = [
         "passes/generate.py",
         "        self.cache = list(values[-len(self.past) :])\n",
         "",
-        ("tests/test_generate.py::test_onnx_runtime_generates_the_same_tokens[altup(k=2)]",),
+        (
+            "tests/test_generate.py::test_onnx_runtime_generates_the_same_tokens[tiny-llama-altup(k=2)]",
+        ),
     ),
 ]
 
