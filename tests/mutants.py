@@ -465,7 +465,7 @@ MUTANTS = [
         "passes/decode.py",
         "return _node(g, like, aten.logical_or.default, (seen, own))",
         "return seen",
-        (GENERATE + "[tiny-llama-canonicalize]",),
+        (GENERATE + "[family:gemma2-canonicalize]",),
     ),
     Mutant(
         "generate-positions-count-padding",
