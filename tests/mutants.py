@@ -457,7 +457,7 @@ MUTANTS = [
         "passes/decode.py",
         "seen = _node(g, like, aten.logical_and.default, (causal, real))",
         "seen = causal",
-        (GENERATE + "[tiny-llama-canonicalize]",),
+        (GENERATE + "[tiny-llama-altup(k=2)]",),
     ),
     Mutant(
         "decode-padding-row-masked",

@@ -40,9 +40,9 @@ NEW = 32
 
 def cases():
     """Every family × pipeline; a representative few in the default run."""
-    default = {("tiny-llama", p) for p in PIPELINES} | {
+    default = {("tiny-llama", p) for p in PIPELINES[1:4]} | {
+        ("tiny-llama", PIPELINES[-1]),
         ("tiny-gpt2", "altup(k=2)"),
-        ("tiny-gemma", "ddl(dv=1,value=compat)"),
         ("family:gemma2", "canonicalize"),
     }
     return [
