@@ -44,7 +44,7 @@ from archfx.ir.memory import DELTA, READ, WRITE
 from archfx.ir.ops import SOFTMAX, aten, is_call, op_arg
 from archfx.ir.verify import refresh_shapes, shape_signature
 
-from .sdnc import _node, check_causal, from_sdpa, parse_attention
+from .sdnc import _needs_values, _node, check_causal, from_sdpa, parse_attention
 
 PAST = "past_key_values"
 PRESENT = "present"
@@ -59,13 +59,25 @@ def is_decoder(graph: Graph) -> bool:
 
 
 def decode_form(graph: Graph) -> Graph:
-    """The decode form of `graph` (a copy; `graph` is untouched and a graph already in decode
-    form is returned as is). Raises PassError naming what makes the model undecodable."""
+    """The decode form of `graph` (a new graph on the same parameters; `graph` is untouched and
+    a graph already in decode form is returned as is). Raises PassError naming what makes the model undecodable."""
     if is_decoder(graph):
         return graph
-    out = graph.copy()
+    out = _sharing(graph, copy.deepcopy(graph.gm.graph), graph.inputs, graph.output_names)
     persist(out, memory_reads(out))
     return out
+
+
+def _sharing(graph: Graph, g: fx.Graph, inputs: Inputs, output_names: list[str]) -> Graph:
+    """A Graph running `g` on `graph`'s parameters (shared, not copied: the decode form and
+    the first call change no weight)."""
+    return Graph(
+        fx.GraphModule(graph.gm, g),
+        inputs,
+        list(output_names),
+        dict(graph.provenance),
+        dict(graph.range_constraints),
+    )
 
 
 def memory_reads(graph: Graph) -> list[fx.Node]:
@@ -108,11 +120,7 @@ def memory_reads(graph: Graph) -> list[fx.Node]:
 def persist(graph: Graph, reads: list[fx.Node]) -> None:
     """Rewrite `graph` (whose attentions are the memory `reads`) into its decode form, in place,
     and check the claim on the example tokens."""
-    if graph.device.type == "meta":
-        raise PassError(
-            "the decode form is checked by running the example inputs, which a model on the "
-            "meta device (structure only, no values) cannot do; load the weights first"
-        )
+    _needs_values(graph)
     phs = graph.placeholders
     val = phs[0].meta["val"] if len(phs) == 1 else None
     if val is None or val.dim() != 2 or val.is_floating_point():
@@ -379,13 +387,11 @@ def first_call(graph: Graph) -> Graph:
     out = next(n for n in g.nodes if n.op == "output")
     out.args = (tuple(out.args[0][:-count]),)
     g.eliminate_dead_code()
-    gm = fx.GraphModule(graph.gm, g)  # the same parameters, not a copy
-    result = Graph(
-        gm,
+    result = _sharing(
+        graph,
+        g,
         Inputs(graph.inputs.names[:1], graph.inputs.tensors[:1], True, graph.inputs.fixed),
         graph.output_names[:-count],
-        dict(graph.provenance),
-        dict(graph.range_constraints),
     )
     refresh_shapes(result)
     return result

@@ -15,6 +15,7 @@ next call's `past_key_values.*` inputs (I/O binding), never copied through Pytho
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +51,8 @@ class Generation:
 
 class Session:
     """A causal language model ready to generate: its decode form (built and checked once) in
-    PyTorch, or exported to ONNX (`onnx`: the file, a temporary one by default; checked
+    PyTorch, or exported to ONNX (`onnx`: the file; by default one of the Session's own,
+    deleted with it; checked
     against PyTorch) and loaded in ONNX Runtime with `threads` intra-op threads."""
 
     def __init__(
@@ -69,6 +71,9 @@ class Session:
         if runtime == "onnx":
             from archfx.ir.lower import ort_session
 
+            if onnx is None:  # a file of the Session's own, deleted with it
+                self._tmp = tempfile.TemporaryDirectory(prefix="archfx-decoder-")
+                onnx = Path(self._tmp.name) / "decoder.onnx"
             self.onnx = onnx_decoder(self.decoder, onnx)
             self.ort = ort_session(self.onnx, threads=threads)
 
@@ -171,15 +176,10 @@ def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def onnx_decoder(decoder: Graph, path: str | Path | None) -> Path:
-    """The decode form exported to ONNX (checked against PyTorch) at `path`, or in a temporary
-    directory kept for the process when `path` is None."""
-    import tempfile
-
+def onnx_decoder(decoder: Graph, path: str | Path) -> Path:
+    """The decode form exported to ONNX at `path` (checked against PyTorch)."""
     from archfx.ir.lower import to_onnx
 
-    if path is None:
-        path = Path(tempfile.mkdtemp(prefix="archfx-decoder-")) / "decoder.onnx"
     to_onnx(decoder, path)
     return Path(path)
 
