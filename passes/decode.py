@@ -40,6 +40,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic
 from torch.utils._sympy.value_ranges import ValueRanges
 
 from archfx.ir import AnalysisError, Graph, Inputs, PassError
+from archfx.ir.errors import first_line
 from archfx.ir.memory import DELTA, READ, WRITE
 from archfx.ir.ops import SOFTMAX, aten, is_call, op_arg
 from archfx.ir.verify import refresh_shapes, shape_signature
@@ -50,6 +51,10 @@ PAST = "past_key_values"
 PRESENT = "present"
 EXAMPLE_PAST = 2  # the example's cached slots: the export keeps the length dynamic
 TOLERANCE = 1e-4
+WHY = (
+    "the model derives positions from something other than an arange over its tokens, "
+    "or attends in a way archfx did not turn into a cache"
+)
 ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 
 
@@ -194,10 +199,17 @@ def persist(graph: Graph, reads: list[fx.Node]) -> None:
         *graph.output_names,
         *(n.replace(PAST, PRESENT, 1) for n in names),
     ]
-    graph.inputs = _example(graph, tokens, names)
-    graph.invalidate()
-    refresh_shapes(graph, before)
-    _check(graph, tokens, whole, row, alone)
+    try:
+        graph.inputs = _example(graph, tokens, names)
+        graph.invalidate()
+        refresh_shapes(graph, before)
+        _check(graph, tokens, whole, row, alone)
+    except PassError:
+        raise
+    except Exception as exc:  # the form does not even run: a refusal, with what broke
+        raise PassError(
+            f"decode form: it does not run on the example tokens ({first_line(exc)}): {WHY}"
+        ) from exc
 
 
 def _new_length(graph: Graph, mode) -> torch.SymInt:
@@ -253,8 +265,7 @@ def _compare(name: str, got: torch.Tensor, ref: torch.Tensor, how: str) -> None:
     if not diff <= TOLERANCE * max(1.0, float(ref.abs().max())):
         raise PassError(
             f"decode form: {name} {how} differs from the whole sequence's by {diff:.2e} on the "
-            "example tokens: the model derives positions from something other than an arange "
-            "over its tokens, or attends in a way archfx did not turn into a cache"
+            f"example tokens: {WHY}"
         )
 
 

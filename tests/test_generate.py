@@ -270,3 +270,32 @@ def test_cli_streams_smollm2_text(capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "Paris" in out and "decode" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        (
+            "xt-gqa-swiglu",
+            "does not run on the example tokens",
+        ),  # a reshape of its positions breaks
+        ("litgpt-llama", "differs from the whole sequence"),  # positions from elsewhere
+    ],
+)
+def test_third_party_models_outside_transformers_are_refused_not_crashed(name, why):
+    from .thirdparty import THIRDPARTY
+
+    built, example = THIRDPARTY[name].build()
+    with pytest.raises(PassError, match=why):
+        decode_form(capture(built, example))
+
+
+@pytest.mark.parametrize("name", ["hf-mixtral", "hf-phi3"])
+def test_held_out_hugging_face_families_decode(name):
+    from .thirdparty import HF_HELD_OUT
+
+    built, example = HF_HELD_OUT[name].build()
+    graph = capture(built, example)
+    m = built.eval()
+    prompts = [[5, 17, 33, 2, 9], [44, 12, 7]]
+    assert ours(graph, m, prompts, new=12) == reference(m, prompts, new=12)
