@@ -82,6 +82,8 @@ def _read(
     enable_gqa=False,
     softcap=None,
 ):
+    if enable_gqa and query.dim() == 4 and query.shape[1] != addresses.shape[1]:
+        return _grouped(query, addresses, contents, attn_mask, dropout_p, is_causal, scale, softcap)
     if softcap is None and query.dim() == 4:
         return F.scaled_dot_product_attention(
             query,
@@ -107,6 +109,40 @@ def _read(
     if enable_gqa:
         contents = _per_read_head(contents, query)
     return torch.matmul(w, contents)
+
+
+def _grouped(query, addresses, contents, attn_mask, dropout_p, is_causal, scale, softcap):
+    """A GQA read without repeating the banks: the g query heads [B, H, n, d] of each key head
+    read as g·n queries [B, H/g, g·n, d] of its bank (the mask repeated over the g groups)."""
+    b, h, n, d = query.shape
+    hk, slots = addresses.shape[1], addresses.shape[-2]
+    g = h // hk
+    mask = attn_mask
+    if is_causal:
+        causal = torch.ones(n, slots, dtype=torch.bool, device=query.device).tril()
+        if mask is None:
+            mask = causal
+        elif mask.dtype == torch.bool:
+            mask = mask & causal
+        else:
+            mask = mask.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        mb = mask.shape[0]
+        if mask.shape[1] == 1:
+            mask = mask.unsqueeze(2).expand(mb, 1, g, n, slots).reshape(mb, 1, g * n, slots)
+        else:
+            mask = mask.expand(mb, h, n, slots).reshape(mb, hk, g * n, slots)
+    out = _read(
+        query.reshape(b, hk, g * n, d),
+        addresses,
+        contents,
+        mask,
+        dropout_p,
+        scale=scale,
+        softcap=softcap,
+    )
+    return out.reshape(b, h, n, out.shape[-1])
 
 
 def _per_read_head(bank: torch.Tensor, query: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ from torch.utils._sympy.value_ranges import ValueRanges
 from archfx.ir import AnalysisError, Graph, Inputs, PassError
 from archfx.ir.errors import first_line
 from archfx.ir.memory import DELTA, READ, WRITE
-from archfx.ir.ops import SOFTMAX, aten, is_call, op_arg
+from archfx.ir.ops import IDENTITY, SOFTMAX, aten, is_call, op_arg
 from archfx.ir.verify import refresh_shapes, shape_signature
 
 from .sdnc import _needs_values, _node, check_causal, from_sdpa, parse_attention
@@ -210,6 +210,70 @@ def persist(graph: Graph, reads: list[fx.Node]) -> None:
         raise PassError(
             f"decode form: it does not run on the example tokens ({first_line(exc)}): {WHY}"
         ) from exc
+
+
+def last_position(decoder: Graph) -> Graph:
+    """`decoder` computing its token outputs at the last position only — all generation reads,
+    so a prefill of n tokens projects one row onto the vocabulary, not n (transformers'
+    `logits_to_keep=1`). Each token output's head, the projection by a weight it ends in
+    (through casts and elementwise ops such as soft-capping), reads the last token's hidden
+    state instead of every token's. A new graph on the same parameters, checked on the
+    example against the decode form's last position; raises PassError naming an output that
+    does not end in such a head."""
+    if not is_decoder(decoder):
+        raise PassError("last_position needs a graph in decode form")
+    g = copy.deepcopy(decoder.gm.graph)
+    count = sum(n.startswith(f"{PRESENT}.") for n in decoder.output_names)
+    out = next(n for n in g.nodes if n.op == "output")
+    ids = next(n for n in g.nodes if n.op == "placeholder")
+    seq = str(ids.meta["val"].shape[1])
+    heads = {}
+    for name, x in zip(decoder.output_names, out.args[0][:-count], strict=False):
+        head = _head(x, seq)
+        if head is None:
+            raise PassError(
+                f"last_position: output {name} does not end in a projection of each token's "
+                "hidden state by a weight"
+            )
+        heads[head] = head.args[0]
+    for head, h in heads.items():
+        with g.inserting_before(head):
+            last = _node(g, h, aten.slice.Tensor, (h, 1, -1, 2**63 - 1))
+        head.args = (last, *head.args[1:])
+    result = _sharing(decoder, g, decoder.inputs, decoder.output_names)
+    refresh_shapes(result)
+    with torch.no_grad():
+        whole = decoder(*decoder.inputs.tensors)
+        got = result(*result.inputs.tensors)
+    for name, ref, value in zip(decoder.output_names[:-count], whole, got, strict=False):
+        _compare(name, value, ref[:, -1:], "at the last position alone")
+    return result
+
+
+def _head(x: fx.Node, seq: str) -> fx.Node | None:
+    """The projection `x` ends in: a linear map by a weight of a [batch, tokens, features]
+    value, reached from `x` through casts and elementwise ops of that one value."""
+    while x.op == "call_function":
+        if is_call(x, {aten.linear.default, aten.matmul.default}) and _weight(x.args[1]):
+            h = x.args[0].meta.get("val")
+            ok = h is not None and h.dim() == 3 and str(h.shape[1]) == seq
+            return x if ok else None
+        values = [a for a in x.args if isinstance(a, fx.Node) and not _weight(a)]
+        if len(values) != 1 or not (is_call(x, IDENTITY) or _elementwise(x)):
+            return None
+        x = values[0]
+    return None
+
+
+def _weight(x) -> bool:
+    """`x` is a parameter (or a transposed or cast view of one)."""
+    while isinstance(x, fx.Node) and is_call(x, {aten.t.default, aten.permute.default, *IDENTITY}):
+        x = x.args[0]
+    return isinstance(x, fx.Node) and x.op == "get_attr"
+
+
+def _elementwise(x: fx.Node) -> bool:
+    return torch.Tag.pointwise in getattr(x.target, "tags", ())
 
 
 def _new_length(graph: Graph, mode) -> torch.SymInt:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 
 from archfx.ir import Graph, PassError
 
-from .decode import PAST, MemoryStream, decode_form, positions
+from .decode import PAST, MemoryStream, decode_form, last_position, positions
 
 
 @dataclass
@@ -50,8 +51,8 @@ class Generation:
 
 
 class Session:
-    """A causal language model ready to generate: its decode form (built and checked once) in
-    PyTorch, or exported to ONNX (`onnx`: the file; by default one of the Session's own,
+    """A causal language model ready to generate: its decode form (built and checked once; its
+    outputs at the last position only, which is all generation reads) in PyTorch, or exported to ONNX (`onnx`: the file; by default one of the Session's own,
     deleted with it; checked
     against PyTorch) and loaded in ONNX Runtime with `threads` intra-op threads."""
 
@@ -66,7 +67,12 @@ class Session:
         if runtime not in ("torch", "onnx"):
             raise PassError(f"unknown runtime {runtime!r}: torch or onnx")
         self.runtime = runtime
-        self.decoder = decode_form(graph)
+        form = decode_form(graph)
+        try:  # generation reads the last position's logits only
+            self.decoder = last_position(form)
+        except PassError as exc:
+            warnings.warn(f"{exc}: the prefill computes every position's outputs", stacklevel=2)
+            self.decoder = form
         self.onnx = self.ort = None
         if runtime == "onnx":
             from archfx.ir.lower import ort_session

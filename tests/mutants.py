@@ -485,6 +485,25 @@ MUTANTS = [
             "tests/test_generate.py::test_onnx_runtime_generates_the_same_tokens[tiny-llama-altup(k=2)]",
         ),
     ),
+    Mutant(
+        "generate-first-position",
+        "the prefill's one row of logits is the last position's",
+        "passes/decode.py",
+        "(h, 1, -1, 2**63 - 1)",
+        "(h, 1, 0, 1)",
+        ("tests/test_generate.py::test_generation_projects_the_last_position_only[tiny-llama]",),
+    ),
+    Mutant(
+        "gqa-read-heads-misgrouped",
+        "a GQA read pairs query head h with bank h // g",
+        "ir/memory.py",
+        "        query.reshape(b, hk, g * n, d),",
+        "        query.transpose(1, 2).reshape(b, hk, g * n, d),",
+        (
+            "tests/test_sdnc.py::test_a_gqa_read_equals_reading_repeated_banks",
+            GENERATE + "[tiny-llama-sdnc]",
+        ),
+    ),
 ]
 
 

@@ -11,7 +11,7 @@ import torch
 from archfx.ir import PassError, capture
 from archfx.passes import Pipeline
 from archfx.passes.cli import main as cli
-from archfx.passes.decode import decode_form, is_decoder
+from archfx.passes.decode import MemoryStream, decode_form, is_decoder, last_position
 from archfx.passes.generate import Session, generate, left_padded
 
 from .helpers import model
@@ -299,3 +299,40 @@ def test_held_out_hugging_face_families_decode(name):
     m = built.eval()
     prompts = [[5, 17, 33, 2, 9], [44, 12, 7]]
     assert ours(graph, m, prompts, new=12) == reference(m, prompts, new=12)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "family:gemma2"])
+def test_generation_projects_the_last_position_only(name):
+    # the prefill projects one row per sequence onto the vocabulary (through Gemma 2's
+    # soft-capping too), and that row is the decode form's last one
+    graph = capture(model(name))
+    form, session = decode_form(graph), Session(graph)
+    tokens = torch.tensor([PROMPTS[2], PROMPTS[2][::-1]])
+    mask = torch.ones_like(tokens)
+    with torch.no_grad():
+        whole = MemoryStream(form)(tokens, mask)[0]
+        last = MemoryStream(session.decoder)(tokens, mask)[0]
+    assert last.shape == (2, 1, whole.shape[-1])
+    assert float((last - whole[:, -1:]).abs().max()) <= 1e-5 * float(whole.abs().max())
+
+
+def test_a_model_without_a_vocabulary_head_generates_every_position_and_says_so():
+    from transformers import LlamaConfig, LlamaModel
+
+    base = LlamaModel(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            use_cache=False,
+        )
+    ).eval()
+    graph = capture(base, {"input_ids": torch.tensor([PROMPTS[0]])})
+    with pytest.raises(PassError, match="does not end in a projection"):
+        last_position(decode_form(graph))
+    with pytest.warns(UserWarning, match="every position"):
+        session = Session(graph)
+    assert session.decoder.output_names[0] == "last_hidden_state"

@@ -329,3 +329,34 @@ def test_delta_write_is_causal_and_trains():
 def test_dnc_option_refusals(text, name, why):
     with pytest.raises(PassError, match=why):
         Pipeline.parse(text).run(capture(model(name)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("mask", [None, "per-batch", "per-head", "additive", "2-d"])
+def test_a_gqa_read_equals_reading_repeated_banks(mask, causal, softcap):
+    # the read groups each key head's query heads instead of repeating its bank (what the ONNX
+    # export and the decode form run): the oracle repeats the bank and attends per head
+    torch.manual_seed(0)
+    for b, h, hk, n, t in [(2, 9, 3, 1, 7), (2, 9, 3, 5, 5), (3, 8, 1, 4, 6)]:
+        q, k, v = torch.randn(b, h, n, 16), torch.randn(b, hk, t, 16), torch.randn(b, hk, t, 8)
+        m = {
+            None: None,
+            "per-batch": torch.rand(b, 1, n, t) > 0.3,
+            "per-head": torch.rand(b, h, n, t) > 0.3,
+            "additive": torch.randn(1, 1, n, t),
+            "2-d": torch.rand(n, t) > 0.3,
+        }[mask]
+        if m is not None and m.dtype == torch.bool:
+            m[..., 0] = True  # every row reads a slot
+        kk, vv = k.repeat_interleave(h // hk, 1), v.repeat_interleave(h // hk, 1)
+        s = q @ kk.transpose(-1, -2) / 4
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        if causal:
+            s = s.masked_fill(~torch.ones(n, t, dtype=torch.bool).tril(), float("-inf"))
+        if m is not None:
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
+        ref = torch.softmax(s, -1) @ vv
+        got = READ(q, k, v, m, 0.0, causal, enable_gqa=True, softcap=softcap)
+        assert float((got - ref).abs().max()) <= 1e-5
