@@ -124,7 +124,6 @@ class AltUp(Pass):
     summary = (
         "widen the residual stream K× (Recycled-AltUp): each layer updates one block, P/g mix them"
     )
-    preserves = True
     options = (
         Option("k", int, 2, "number of stream blocks K", minimum=1, maximum=64),
         Option(

@@ -104,14 +104,17 @@ class PassResult:
 
 
 class Pass:
-    """Base class of every rewrite. Subclasses declare `name`, `summary`, `options`, `preserves`
-    and implement `run(graph)`, which edits `graph` in place (the pipeline hands it a copy)."""
+    """Base class of every rewrite. Subclasses declare `name`, `summary`, `options`,
+    `exact_when` and implement `run(graph)`, which edits `graph` in place (the pipeline hands it
+    a copy)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     options: ClassVar[tuple[Option, ...]] = ()
-    preserves: ClassVar[bool] = True
-    exact_when: ClassVar[str | None] = None  # options under which `preserves` holds, if not always
+    # When the rewrite preserves the model's function: every option named here takes one of its
+    # listed values ({}: always). The one statement of exactness: `claims_exact`, `archfx
+    # passes` and the docs are derived from it; `register` checks it against the options.
+    exact_when: ClassVar[dict[str, tuple]] = {}
     widens_outputs: ClassVar[bool] = False  # outputs may gain features (compared on the old ones)
 
     def __init__(self, **values: Any):
@@ -145,7 +148,18 @@ class Pass:
 
     def claims_exact(self) -> bool:
         """Whether this instance (with its options) claims to preserve the function."""
-        return self.preserves
+        return all(self.opts[name] in values for name, values in self.exact_when.items())
+
+    @classmethod
+    def exact_when_text(cls) -> str:
+        """`exact_when` as pipeline text: "always", or "value=compat, method=auto|zero"."""
+        return (
+            ", ".join(
+                f"{name}={'|'.join(_fmt(v) for v in values)}"
+                for name, values in cls.exact_when.items()
+            )
+            or "always"
+        )
 
     def run(self, graph: Graph) -> PassResult:
         raise NotImplementedError
@@ -163,8 +177,7 @@ class Pass:
         return {
             "name": cls.name,
             "summary": cls.summary,
-            "preserves": cls.preserves,
-            "exact_when": cls.exact_when,
+            "exact_when": {name: list(values) for name, values in cls.exact_when.items()},
             "options": [o.to_json() for o in cls.options],
         }
 
@@ -198,6 +211,12 @@ REGISTRY: dict[str, type[Pass]] = {}
 def register(cls: type[Pass]) -> type[Pass]:
     if cls.name in REGISTRY:
         raise ValueError(f"pass {cls.name!r} registered twice")
+    declared = {o.name: o for o in cls.options}
+    for name, values in cls.exact_when.items():
+        if name not in declared or not values:
+            raise ValueError(f"{cls.name}: exact_when names {name!r}, not an option with values")
+        for value in values:  # each value one the option accepts
+            declared[name].check(cls.name, value)
     REGISTRY[cls.name] = cls
     return cls
 

@@ -33,7 +33,6 @@ _NOOP_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.alias.d
 class Canonicalize(Pass):
     name = "canonicalize"
     summary = "remove asserts, no-op casts and eval dropout; Conv1D/x@W → linear; dead code and unused parameters"
-    preserves = True
 
     def run(self, graph) -> PassResult:
         g = graph.gm.graph

@@ -229,17 +229,12 @@ def cmd_passes(args, err: Console) -> int:
         return 0
     table = Table(title="archfx passes")
     table.add_column("pass")
-    table.add_column("preserves")
+    table.add_column("exact")
     table.add_column("options")
     table.add_column("summary")
     for e in entries:
         opts = "\n".join(f"{o['name']}={o['default']}  {o['doc']}" for o in e["options"]) or "—"
-        exact = (
-            ("exact" + (f" with {e['exact_when']}" if e["exact_when"] else ""))
-            if e["preserves"]
-            else "changes"
-        )
-        table.add_row(e["name"], exact, opts, e["summary"])
+        table.add_row(e["name"], REGISTRY[e["name"]].exact_when_text(), opts, e["summary"])
     _out().print(table)
     return 0
 

@@ -223,8 +223,7 @@ class DDL(Pass):
     summary = (
         "Deep Delta Learning: each residual add becomes a delta-rule update of a (d × d_v) state"
     )
-    preserves = True
-    exact_when = "value=compat"
+    exact_when = {"value": ("compat",)}
     options = (
         Option(
             "dv",
@@ -258,9 +257,6 @@ class DDL(Pass):
         Option("eps", float, 1e-5, "ε in k = h / sqrt(‖h‖² + ε²)", minimum=0.0),
         Option("seed", int, 0, "seed of the value projections' initial weights", minimum=0),
     )
-
-    def claims_exact(self) -> bool:
-        return self.opts["value"] == "compat"
 
     def run(self, graph) -> PassResult:
         structure = graph.structure

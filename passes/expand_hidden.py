@@ -30,7 +30,7 @@ from .growth import SEED_DOC, Growth, grow
 class ExpandHidden(Pass):
     name = "expand-hidden"
     summary = "grow the residual stream width: zero padding (RMSNorm) or duplication (LayerNorm)"
-    exact_when = "method is auto, zero or duplicate"
+    exact_when = {"method": ("auto", "zero", "duplicate")}
     widens_outputs = True
     options = (
         Option("size", int, 0, "new width (give size or factor)", minimum=0),
@@ -46,9 +46,6 @@ class ExpandHidden(Pass):
         ),
         Option("seed", int, 0, SEED_DOC),
     )
-
-    def claims_exact(self) -> bool:
-        return self.opts["method"] != "approximate"
 
     def validate(self) -> None:
         if (self.opts["size"] > 0) == (self.opts["factor"] > 0):

@@ -48,8 +48,7 @@ MASKED = -1e30  # a fill at or below this masks a slot
 class SDNC(Pass):
     name = "sdnc"
     summary = "attention as the read heads of a stateless DNC: explicit memory write and read ops"
-    preserves = True
-    exact_when = "addressing=dot, persistent=false"
+    exact_when = {"addressing": ("dot",), "write": ("once",), "persistent": (False,)}
     options = (
         Option(
             "addressing",
@@ -83,10 +82,6 @@ class SDNC(Pass):
             "segment by segment with `MemoryStream`",
         ),
     )
-
-    def claims_exact(self) -> bool:
-        o = self.opts
-        return o["addressing"] == "dot" and o["write"] == "once" and not o["persistent"]
 
     def validate(self) -> None:
         if self.opts["write"] == "delta" and (

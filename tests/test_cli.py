@@ -30,8 +30,10 @@ def test_passes_lists_the_registry(capsys):
     names = [p["name"] for p in data["passes"]]
     assert {"canonicalize", "altup", "ddl"} <= set(names)
     canon = data["passes"][names.index("canonicalize")]
-    assert canon["preserves"] is True and canon["summary"] and canon["exact_when"] is None
-    assert data["passes"][names.index("ddl")]["exact_when"] == "value=compat"
+    assert canon["summary"] and canon["exact_when"] == {}  # always exact
+    assert data["passes"][names.index("ddl")]["exact_when"] == {"value": ["compat"]}
+    sdnc = data["passes"][names.index("sdnc")]["exact_when"]
+    assert sdnc == {"addressing": ["dot"], "write": ["once"], "persistent": [False]}
     altup = data["passes"][names.index("altup")]
     assert {o["name"] for o in altup["options"]} >= {
         "k",
@@ -41,7 +43,7 @@ def test_passes_lists_the_registry(capsys):
         "readout",
     }
     code, out, _ = run(capsys, "passes")
-    assert code == 0 and "exact with value=compat" in out and "altup" in out
+    assert code == 0 and "value=compat" in out and "always" in out and "altup" in out
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -21,7 +21,6 @@ def toy_pass():
     class Toy(Pass):
         name = "toy-pass"
         summary = "test-only"
-        preserves = True
         options = (
             Option("k", int, 2, "an integer ≥ 1", minimum=1),
             Option("beta", float, 1.0, "in (0, 2]", minimum=0.0, maximum=2.0),
@@ -39,7 +38,7 @@ def toy_pass():
 
 def test_canonicalize_is_registered_and_documented():
     cls = REGISTRY["canonicalize"]
-    assert cls.preserves
+    assert cls.exact_when == {} and cls().claims_exact()
     import archfx.passes.canonicalize as module
 
     assert "Exactness" in module.__doc__ and "Rewrite" in module.__doc__
@@ -222,3 +221,23 @@ def test_a_broken_ir_names_the_pass_and_its_reproducer(tmp_path, monkeypatch):
     where = Path(message.rsplit("reproducer in ", 1)[1])
     assert where.parent == tmp_path / "reproducers"
     assert "failed at pass 0: bad-expand" in (where / "pipeline.txt").read_text()
+
+
+def test_exactness_is_declared_once_and_checked_at_registration():
+    sdnc = REGISTRY["sdnc"]
+    assert sdnc().claims_exact() and not sdnc(write="delta").claims_exact()
+    assert sdnc.exact_when_text() == "addressing=dot, write=once, persistent=false"
+    assert REGISTRY["canonicalize"].exact_when_text() == "always"
+
+    class Wrong(Pass):
+        name = "wrong-exactness"
+        summary = "test-only"
+        options = (Option("mode", str, "a", "a choice", choices=("a", "b")),)
+        exact_when = {"mode": ("c",)}
+
+    with pytest.raises(PassError, match="must be one of a, b"):
+        register(Wrong)
+    Wrong.exact_when = {"method": ("a",)}
+    with pytest.raises(ValueError, match="not an option"):
+        register(Wrong)
+    assert "wrong-exactness" not in REGISTRY
