@@ -28,7 +28,7 @@ from archfx.ir import PassError
 from archfx.ir.ops import NORM_OPS, aten, is_call
 
 from .base import Option, Pass, PassResult, register
-from .residual import Emitter, Scheme, rethread
+from .residual import RETHREADED, Emitter, Scheme, rethread
 
 OWNER = "altup"
 
@@ -121,6 +121,8 @@ class AltUpScheme(Scheme):
 @register
 class AltUp(Pass):
     name = "altup"
+    requires = frozenset({"structure", "plain-residual"})
+    invalidates = {"plain-residual": RETHREADED}
     summary = (
         "widen the residual stream K× (Recycled-AltUp): each layer updates one block, P/g mix them"
     )
@@ -151,10 +153,6 @@ class AltUp(Pass):
 
     def run(self, graph) -> PassResult:
         o = self.opts
-        if any(n.meta.get("archfx_scheme") for n in graph.gm.graph.nodes):
-            raise PassError(
-                "the residual stream is already rethreaded by a residual scheme; apply altup once, first"
-            )
         structure = graph.structure
         x = structure.blocks[0].input.meta["val"]
         scheme = AltUpScheme(o, structure.hidden_size, x.dim(), x.dtype)

@@ -12,6 +12,14 @@ from archfx.ir import Graph, PassError
 
 _MISSING = object()
 
+# Properties of a graph that passes need (`Pass.requires`) and take away (`Pass.invalidates`);
+# a captured model has all of them. `Pipeline` checks the order against them before it runs.
+PROPERTIES = {
+    "structure": "Transformer blocks the analysis recognises",
+    "plain-residual": "residual adds that no residual scheme has rethreaded",
+    "softmax-attention": "attention that is not yet a memory read",
+}
+
 
 @dataclass(frozen=True)
 class Option:
@@ -115,6 +123,10 @@ class Pass:
     # listed values ({}: always). The one statement of exactness: `claims_exact`, `archfx
     # passes` and the docs are derived from it; `register` checks it against the options.
     exact_when: ClassVar[dict[str, tuple]] = {}
+    # The contract with the passes before it (PROPERTIES): what the graph must still have, and
+    # what this rewrite takes away, each with the reason.
+    requires: ClassVar[frozenset[str]] = frozenset({"structure"})
+    invalidates: ClassVar[dict[str, str]] = {}
     widens_outputs: ClassVar[bool] = False  # outputs may gain features (compared on the old ones)
 
     def __init__(self, **values: Any):
@@ -145,6 +157,11 @@ class Pass:
                 raise PassError(f"{cls.name}: unknown option {key!r}{_suggest(key, declared)}")
             values[key] = declared[key].parse(cls.name, text)
         return cls(**values)
+
+    def check_order(self, before: list[Pass]) -> None:
+        """Refuse an order with the passes `before` this one that no model allows, beyond the
+        declared properties (raise PassError, without the pass's name: it is added). Runs in
+        `Pipeline.parse`, before any model loads."""
 
     def claims_exact(self) -> bool:
         """Whether this instance (with its options) claims to preserve the function."""
@@ -178,6 +195,8 @@ class Pass:
             "name": cls.name,
             "summary": cls.summary,
             "exact_when": {name: list(values) for name, values in cls.exact_when.items()},
+            "requires": sorted(cls.requires),
+            "invalidates": dict(cls.invalidates),
             "options": [o.to_json() for o in cls.options],
         }
 
@@ -217,6 +236,9 @@ def register(cls: type[Pass]) -> type[Pass]:
             raise ValueError(f"{cls.name}: exact_when names {name!r}, not an option with values")
         for value in values:  # each value one the option accepts
             declared[name].check(cls.name, value)
+    unknown = (set(cls.requires) | set(cls.invalidates)) - set(PROPERTIES)
+    if unknown:
+        raise ValueError(f"{cls.name}: unknown properties {sorted(unknown)}")
     REGISTRY[cls.name] = cls
     return cls
 

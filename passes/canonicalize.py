@@ -32,6 +32,7 @@ _NOOP_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.alias.d
 @register
 class Canonicalize(Pass):
     name = "canonicalize"
+    requires = frozenset()
     summary = "remove asserts, no-op casts and eval dropout; Conv1D/x@W → linear; dead code and unused parameters"
 
     def run(self, graph) -> PassResult:

@@ -36,7 +36,7 @@ from archfx.ir import PassError
 from archfx.ir.ops import aten
 
 from .base import Option, Pass, PassResult, register
-from .residual import Emitter, Scheme, rethread
+from .residual import RETHREADED, Emitter, Scheme, rethread
 
 OWNER = "ddl"
 F32 = torch.float32
@@ -220,6 +220,11 @@ class DDLScheme(Scheme):
 @register
 class DDL(Pass):
     name = "ddl"
+    requires = frozenset({"structure", "plain-residual"})
+    invalidates = {
+        "plain-residual": RETHREADED,
+        "structure": "the analysis does not recognise blocks in a DDL graph yet",
+    }
     summary = (
         "Deep Delta Learning: each residual add becomes a delta-rule update of a (d × d_v) state"
     )

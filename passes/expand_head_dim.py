@@ -19,6 +19,7 @@ from .growth import (
     Growth,
     check_coupling,
     grow,
+    no_shrinking,
     select_blocks,
     shared_remarks,
 )
@@ -41,6 +42,9 @@ class ExpandHeadDim(Pass):
         layer_indices(self.opts["layers"])
         if "size" not in self.given:
             raise PassError("give size (the new value dimension per head)")
+
+    def check_order(self, before: list[Pass]) -> None:
+        no_shrinking(self, before)
 
     def run(self, graph) -> PassResult:
         size = self.opts["size"]

@@ -32,6 +32,7 @@ from .growth import (
     Growth,
     check_coupling,
     grow,
+    no_shrinking,
     select_blocks,
     shared_remarks,
 )
@@ -52,6 +53,9 @@ class ExpandQK(Pass):
         layer_indices(self.opts["layers"])
         if "size" not in self.given:
             raise PassError("give size (the new query/key dimension per head)")
+
+    def check_order(self, before: list[Pass]) -> None:
+        no_shrinking(self, before)
 
     def run(self, graph) -> PassResult:
         size = self.opts["size"]

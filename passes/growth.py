@@ -714,6 +714,20 @@ LAYERS_DOC = "blocks to grow: all, or indices and ranges such as 0-3,7 (in model
 SEED_DOC = "seed of the new parameters, drawn at the scale of the existing weights"
 
 
+def no_shrinking(p, before: list) -> None:
+    """`p` (a pass with `size` and `layers`) after the same pass growing some of its layers to a
+    larger size would shrink them: refused (the sizes of one pipeline are the final ones)."""
+    mine = layer_indices(p.opts["layers"])
+    for q in before:
+        if q.name == p.name and q.opts["size"] > p.opts["size"]:
+            theirs = layer_indices(q.opts["layers"])
+            if mine is None or theirs is None or set(mine) & set(theirs):
+                raise PassError(
+                    f"size {p.opts['size']} is smaller than the {q.opts['size']} that {q} "
+                    "grows the same layers to"
+                )
+
+
 def select_blocks(graph: Graph, text: str) -> list:
     """The blocks named by a `layers` option ("all", "0-3,7"; parsed by `layer_indices`)."""
     blocks = graph.structure.blocks

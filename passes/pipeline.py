@@ -39,7 +39,7 @@ from archfx.ir.verify import (
     shape_signature,
 )
 
-from .base import Pass, PassResult, Remark, get
+from .base import PROPERTIES, Pass, PassResult, Remark, get
 
 _NAME = re.compile(r"[a-z][a-z0-9_-]*")
 _VALUE = re.compile(r"[^,()=\s]+")
@@ -88,6 +88,7 @@ class PipelineResult:
 class Pipeline:
     def __init__(self, passes: list[Pass]):
         self.passes = list(passes)
+        check_order(self.passes)
 
     @classmethod
     def parse(cls, text: str) -> Pipeline:
@@ -179,6 +180,7 @@ class Pipeline:
                 "inplace=True leaves no input graph to certify against; pass verify=False "
                 "(or certify on a smaller model)"
             )
+        history = self._history(graph)
         current, owned = graph, inplace
         notes: list[str] = []
         exact, runs = self._exact(graph, notes) if verify else (None, None)
@@ -244,7 +246,16 @@ class Pipeline:
                 if last is None
                 else compose(certs, first_runs, last, graph.output_names, widened)
             )
+        current.provenance["pipeline"] = ",".join(str(p) for p in history + self.passes)
         return PipelineResult(current, records, whole)
+
+    def _history(self, graph: Graph) -> list[Pass]:
+        """The passes that made `graph` (its provenance), checked with this pipeline's after
+        them."""
+        done = graph.provenance.get("pipeline")
+        history = Pipeline.parse(done).passes if done else []
+        check_order(history + self.passes, len(history))
+        return history
 
     def _exact(self, graph: Graph, notes: list[str]) -> tuple[Graph | None, Runs | None]:
         """The input in the precision the math is certified in (fp64, or fp32 where fp64
@@ -308,3 +319,24 @@ class Pipeline:
         if exc is not None:
             (d / "error.txt").write_text("".join(traceback.format_exception(exc)))
         return str(d)
+
+
+def check_order(passes: list[Pass], start: int = 0) -> None:
+    """Refuse an order of passes that no model allows, naming the rule: a pass needs a property
+    (PROPERTIES) an earlier pass took away, or its own `check_order` refuses what precedes it.
+    The passes before `start` already ran (a graph's provenance) and are not checked."""
+    removed: dict[str, Pass] = {}
+    for i, p in enumerate(passes):
+        if i >= start:
+            for prop in sorted(p.requires):
+                if prop in removed:
+                    q = removed[prop]
+                    raise PassError(
+                        f"{p}: needs {PROPERTIES[prop]}, and {q} before it leaves none: "
+                        f"{q.invalidates[prop]}"
+                    )
+            try:
+                p.check_order(passes[:i])
+            except PassError as exc:
+                raise PassError(f"{p}: {exc}") from None
+        removed.update(dict.fromkeys(p.invalidates, p))

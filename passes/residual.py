@@ -28,6 +28,11 @@ from archfx.ir import Graph, PassError
 from archfx.ir.ops import aten, is_identity, strip
 from archfx.ir.structure import Block, Residual, Stack
 
+RETHREADED = (
+    "a residual scheme (AltUp, DDL) already rethreads the residual stream: one scheme per "
+    "model, they do not nest yet"
+)
+
 
 class Emitter:
     """Appends ATen nodes after a cursor; new parameters live under one owner module path."""
@@ -150,9 +155,7 @@ def units(stack: Stack, s_idx: int, granularity: str) -> list[Unit]:
 def rethread(graph: Graph, scheme: Scheme, owner: str) -> list[StackThreading]:
     """Thread every stack of `graph` through `scheme`; the graph is edited in place."""
     if any(n.meta.get("archfx_scheme") for n in graph.gm.graph.nodes):
-        raise PassError(
-            "the residual stream is already rethreaded by a residual scheme; apply one scheme, once"
-        )
+        raise PassError(RETHREADED)
     stacks = graph.structure.stacks
     if len({s.width for s in stacks}) > 1:
         raise PassError(

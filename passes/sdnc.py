@@ -47,6 +47,8 @@ MASKED = -1e30  # a fill at or below this masks a slot
 @register
 class SDNC(Pass):
     name = "sdnc"
+    requires = frozenset({"structure", "softmax-attention"})
+    invalidates = {"softmax-attention": "every attention is a memory read after sdnc"}
     summary = "attention as the read heads of a stateless DNC: explicit memory write and read ops"
     exact_when = {"addressing": ("dot",), "write": ("once",), "persistent": (False,)}
     options = (

@@ -127,30 +127,11 @@ def check_structure(graph, exp: dict) -> None:
 
 # -- which passes apply, and which refusals are expected -----------------------------------
 
-# (predicate on (expectation, pipeline so far, this pass), the reason archfx must give)
+# What a model does not allow (orders no model allows are the passes' declared rules, checked
+# by Pipeline.parse): (predicate on (expectation, pipeline so far, this pass), the reason)
 REFUSALS = [
     # Norm(x + 0) ≠ x, so an inserted post-LN block cannot start as the identity
     (lambda e, before, p: p.startswith("add-layers") and e["placement"] == "post", r"post-LN"),
-    # ddl after ddl: the second finds no blocks (the known limit below) before it could see
-    # the first scheme
-    (
-        lambda e, before, p: p.startswith("ddl") and any(b.startswith("ddl") for b in before),
-        r"no Transformer blocks found",
-    ),
-    # one residual scheme per stack (docs/passes.md, altup)
-    (
-        lambda e, before, p: (
-            p.split("(")[0] in ("altup", "ddl")
-            and any(b.split("(")[0] in ("altup", "ddl") for b in before)
-        ),
-        r"already rethreaded by a residual scheme",
-    ),
-    # docs/passes.md, ddl, known limit: the analysis does not see blocks in a DDL graph, so
-    # passes that need the Structure must run before ddl (canonicalize needs none)
-    (
-        lambda e, before, p: p != "canonicalize" and any(b.startswith("ddl") for b in before),
-        r"no Transformer blocks found",
-    ),
     # EXCLUDED (limitation found by this test, not a wrong result): GPT-NeoX and Phi with a
     # rotary fraction of 1.0 slice the head dim into a rotary part and an *empty* pass-through
     # part and concatenate them back; expand-qk cannot follow that layout and refuses
@@ -178,20 +159,6 @@ REFUSALS = [
         ),
         r"tied head reads duplicated features",
     ),
-    # sdnc rewrites every attention site; a second sdnc finds none left
-    (
-        lambda e, before, p: p == "sdnc" and "sdnc" in before,
-        r"no attention left to rewrite",
-    ),
-    # a head dimension already grown past the size asked for (sizes are drawn from the
-    # original dimension, independently per pass)
-    (
-        lambda e, before, p: (
-            p.startswith(("expand-head-dim", "expand-qk"))
-            and any(b.split("(")[0] == p.split("(")[0] and _size(b) > _size(p) for b in before)
-        ),
-        r"is smaller",
-    ),
     # EXCLUDED (limitation found by this test): altup's router reads the stream through a
     # gainless RMSNorm (Gemma 3n's); zero-padding the stream changes its RMS and there is no
     # gain to rescale, so expand-hidden refuses after altup(coefficients=router) on models
@@ -205,10 +172,6 @@ REFUSALS = [
         r"no gain to rescale",
     ),
 ]
-
-
-def _size(text: str) -> int:
-    return int(re.search(r"size=(\d+)", text).group(1))
 
 
 def expected_refusal(exp: dict, before: list[str], text: str) -> str | None:
@@ -266,9 +229,16 @@ def fresh_inputs(graph, batch=3, seq=5):
 
 
 def run_and_check(model, graph, exp: dict, texts: list[str]) -> None:
-    """Run `texts` as one pipeline: exact, or refused where (and as) REFUSALS predicts."""
+    """Run `texts` as one pipeline: refused by `Pipeline.parse` (an order no model allows, by
+    a rule the passes declare), or exact, or refused where (and as) REFUSALS predicts (what
+    this model does not allow)."""
     text = ",".join(texts)
     note(f"pipeline: {text}")
+    try:
+        Pipeline.parse(text)
+    except PassError as exc:
+        assert re.search(r"needs .* before it leaves none|is smaller than", str(exc)), str(exc)
+        return
     expected = next(
         (
             reason
