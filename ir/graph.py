@@ -101,6 +101,13 @@ class Graph:
 
         return self.analysis("structure", analyze)
 
+    @property
+    def dims(self):
+        """The coupled-dimension analysis (ir/dims.py): which tensor axes must grow together."""
+        from .dims import analyze_dims
+
+        return self.analysis("dims", lambda g: analyze_dims(g.gm))
+
     # bookkeeping ----------------------------------------------------------------------------
 
     def num_parameters(self) -> int:

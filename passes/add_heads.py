@@ -14,7 +14,6 @@ Exactness: always: the new heads' outputs are multiplied by zero columns.
 from __future__ import annotations
 
 from archfx.ir import PassError
-from archfx.ir.dims import analyze_dims
 
 from .base import Option, Pass, PassResult, layer_indices, register
 from .growth import (
@@ -44,7 +43,7 @@ class AddHeads(Pass):
 
     def run(self, graph) -> PassResult:
         n = self.opts["n"]
-        d = analyze_dims(graph.gm)
+        d = graph.dims
         blocks = select_blocks(graph, self.opts["layers"])
 
         def grown(b):
@@ -56,9 +55,7 @@ class AddHeads(Pass):
                 atom, new = self._atom(d, a, n, b.path)
                 sizes[atom] = new
         check_coupling(d, graph, blocks, grown)
-        out, maps = grow(
-            graph, Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"]), d
-        )
+        out, maps = grow(graph, Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"]))
         return PassResult(
             changed=True, remarks=shared_remarks(blocks), details=out, tensor_maps=maps
         )

@@ -10,7 +10,6 @@ Exactness: always: each head's new value features are multiplied by zero columns
 from __future__ import annotations
 
 from archfx.ir import PassError
-from archfx.ir.dims import analyze_dims
 
 from .base import Option, Pass, PassResult, layer_indices, register
 from .growth import (
@@ -48,7 +47,7 @@ class ExpandHeadDim(Pass):
 
     def run(self, graph) -> PassResult:
         size = self.opts["size"]
-        d = analyze_dims(graph.gm)
+        d = graph.dims
         blocks = select_blocks(graph, self.opts["layers"])
 
         def atoms(b):
@@ -68,9 +67,7 @@ class ExpandHeadDim(Pass):
                     raise PassError(f"{b.path} has value dimension {d.size[dv]}; {size} is smaller")
                 sizes[dv] = size
         check_coupling(d, graph, blocks, atoms)
-        out, maps = grow(
-            graph, Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"]), d
-        )
+        out, maps = grow(graph, Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"]))
         return PassResult(
             changed=any(sizes[a] != d.size[a] for a in sizes),
             remarks=shared_remarks(blocks),

@@ -20,7 +20,6 @@ Exactness: zero and duplicate always (duplicate needs an integer factor); approx
 from __future__ import annotations
 
 from archfx.ir import PassError
-from archfx.ir.dims import analyze_dims
 
 from .base import Option, Pass, PassResult, register
 from .growth import SEED_DOC, Growth, grow
@@ -53,7 +52,7 @@ class ExpandHidden(Pass):
 
     def run(self, graph) -> PassResult:
         size, factor, method = self.opts["size"], self.opts["factor"], self.opts["method"]
-        d = analyze_dims(graph.gm)
+        d = graph.dims
         blocks = graph.structure.blocks
         if not blocks:
             raise PassError("no Transformer blocks found")
@@ -101,6 +100,6 @@ class ExpandHidden(Pass):
             approximate=method == "approximate",
             seed=self.opts["seed"],
         )
-        out, maps = grow(graph, growth, d)
+        out, maps = grow(graph, growth)
         out["method"] = method
         return PassResult(changed=news != olds, details=out, tensor_maps=maps)

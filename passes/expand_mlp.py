@@ -11,7 +11,6 @@ The MLP must be element-wise between its projections (no norm over its hidden un
 from __future__ import annotations
 
 from archfx.ir import PassError
-from archfx.ir.dims import analyze_dims
 
 from .base import Option, Pass, PassResult, layer_indices, register
 from .growth import (
@@ -48,7 +47,7 @@ class ExpandMLP(Pass):
 
     def run(self, graph) -> PassResult:
         factor, size = self.opts["factor"], self.opts["size"]
-        d = analyze_dims(graph.gm)
+        d = graph.dims
         blocks = select_blocks(graph, self.opts["layers"])
 
         def atoms(b):
@@ -73,7 +72,7 @@ class ExpandMLP(Pass):
             sizes[atom] = new
         check_coupling(d, graph, blocks, atoms)
         growth = Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"])
-        out, maps = grow(graph, growth, d)
+        out, maps = grow(graph, growth)
         return PassResult(
             changed=any(sizes[a] != d.size[a] for a in sizes),
             remarks=shared_remarks(blocks),

@@ -22,7 +22,7 @@ import operator
 from torch import fx
 
 from archfx.ir import PassError
-from archfx.ir.dims import Dims, analyze_dims
+from archfx.ir.dims import Dims
 from archfx.ir.ops import ATTENTION_OPS, LINEAR_OPS, aten, is_call, op_arg
 
 from .base import Option, Pass, PassResult, Remark, layer_indices, register
@@ -59,7 +59,7 @@ class ExpandQK(Pass):
 
     def run(self, graph) -> PassResult:
         size = self.opts["size"]
-        d = analyze_dims(graph.gm)
+        d = graph.dims
         blocks = select_blocks(graph, self.opts["layers"])
         sizes, modes, zero, scale, param_scale = {}, {}, set(), {}, {}
         scales = []  # SDPA scale arguments to update once the growth has succeeded
@@ -110,7 +110,7 @@ class ExpandQK(Pass):
             lambda b: [self._atom(d, d.of(a.query, -1), size, b.path)[0] for a in attentions(b)],
         )
         growth = Growth(sizes, modes, zero, scale, param_scale, seed=self.opts["seed"])
-        out, maps = grow(graph, growth, d)
+        out, maps = grow(graph, growth)
         for core, value in scales:
             core.kwargs = {**core.kwargs, "scale": value}
         graph.gm.recompile()

@@ -31,7 +31,7 @@ import torch
 from torch import fx
 
 from archfx.ir import Graph, PassError
-from archfx.ir.dims import Dims, analyze_dims
+from archfx.ir.dims import Dims
 from archfx.ir.ops import IDENTITY, SHAPE, aten, is_assert, is_call, is_identity, param_target
 
 from .base import Remark, layer_indices
@@ -92,10 +92,10 @@ class _Axis:
     mult: torch.Tensor  # for each new index: a factor its entries are multiplied by
 
 
-def grow(graph: Graph, growth: Growth, dims: Dims | None = None) -> tuple[dict, dict]:
+def grow(graph: Graph, growth: Growth) -> tuple[dict, dict]:
     """Apply `growth` to `graph` in place; returns what changed (details, tensor maps). Raises
     PassError, naming the site and the reason, before changing anything if it cannot be exact."""
-    d = dims or analyze_dims(graph.gm)
+    d = graph.dims
     atoms = {d.find(a): n for a, n in growth.sizes.items()}
     modes = {d.find(a): m for a, m in growth.modes.items()}
     zero = {_key(d, z) for z in growth.zero}
