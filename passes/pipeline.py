@@ -2,9 +2,9 @@
 
     altup(k=2),expand-mlp(factor=2)
 
-After each pass: lint, shape propagation, and for passes that preserve the function a
-numerical certificate against the pass's input. Instrumentation records time, nodes and
-parameters changed per pass; `dump_dir` writes the IR before and after each pass; a failing
+Around each pass run the instruments (passes/instruments.py): lint and shape propagation,
+for passes that preserve the function a numerical certificate against the pass's input, time,
+nodes and parameters, and with `dump_dir` the IR before and after each pass. A failing
 pass leaves a reproducer (pipeline text, the IR it received, the error) in `dump_dir` or a new
 directory under $ARCHFX_CACHE/reproducers (default ~/.cache/archfx), named in the error.
 Errors raised while a pass runs are prefixed with the pass once (passes do not name
@@ -21,25 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from archfx.ir import AnalysisError, ArchfxError, Graph, PassError, VerificationError
+from archfx.ir import AnalysisError, ArchfxError, Graph, PassError
 from archfx.ir.errors import first_line
 from archfx.ir.serialize import cache_dir
-from archfx.ir.verify import (
-    Certificate,
-    Runs,
-    align,
-    certify_runs,
-    check_rounding,
-    compose,
-    exact_copy,
-    input_sets,
-    lint,
-    redo_in_precision,
-    refresh_shapes,
-    shape_signature,
-)
+from archfx.ir.verify import Certificate
 
 from .base import PROPERTIES, Pass, PassResult, Remark, get
+from .instruments import Certify, Dump, Instrument, Measure, ShapeCheck
 
 _NAME = re.compile(r"[a-z][a-z0-9_-]*")
 _VALUE = re.compile(r"[^,()=\s]+")
@@ -49,16 +37,21 @@ _VALUE = re.compile(r"[^,()=\s]+")
 class PassRecord:
     name: str
     preserves: bool
-    changed: bool
-    seconds: float
-    nodes_before: int
-    nodes_after: int
-    params_before: int
-    params_after: int
+    changed: bool = False
+    seconds: float = 0.0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
     remarks: list[Remark] = field(default_factory=list)
     details: dict = field(default_factory=dict)
     certificate: Certificate | None = None
     tensor_maps: dict = field(default_factory=dict, repr=False)
+
+    def absorb(self, result: PassResult) -> None:
+        """What the pass said about its run."""
+        self.changed, self.remarks = result.changed, result.remarks
+        self.details, self.tensor_maps = result.details, result.tensor_maps
 
     def to_json(self) -> dict:
         return {
@@ -174,79 +167,45 @@ class Pipeline:
         passes edit `graph` itself: no second copy of the weights, for models too large to
         hold twice; there is then no input to certify against, so `verify` must be False.
         The copy is made once; a pass whose function is certified gets a copy of its own,
-        since its input is kept to run against."""
+        since its input is kept to run against.
+
+        Around each pass run the instruments (`Instrument`): the shape check and lint, the
+        certificate (`verify`), the IR dumps (`dump_dir`), and the measurements (time, nodes,
+        parameters), closest to the pass. A failure that is not a refusal leaves a reproducer."""
         if inplace and verify:
             raise PassError(
                 "inplace=True leaves no input graph to certify against; pass verify=False "
                 "(or certify on a smaller model)"
             )
         history = self._history(graph)
-        current, owned = graph, inplace
-        notes: list[str] = []
-        exact, runs = self._exact(graph, notes) if verify else (None, None)
-        first_runs, records = runs, []
+        certify = Certify(graph) if verify and any(p.claims_exact() for p in self.passes) else None
+        instruments: list[Instrument] = [  # the first is the outermost
+            *([Dump(Path(dump_dir))] if dump_dir is not None else []),
+            *([certify] if certify else []),
+            Measure(),
+            ShapeCheck(),
+        ]
+        current, owned, records = graph, inplace, []
         for i, p in enumerate(self.passes):
             if on_pass:
                 on_pass(i, p)
-            certified = verify and p.claims_exact()
-            work = current if owned and not certified else current.copy()
-            code, nodes, params = current.gm.code, current.num_nodes(), current.num_parameters()
-            t0 = time.perf_counter()
-            result = self._apply(i, p, work, graph, code, dump_dir)
-            seconds = time.perf_counter() - t0
-            record = PassRecord(
-                name=str(p),
-                preserves=p.claims_exact(),
-                changed=result.changed,
-                seconds=seconds,
-                nodes_before=nodes,
-                nodes_after=work.num_nodes(),
-                params_before=params,
-                params_after=work.num_parameters(),
-                remarks=result.remarks,
-                details=result.details,
-                tensor_maps=result.tensor_maps,
-            )
-            if exact is not None:  # the same pass on the exact copy, edited in place
-                if certified and runs is None:  # a pass before this one claimed nothing (and
-                    # may have changed the inputs: sdnc's persistent memory adds some)
-                    runs = Runs.of(current, exact, input_sets(current, exact, notes))
-                self._apply(i, p, exact, graph, code, dump_dir, exact=True)
-                redo_in_precision(exact, first_runs.precision)
-                after = Runs.of(work, exact, runs.sets) if certified else None
-                if certified:
-                    names = current.output_names
-                    cert = certify_runs(runs, after, names, p.widens_outputs, notes)
-                    last_runs = after
-                    cert.rounding = check_rounding(current, work, exact)
-                    record.certificate = cert
-                    if not cert.ok:
-                        where = self._reproduce(i, p, graph, code, None, dump_dir)
-                        raise VerificationError(
-                            f"{p}: claims to preserve the function but changed it: "
-                            f"{cert.reason()}; reproducer in {where}"
-                        )
-                runs = after
-                if align(exact, work):  # the next pass gets the rounded weights: so does its copy
-                    runs = None
-            if dump_dir is not None:
-                d = Path(dump_dir)
-                d.mkdir(parents=True, exist_ok=True)
-                (d / f"{i:02d}-{p.name}.before.py").write_text(code)
-                (d / f"{i:02d}-{p.name}.after.py").write_text(work.gm.code)
+            kept = certify is not None and p.claims_exact()  # its input is run against
+            work = current if owned and not kept else current.copy()
+            record = PassRecord(name=str(p), preserves=p.claims_exact())
+            code = current.gm.code
+            try:
+                for ins in instruments:
+                    ins.before(i, p, current, record)
+                record.absorb(p.run(work))
+                work.invalidate()
+                for ins in reversed(instruments):
+                    ins.after(i, p, current, work, record)
+            except Exception as exc:
+                raise self._failure(i, p, graph, code, exc, dump_dir) from exc
             records.append(record)
             current, owned = work, True
-        whole = None
-        if exact is not None and records and all(r.preserves for r in records):
-            widened = any(p.widens_outputs for p in self.passes)
-            last = last_runs if len(records) > 1 else None
-            certs = [r.certificate for r in records]
-            whole = (
-                certs[0]
-                if last is None
-                else compose(certs, first_runs, last, graph.output_names, widened)
-            )
         current.provenance["pipeline"] = ",".join(str(p) for p in history + self.passes)
+        whole = certify.whole(records, self.passes) if certify else None
         return PipelineResult(current, records, whole)
 
     def _history(self, graph: Graph) -> list[Pass]:
@@ -257,48 +216,18 @@ class Pipeline:
         check_order(history + self.passes, len(history))
         return history
 
-    def _exact(self, graph: Graph, notes: list[str]) -> tuple[Graph | None, Runs | None]:
-        """The input in the precision the math is certified in (fp64, or fp32 where fp64
-        cannot run) and the runs of both, when some pass claims exactness; every pass runs on
-        that copy too."""
-        if not any(p.claims_exact() for p in self.passes):
-            return None, None
-        if graph.device.type == "meta":
-            raise VerificationError(
-                "a meta-device model has no values to certify; run with verify off "
-                "(--verify not given) or on a model with weights"
-            )
-        return exact_copy(graph, notes)
-
-    def _apply(
-        self, i: int, p: Pass, work: Graph, graph: Graph, code: str, dump_dir, exact=False
-    ) -> PassResult:
-        """Run pass `i` on `work` (in place), then the shape check and lint. Errors that are
-        not a refusal keep a reproducer. `exact`: `work` is the fp64 copy the certificate
-        runs the pass on."""
-        try:
-            before = shape_signature(work)
-            result = p.run(work)
-            work.invalidate()
-            refresh_shapes(work, since=before)
-            lint(work)
-        except (PassError, AnalysisError) as exc:
-            if exact:  # the pass ran in the model's dtype but refuses in fp64
-                where = self._reproduce(i, p, graph, code, exc, dump_dir)
-                raise VerificationError(
-                    f"{p}: cannot be certified: on the fp64 copy of its input it refused: "
-                    f"{exc}; reproducer in {where}"
-                ) from exc
-            # a refusal that names its site and reason: nothing to reproduce
-            raise type(exc)(f"{p}: {exc}") from exc
-        except ArchfxError as exc:  # the shape check or lint failed: the pass broke the IR
-            where = self._reproduce(i, p, graph, code, exc, dump_dir)
-            raise type(exc)(f"{p}: {exc}; reproducer in {where}") from exc
-        except Exception as exc:  # a bug in a pass: keep the reproducer, raise a clear error
-            where = self._reproduce(i, p, graph, code, exc, dump_dir)
-            on = " on the fp64 copy of its input" if exact else ""
-            raise PassError(f"{p}: failed{on}: {first_line(exc)}; reproducer in {where}") from exc
-        return result
+    def _failure(
+        self, i: int, p: Pass, graph: Graph, code: str, exc: Exception, dump_dir
+    ) -> ArchfxError:
+        """The error pass `i` ends the run with, naming the pass once: a refusal as it is (it
+        names its site and reason); anything else (a broken IR, a failed certificate, a bug)
+        with a reproducer."""
+        if isinstance(exc, (PassError, AnalysisError)):
+            return type(exc)(f"{p}: {exc}")
+        where = self._reproduce(i, p, graph, code, exc, dump_dir)
+        if isinstance(exc, ArchfxError):
+            return type(exc)(f"{p}: {exc}; reproducer in {where}")
+        return PassError(f"{p}: failed: {first_line(exc)}; reproducer in {where}")
 
     def _reproduce(
         self, i: int, p: Pass, graph: Graph, code: str, exc: BaseException | None, dump_dir
