@@ -13,12 +13,13 @@ Printed: end-to-end tokens/s (prefill + decode, all sequences) and decode time p
 with the ratios the targets name — archfx torch / transformers ≥ 1.0, archfx ONNX /
 transformers ≥ 1.5, a scheme's decode time per token / the canonicalized graph's in the same
 runtime ≤ 1.10. transformers' decode time is its whole time less a one-token run's (its
-prefill). Then the time of each decode step against the context length (batch 1, every core,
-up to `--context` tokens) for archfx torch and ONNX, their steps interleaved: a linear fit to
-the median of every BIN steps (slope per 1k tokens, R²) and a plot.
+prefill). Then the time of one decode step against the cached length it reads (`--lengths`,
+batch 1, every core) for archfx torch and ONNX, interleaved: a linear fit (slope per 1k
+tokens, R²) and a plot.
 
-    python benchmarks/generate.py [--prompt 128] [--new 128] [--rounds 3] [--context 1024]
-                                  [--batches 1,8] [--out docs/results-generate]
+    python benchmarks/generate.py [--prompt 128] [--new 128] [--rounds 3]
+                                  [--lengths 128,1024,...,8192] [--batches 1,8]
+                                  [--out docs/results-generate]
 """
 
 from __future__ import annotations
@@ -87,33 +88,50 @@ def measure(model, sessions: dict, prompt: int, new: int, batch: int, rounds: in
     }
 
 
-BIN = 32  # steps per point of the step-time fit (the median: robust to the machine's noise)
-
-
-def per_step(sessions: dict, prompt: int, context: int) -> dict:
-    """Each decode step's seconds against the context length it reads (batch 1), the
-    sessions' steps interleaved so that the machine's slow spells fall on all of them; a
-    linear fit to the median step time of every BIN steps."""
-    ids = torch.randint(100, 49000, (1, prompt), generator=torch.Generator().manual_seed(0))
-    streams = {name: s.stream() for name, s in sessions.items()}
-    logits = {name: st(ids, torch.ones_like(ids)) for name, st in streams.items()}
-    out = {name: {"lengths": [], "seconds": []} for name in sessions}
-    for n in range(prompt, context):
-        for name, st in streams.items():
-            token = logits[name].argmax(-1, keepdim=True)
-            t0 = time.perf_counter()
-            logits[name] = st(token, torch.ones_like(token))
-            out[name]["seconds"].append(time.perf_counter() - t0)
-            out[name]["lengths"].append(n + 1)
+def per_step(sessions: dict, lengths: list[int], repeats: int = 9) -> dict:
+    """One decode step's seconds (batch 1, the median of `repeats`) against the cached length
+    it reads: each session's decode form called on a cache of that many slots (random keys
+    and values: the time does not depend on them), the sessions' calls interleaved so that
+    the machine's slow spells fall on all of them; a linear fit of time against length."""
+    out = {name: {"lengths": lengths, "seconds": []} for name in sessions}
+    for n in lengths:
+        steps = {name: _one_step(s, n) for name, s in sessions.items()}
+        times = {name: [] for name in sessions}
+        for _ in range(repeats):
+            for name, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
+        for name in sessions:
+            out[name]["seconds"].append(float(np.median(times[name])))
     for c in out.values():
-        x, y = np.asarray(c["lengths"]), np.asarray(c["seconds"])
-        bins = range(0, len(x) - BIN + 1, BIN)
-        c["bins"] = (
-            [float(np.median(x[i : i + BIN])) for i in bins],
-            [float(np.median(y[i : i + BIN])) for i in bins],
-        )
-        c["fit"] = linear_fit(*c["bins"])
+        c["fit"] = linear_fit(c["lengths"], c["seconds"])
     return out
+
+
+def _one_step(session: Session, n: int):
+    """A callable running one decode step of `session` after a cache of `n` slots."""
+    decoder = session.decoder
+    names = decoder.inputs.names
+    feed = [
+        torch.tensor([[100]]),
+        torch.ones(1, n + 1, dtype=torch.int64),
+        torch.tensor([[n]]),
+        *(torch.randn(1, *t.shape[1:-2], n, t.shape[-1]) for t in decoder.inputs.tensors[3:]),
+    ]
+    if session.ort is None:
+
+        def run():
+            with torch.no_grad():
+                decoder(*feed)
+
+        return run
+    io = session.ort.io_binding()
+    for name, value in zip(names, feed, strict=True):
+        io.bind_cpu_input(name, value.numpy())
+    for out in session.ort.get_outputs():
+        io.bind_output(out.name, "cpu")
+    return lambda: session.ort.run_with_iobinding(io)
 
 
 def linear_fit(x: list, y: list) -> dict:
@@ -129,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--lengths", default="128,1024,2048,3072,4096,5120,6144,7168,8191")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--out", default="docs/results-generate")
     args = p.parse_args(argv)
@@ -167,13 +185,16 @@ def main(argv: list[str] | None = None) -> dict:
             "archfx torch": torch_sessions["archfx torch"],
             "archfx ONNX": onnx_sessions["archfx ONNX"].with_threads(cores),
         }
-        context = per_step(pair, args.prompt, args.context)
+        context = per_step(pair, [int(n) for n in args.lengths.split(",")])
         for name, c in context.items():
             f = c["fit"]
             print(
-                f"{name}: step time {f['ms_at_start']:.1f} ms at {c['lengths'][0]} tokens, "
-                f"+{f['ms_per_1k_tokens']:.2f} ms per 1k tokens of context "
-                f"(fit to the median of every {BIN} steps: R² {f['r2']:.3f})"
+                f"{name}: step time {f['ms_at_start']:.1f} ms at {c['lengths'][0]} cached tokens, "
+                f"+{f['ms_per_1k_tokens']:.2f} ms per 1k tokens of context (linear fit: R² "
+                f"{f['r2']:.3f}); measured "
+                + ", ".join(
+                    f"{n}: {t * 1e3:.1f}" for n, t in zip(c["lengths"], c["seconds"], strict=True)
+                )
             )
     _plot(context, out / "step_time.png")
     result = {
@@ -183,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": args.rounds,
         "torch": torch.__version__,
         "table": table,
-        "context": {k: {"fit": v["fit"], "bins": v["bins"]} for k, v in context.items()},
+        "context": context,
     }
     (out / "generate.json").write_text(json.dumps(result, indent=2))
     return result
@@ -213,22 +234,16 @@ def _plot(context: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, c in context.items():
         x, y = np.asarray(c["lengths"]), np.asarray(c["seconds"]) * 1e3
-        ax.plot(x, y, ".", ms=2, alpha=0.3, label=f"{name} (each step)")
-        ax.plot(
-            c["bins"][0],
-            np.asarray(c["bins"][1]) * 1e3,
-            "o",
-            ms=4,
-            label=f"{name}: median of {BIN}",
-        )
         f = c["fit"]
+        (dots,) = ax.plot(x, y, "o", ms=4, label=f"{name} (median of 9 steps)")
         ax.plot(
             x,
-            f["ms_at_start"] + (x - c["bins"][0][0]) * f["ms_per_1k_tokens"] / 1e3,
+            f["ms_at_start"] + (x - x[0]) * f["ms_per_1k_tokens"] / 1e3,
             "-",
-            label=f"{name}: linear fit, R² {f['r2']:.2f}",
+            color=dots.get_color(),
+            label=f"{name}: linear fit, R² {f['r2']:.3f}",
         )
-    ax.set_xlabel("context length (tokens)")
+    ax.set_xlabel("cached tokens")
     ax.set_ylabel("decode step (ms)")
     ax.set_title("SmolLM2-135M: time per generated token against context (batch 1)")
     ax.legend(fontsize=8)
