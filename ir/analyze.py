@@ -30,8 +30,10 @@ from .ops import (
     ACTIVATIONS,
     ADD,
     ATTENTION_OPS,
+    CLAMPS,
     MATMUL,
     NORM_OPS,
+    POSITION_OPS,
     SHAPE,
     SOFTMAX,
     Linear,
@@ -52,19 +54,7 @@ from .structure import MLP, Attention, Block, Embedding, Head, MoE, Norm, Residu
 
 _INDEX = re.compile(r"^\d+$")
 _L2 = aten.linalg_vector_norm.default  # x / ‖x‖ · √d: an RMSNorm written with F.normalize
-_CLAMPS = {
-    aten.clamp_min.default,
-    aten.clamp.default,
-    aten.expand.default,
-    aten.expand_as.default,
-}
 _MAX_TOKEN_TYPES = 16
-_POSITION_OPS = {
-    aten.arange.default,
-    aten.arange.start,
-    aten.arange.start_step,
-    aten.cumsum.default,
-}
 
 
 def analyze(graph) -> Structure:
@@ -708,7 +698,7 @@ class _Analyzer:
             if any(a.op == "placeholder" and is_float(a) for a in anc):
                 continue  # a value computed from the input (a gate), not a table
             if any(
-                is_call(a, {aten.cos.default, aten.sin.default, *_POSITION_OPS})
+                is_call(a, {aten.cos.default, aten.sin.default, *POSITION_OPS})
                 or (a.op == "get_attr" and not isinstance(self.params.get(a.target), nn.Parameter))
                 for a in anc
             ):
@@ -839,7 +829,7 @@ class _Analyzer:
         ‖x‖.clamp_min(ε)) and broadcasts."""
         out = []
         for u in self._through(n, nodes):
-            if is_call(u, _CLAMPS):
+            if is_call(u, CLAMPS):
                 out.extend(self._past_clamps(u, nodes))
             else:
                 out.append(u)
@@ -972,7 +962,7 @@ class _Analyzer:
                     kind = "token"
                 elif num <= _MAX_TOKEN_TYPES:
                     kind = "token_type"  # a position table covers every position; a type table a few ids
-                elif any(a.op == "get_attr" or is_call(a, _POSITION_OPS) for a in anc):
+                elif any(a.op == "get_attr" or is_call(a, POSITION_OPS) for a in anc):
                     kind = "position"  # arange / cumsum over the sequence, or position-id buffers
                 else:
                     kind = "other"

@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 from . import inputs as _inputs
 from .errors import CaptureError, first_line
 from .graph import Graph
+from .ops import INPLACE
 
 METHODS = ("export", "fx")
 
@@ -161,14 +162,6 @@ def _output_names(out_spec: pytree.TreeSpec) -> list[str]:
     return names
 
 
-_INPLACE = {
-    torch.ops.aten.add_.Tensor: torch.ops.aten.add.Tensor,
-    torch.ops.aten.mul_.Tensor: torch.ops.aten.mul.Tensor,
-    torch.ops.aten.sub_.Tensor: torch.ops.aten.sub.Tensor,
-    torch.ops.aten.div_.Tensor: torch.ops.aten.div.Tensor,
-}
-
-
 def _out_of_place(gm: fx.GraphModule) -> None:
     """`x.add_(y)` becomes `x + y`, and what reads x after it reads the sum: the same values,
     no mutation a rewrite could trip over (Falcon's `mlp_output += attention_output`, PaLM's
@@ -177,7 +170,7 @@ def _out_of_place(gm: fx.GraphModule) -> None:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _INPLACE:
+        if node.op != "call_function" or node.target not in INPLACE:
             continue
         x = node.args[0]
         if not isinstance(x, fx.Node) or x.op != "call_function":
@@ -186,7 +179,7 @@ def _out_of_place(gm: fx.GraphModule) -> None:
         views = [u for u in x.users if u is not node and order[u] < order[node] and _aliases(u)]
         if any(order[v2] > order[node] for v in views for v2 in v.users):
             continue
-        node.target = _INPLACE[node.target]
+        node.target = INPLACE[node.target]
         for u in later:
             u.replace_input_with(x, node)
         changed = True

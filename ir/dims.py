@@ -25,82 +25,16 @@ import torch
 from torch import fx
 
 from .memory import WRITE
-from .ops import ATTENTION_OPS, IDENTITY, SOFTMAX, aten, is_pointwise
-
-_ELEMENTWISE = {
-    aten.add.Tensor,
-    aten.sub.Tensor,
-    aten.mul.Tensor,
-    aten.div.Tensor,
-    aten.where.self,
-    aten.where.ScalarOther,
-    aten.where.ScalarSelf,
-    aten.masked_fill.Scalar,
-    aten.masked_fill.Tensor,
-    aten.__and__.Tensor,
-    aten.__or__.Tensor,
-    aten.eq.Tensor,
-    aten.eq.Scalar,
-    aten.ne.Scalar,
-    aten.ne.Tensor,
-    aten.lt.Scalar,
-    aten.lt.Tensor,
-    aten.le.Scalar,
-    aten.le.Tensor,
-    aten.gt.Scalar,
-    aten.gt.Tensor,
-    aten.ge.Scalar,
-    aten.ge.Tensor,
-    aten.min.other,
-    aten.max.other,
-    aten.maximum.default,
-    aten.minimum.default,
-    aten.pow.Tensor_Scalar,
-    aten.pow.Tensor_Tensor,
-    aten.neg.default,
-    aten.abs.default,
-    aten.cos.default,
-    aten.sin.default,
-    aten.exp.default,
-    aten.log.default,
-    aten.sqrt.default,
-    aten.rsqrt.default,
-    aten.reciprocal.default,
-    aten.gelu.default,
-    aten.silu.default,
-    aten.relu.default,
-    aten.tanh.default,
-    aten.sigmoid.default,
-    aten.erf.default,
-    *IDENTITY,
-    aten.lift_fresh_copy.default,
-    aten.dropout.default,
-    aten.full_like.default,
-    aten.zeros_like.default,
-    aten.ones_like.default,
-    aten.cumsum.default,
-    aten.clamp.default,
-    aten.bitwise_not.default,
-    aten.logical_not.default,
-}
-_REDUCE = {
-    aten.mean.dim: "mean",
-    aten.sum.dim_IntList: "sum",
-    aten.amax.default: "max",
-    aten.var.correction: "var",
-    aten.var.dim: "var",
-}
-_NEW = {
-    aten.full.default,
-    aten.zeros.default,
-    aten.ones.default,
-    aten.empty.memory_format,
-    aten.new_ones.default,
-    aten.new_zeros.default,
-    aten.new_empty.default,
-    aten.new_full.default,
-}
-_IGNORED = {aten.sym_size.int, aten._assert_tensor_metadata.default, aten.arange.default}
+from .ops import (
+    ATTENTION_OPS,
+    CONSTRUCTORS,
+    DIMS_IGNORED,
+    ELEMENTWISE,
+    REDUCTIONS,
+    SOFTMAX,
+    aten,
+    is_pointwise,
+)
 
 
 @dataclass
@@ -297,9 +231,9 @@ class _Rules:
     def apply(self) -> None:
         t = self.n.target
         out = self.ax(self.n)
-        if t in _IGNORED or "_assert" in str(t):
+        if t in DIMS_IGNORED or "_assert" in str(t):
             return
-        if t in _ELEMENTWISE or is_pointwise(self.n):
+        if t in ELEMENTWISE or is_pointwise(self.n):
             return self.broadcast(out)
         if t in (aten.linear.default,):
             return self.linear(self.n.args[0], self.n.args[1], _arg(self.n, 2), out)
@@ -320,8 +254,8 @@ class _Rules:
             return self.same(self.ax(idx), out[:-1])
         if t in (aten.layer_norm.default, aten.rms_norm.default):
             return self.norm(out)
-        if t in _REDUCE:
-            return self.reduce(_REDUCE[t], out)
+        if t in REDUCTIONS:
+            return self.reduce(REDUCTIONS[t], out)
         if t is aten.linalg_vector_norm.default and _arg(self.n, 1, 2) == 2:
             return self.norm2(out)
         if t in SOFTMAX or t is aten.log_softmax.int:
@@ -414,7 +348,7 @@ class _Rules:
             return self.same(x[:1], out[:1])
         if t in (aten.repeat_interleave.self_int, aten.repeat.default):
             return self.repeat(out)
-        if t in _NEW:
+        if t in CONSTRUCTORS:
             sizes = self.n.args[1] if t.__name__.startswith("new_") else self.n.args[0]
             for j, s in enumerate(sizes):
                 if isinstance(s, int) and out is not None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .ops import aten, is_call
-
-_PERMUTES = {aten.transpose.int, aten.permute.default}
+from .ops import PERMUTES, aten, is_call
 
 
 def explicit_reshape_copies(graph: fx.Graph) -> int:
@@ -19,7 +17,7 @@ def explicit_reshape_copies(graph: fx.Graph) -> int:
     """
     count = 0
     for n in list(graph.nodes):
-        if is_call(n, {aten.reshape.default}) and is_call(n.args[0], _PERMUTES):
+        if is_call(n, {aten.reshape.default}) and is_call(n.args[0], PERMUTES):
             with graph.inserting_before(n):
                 copy = graph.call_function(
                     aten.clone.default, (n.args[0],), {"memory_format": torch.contiguous_format}

@@ -71,6 +71,177 @@ ACTIVATIONS = {
     aten.erf.default: "erf",
 }
 
+# aranges
+ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+
+# ops that make token positions
+POSITION_OPS = {*ARANGES, aten.cumsum.default}
+
+# clamps (and the broadcasts around them) the analysis looks through
+CLAMPS = {
+    aten.clamp_min.default,
+    aten.clamp.default,
+    aten.expand.default,
+    aten.expand_as.default,
+}
+
+# in-place arithmetic → its out-of-place op (capture rewrites x.add_(y))
+INPLACE = {
+    aten.add_.Tensor: aten.add.Tensor,
+    aten.mul_.Tensor: aten.mul.Tensor,
+    aten.sub_.Tensor: aten.sub.Tensor,
+    aten.div_.Tensor: aten.div.Tensor,
+}
+
+# element-wise ops (broadcasting): the dims analysis couples their operands axis by axis
+ELEMENTWISE = {
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.mul.Tensor,
+    aten.div.Tensor,
+    aten.where.self,
+    aten.where.ScalarOther,
+    aten.where.ScalarSelf,
+    aten.masked_fill.Scalar,
+    aten.masked_fill.Tensor,
+    aten.__and__.Tensor,
+    aten.__or__.Tensor,
+    aten.eq.Tensor,
+    aten.eq.Scalar,
+    aten.ne.Scalar,
+    aten.ne.Tensor,
+    aten.lt.Scalar,
+    aten.lt.Tensor,
+    aten.le.Scalar,
+    aten.le.Tensor,
+    aten.gt.Scalar,
+    aten.gt.Tensor,
+    aten.ge.Scalar,
+    aten.ge.Tensor,
+    aten.min.other,
+    aten.max.other,
+    aten.maximum.default,
+    aten.minimum.default,
+    aten.pow.Tensor_Scalar,
+    aten.pow.Tensor_Tensor,
+    aten.neg.default,
+    aten.abs.default,
+    aten.cos.default,
+    aten.sin.default,
+    aten.exp.default,
+    aten.log.default,
+    aten.sqrt.default,
+    aten.rsqrt.default,
+    aten.reciprocal.default,
+    aten.gelu.default,
+    aten.silu.default,
+    aten.relu.default,
+    aten.tanh.default,
+    aten.sigmoid.default,
+    aten.erf.default,
+    *IDENTITY,
+    aten.lift_fresh_copy.default,
+    aten.dropout.default,
+    aten.full_like.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.cumsum.default,
+    aten.clamp.default,
+    aten.bitwise_not.default,
+    aten.logical_not.default,
+}
+
+# reductions over axes, by kind
+REDUCTIONS = {
+    aten.mean.dim: "mean",
+    aten.sum.dim_IntList: "sum",
+    aten.amax.default: "max",
+    aten.var.correction: "var",
+    aten.var.dim: "var",
+}
+
+# ops that make a new tensor from sizes
+CONSTRUCTORS = {
+    aten.full.default,
+    aten.zeros.default,
+    aten.ones.default,
+    aten.empty.memory_format,
+    aten.new_ones.default,
+    aten.new_zeros.default,
+    aten.new_empty.default,
+    aten.new_full.default,
+}
+
+# ops the dims analysis has no axes to couple for
+DIMS_IGNORED = {aten.sym_size.int, aten._assert_tensor_metadata.default, aten.arange.default}
+
+# axis permutations
+PERMUTES = {aten.transpose.int, aten.permute.default}
+
+# casts that can be no-ops
+NOOP_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.alias.default}
+
+# matrix products canonicalize turns into linear
+MATMULS_2D = {aten.matmul.default, aten.mm.default}
+
+# splits of one tensor into parts
+CHUNKS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
+
+# splits into parts, unbind included
+SPLITS = {*CHUNKS, aten.unbind.int}
+
+# ops whose operands growth reads axis by axis (products, lookups, concatenations)
+GROWTH_MATRIX = {
+    aten.linear.default,
+    aten.addmm.default,
+    aten.mm.default,
+    aten.bmm.default,
+    aten.matmul.default,
+    aten.baddbmm.default,
+    aten.embedding.default,
+    aten.conv2d.default,
+    aten.convolution.default,
+    aten.cat.default,
+}
+
+# ops growth follows an axis through
+GROWTH_TRANSPARENT = {
+    aten.t.default,
+    aten.numpy_T.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten.unsqueeze.default,
+    aten.expand.default,
+    aten.slice.Tensor,
+    *IDENTITY,
+    aten.lift_fresh_copy.default,
+}
+
+# ops that act on each position of the residual stream alone
+STREAM_LOCAL = {
+    aten.layer_norm.default,
+    aten.rms_norm.default,
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.mul.Tensor,
+    aten.div.Tensor,
+    aten.pow.Tensor_Scalar,
+    aten.mean.dim,
+    aten.rsqrt.default,
+    aten.sqrt.default,
+    aten.to.dtype,
+    aten.dropout.default,
+    aten.clone.default,
+}
+
+# reshapes
+RESHAPES = {aten.view.default, aten.reshape.default}
+
+# reshapes and views
+VIEWS = {*RESHAPES, aten._unsafe_view.default}
+
 
 def is_call(node, targets) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets

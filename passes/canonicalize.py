@@ -22,11 +22,17 @@ import torch
 from torch import fx
 
 from archfx.ir.layout import explicit_reshape_copies
-from archfx.ir.ops import as_linear, aten, is_assert, is_call, is_dropout_identity
+from archfx.ir.ops import (
+    MATMULS_2D,
+    NOOP_CASTS,
+    as_linear,
+    aten,
+    is_assert,
+    is_call,
+    is_dropout_identity,
+)
 
 from .base import Pass, PassResult, Remark, register
-
-_NOOP_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.alias.default}
 
 
 @register
@@ -51,7 +57,7 @@ class Canonicalize(Pass):
         params = {n.target: graph.tensor(n.target) for n in g.nodes if n.op == "get_attr"}
         transposed: dict[str, str] = {}
         for n in list(g.nodes):
-            lin = as_linear(n, params) if is_call(n, {aten.addmm.default, *_MATMULS}) else None
+            lin = as_linear(n, params) if is_call(n, {aten.addmm.default, *MATMULS_2D}) else None
             if lin is None or not isinstance(lin.input, fx.Node):
                 continue
             if lin.node.target == aten.addmm.default and not _restores_leading_shape(lin):
@@ -120,13 +126,10 @@ class Canonicalize(Pass):
         return name
 
 
-_MATMULS = {aten.matmul.default, aten.mm.default}
-
-
 def _is_noop(n: fx.Node) -> bool:
     if is_dropout_identity(n):
         return True
-    if not is_call(n, _NOOP_CASTS) or not isinstance(n.args[0], fx.Node):
+    if not is_call(n, NOOP_CASTS) or not isinstance(n.args[0], fx.Node):
         return False
     a, b = n.args[0].meta.get("val"), n.meta.get("val")
     return (

@@ -23,7 +23,7 @@ from torch import fx
 
 from archfx.ir import PassError
 from archfx.ir.dims import Dims
-from archfx.ir.ops import ATTENTION_OPS, LINEAR_OPS, aten, is_call, op_arg
+from archfx.ir.ops import ATTENTION_OPS, CHUNKS, LINEAR_OPS, aten, is_call, op_arg
 
 from .base import Option, Pass, PassResult, Remark, layer_indices, register
 from .growth import (
@@ -140,9 +140,6 @@ class ExpandQK(Pass):
         )
 
 
-SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
-
-
 def _outermost(d: Dims, ids: set[int]) -> set[int]:
     return {i for i in ids if not any(j != i and i in d.within(j) for j in ids)}
 
@@ -165,7 +162,7 @@ def _side(d: Dims, start: fx.Node) -> tuple[set[int], set[str], set[tuple[int, i
             params.add(n.target)
             continue
         ids |= {d.find(i) for i in d.axes.get(n, [])}
-        if n.target is operator.getitem and n.args[0].target in SPLITS:
+        if n.target is operator.getitem and n.args[0].target in CHUNKS:
             src = n.args[0].args[0]
             dim = n.args[0].args[2] if len(n.args[0].args) > 2 else 0
             if dim % len(d.axes[src]) == len(d.axes[src]) - 1:

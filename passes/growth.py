@@ -32,42 +32,19 @@ from torch import fx
 
 from archfx.ir import Graph, PassError
 from archfx.ir.dims import Dims
-from archfx.ir.ops import IDENTITY, SHAPE, aten, is_assert, is_call, is_identity, param_target
+from archfx.ir.ops import (
+    GROWTH_MATRIX,
+    GROWTH_TRANSPARENT,
+    SHAPE,
+    SPLITS,
+    aten,
+    is_assert,
+    is_call,
+    is_identity,
+    param_target,
+)
 
 from .base import Remark, layer_indices
-
-_MATRIX = {
-    aten.linear.default,
-    aten.addmm.default,
-    aten.mm.default,
-    aten.bmm.default,
-    aten.matmul.default,
-    aten.baddbmm.default,
-    aten.embedding.default,
-    aten.conv2d.default,
-    aten.convolution.default,
-    aten.cat.default,
-}
-_SPLITS = {
-    aten.split.Tensor,
-    aten.split_with_sizes.default,
-    aten.chunk.default,
-    aten.unbind.int,
-}
-_TRANSPARENT = {
-    aten.t.default,
-    aten.numpy_T.default,
-    aten.transpose.int,
-    aten.permute.default,
-    aten.view.default,
-    aten.reshape.default,
-    aten.unsqueeze.default,
-    aten.expand.default,
-    aten.slice.Tensor,
-    *IDENTITY,
-    aten.lift_fresh_copy.default,
-}
-
 
 _SIZE_ARITHMETIC = {operator.mul, operator.floordiv, operator.truediv, operator.add, operator.sub}
 
@@ -366,7 +343,7 @@ def _roles(d: Dims, nodes: list[fx.Node]) -> dict[int, str]:
             out = {d.find(i) for i in d.axes.get(use, [])}
             square = len(ids) == 2 and d.find(ids[0]) == d.find(ids[1])
             for k, i in enumerate(ids):
-                if square and use.target in _MATRIX and not _is_bias(use, arg):
+                if square and use.target in GROWTH_MATRIX and not _is_bias(use, arg):
                     produces = k == _produced_axis(use, arg) ^ flipped
                     role = "producer" if produces else "consumer"
                 else:
@@ -386,7 +363,7 @@ def _uses(node: fx.Node):
     stack = [(u, node, False) for u in node.users]
     while stack:
         use, arg, flipped = stack.pop()
-        if use.op == "call_function" and use.target in _SPLITS and use.args[0] is arg:
+        if use.op == "call_function" and use.target in SPLITS and use.args[0] is arg:
             # a fused weight split into parts (nn.MultiheadAttention's q and kv): each part
             # is read by its own use
             stack.extend(
@@ -395,7 +372,7 @@ def _uses(node: fx.Node):
                 if item.target is operator.getitem
                 for part in item.users
             )
-        elif use.op == "call_function" and use.target in _TRANSPARENT and use.args[0] is arg:
+        elif use.op == "call_function" and use.target in GROWTH_TRANSPARENT and use.args[0] is arg:
             flip = use.target in (aten.t.default, aten.numpy_T.default, aten.transpose.int) or (
                 use.target is aten.permute.default and list(use.args[1]) == [1, 0]
             )
@@ -406,7 +383,7 @@ def _uses(node: fx.Node):
 
 def _role(use: fx.Node, arg: fx.Node, in_output: bool) -> str:
     t = use.target
-    if t in _MATRIX:
+    if t in GROWTH_MATRIX:
         if t in (aten.linear.default, aten.addmm.default) and _is_bias(use, arg):
             return "bias"
         return "producer" if in_output else "consumer"
@@ -585,7 +562,7 @@ def _gain_after(mean: fx.Node, d: Dims, dims: list[int]):
                 if u in seen:
                     continue
                 seen.add(u)
-                if u.target in _MATRIX:
+                if u.target in GROWTH_MATRIX:
                     continue
                 if u.target is aten.mul.Tensor:
                     for a in u.args:

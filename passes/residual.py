@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from archfx.ir import Graph, PassError
-from archfx.ir.ops import aten, is_identity, strip
+from archfx.ir.ops import RESHAPES, STREAM_LOCAL, aten, is_identity, strip
 from archfx.ir.structure import Block, Residual, Stack
 
 RETHREADED = (
@@ -211,26 +211,6 @@ def _thread_stack(em: Emitter, scheme: Scheme, todo: list[Unit], stack: Stack) -
     return StackThreading(stack, states)
 
 
-_STREAM_LOCAL = {
-    aten.layer_norm.default,
-    aten.rms_norm.default,
-    aten.add.Tensor,
-    aten.sub.Tensor,
-    aten.mul.Tensor,
-    aten.div.Tensor,
-    aten.pow.Tensor_Scalar,
-    aten.mean.dim,
-    aten.rsqrt.default,
-    aten.sqrt.default,
-    aten.to.dtype,
-    aten.dropout.default,
-    aten.clone.default,
-}
-
-
-_RESHAPES = {aten.view.default, aten.reshape.default}
-
-
 def _lift(unit: Unit, nxt: Unit, state: fx.Node, scheme: Scheme) -> set:
     """Trunk ops between two units (a post-norm) read the state instead of the d-wide stream.
 
@@ -242,9 +222,7 @@ def _lift(unit: Unit, nxt: Unit, state: fx.Node, scheme: Scheme) -> set:
     if strip(nxt.input) is unit.replaces or scheme.stream_shaped:
         return set()
     segment = _between(unit.replaces, nxt.input)
-    bad = [
-        n for n in segment if n.op != "call_function" or n.target not in _STREAM_LOCAL | _RESHAPES
-    ]
+    bad = [n for n in segment if n.op != "call_function" or n.target not in STREAM_LOCAL | RESHAPES]
     if not segment or bad:
         what = ", ".join(str(n.target) for n in bad[:3]) or "nothing it can follow"
         raise PassError(
@@ -253,7 +231,7 @@ def _lift(unit: Unit, nxt: Unit, state: fx.Node, scheme: Scheme) -> set:
     for n in segment:
         if unit.replaces in n.all_input_nodes:
             n.replace_input_with(unit.replaces, state)
-        if n.target in _RESHAPES:
+        if n.target in RESHAPES:
             n.args = (n.args[0], [scheme.channels, *n.args[1]])
     return segment
 

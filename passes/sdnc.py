@@ -35,12 +35,11 @@ from torch import fx
 
 from archfx.ir import Graph, PassError
 from archfx.ir.memory import DELTA, READ, WRITE, weightings
-from archfx.ir.ops import DROPOUT, IDENTITY, MATMUL, SOFTMAX, aten, is_call, op_arg
+from archfx.ir.ops import DROPOUT, IDENTITY, MATMUL, SOFTMAX, VIEWS, aten, is_call, op_arg
 
 from .base import Option, Pass, PassResult, register
 
 SDPA = aten.scaled_dot_product_attention.default
-VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 MASKED = -1e30  # a fill at or below this masks a slot
 
 
