@@ -111,7 +111,7 @@ def per_step(sessions: dict, lengths: list[int], repeats: int = 9) -> dict:
 
 def _one_step(session: Session, n: int):
     """A callable running one decode step of `session` after a cache of `n` slots."""
-    decoder = session.decoder
+    decoder = session.eager if session.ort is None else session.decoder
     names = decoder.inputs.names
     feed = [
         torch.tensor([[100]]),

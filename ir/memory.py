@@ -82,7 +82,12 @@ def _read(
     enable_gqa=False,
     softcap=None,
 ):
-    if enable_gqa and query.dim() == 4 and query.shape[1] != addresses.shape[1]:
+    if (
+        enable_gqa
+        and torch.onnx.is_in_onnx_export()  # the exporter's SDPA would repeat the banks
+        and query.dim() == 4
+        and query.shape[1] != addresses.shape[1]
+    ):
         return _grouped(query, addresses, contents, attn_mask, dropout_p, is_causal, scale, softcap)
     if softcap is None and query.dim() == 4:
         return F.scaled_dot_product_attention(

@@ -42,7 +42,7 @@ from torch.utils._sympy.value_ranges import ValueRanges
 from archfx.ir import AnalysisError, Graph, Inputs, PassError
 from archfx.ir.errors import first_line
 from archfx.ir.memory import DELTA, READ, WRITE
-from archfx.ir.ops import IDENTITY, SOFTMAX, aten, is_call, op_arg
+from archfx.ir.ops import ARANGES, IDENTITY, SOFTMAX, aten, is_call, op_arg
 from archfx.ir.verify import refresh_shapes, shape_signature
 
 from .sdnc import _needs_values, _node, check_causal, from_sdpa, parse_attention
@@ -55,7 +55,6 @@ WHY = (
     "the model derives positions from something other than an arange over its tokens, "
     "or attends in a way archfx did not turn into a cache"
 )
-ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 
 
 def is_decoder(graph: Graph) -> bool:
@@ -248,6 +247,31 @@ def last_position(decoder: Graph) -> Graph:
     for name, ref, value in zip(decoder.output_names[:-count], whole, got, strict=False):
         _compare(name, value, ref[:, -1:], "at the last position alone")
     return result
+
+
+def eager(decoder: Graph) -> Graph:
+    """`decoder` as eager PyTorch runs it fastest, a new graph on the same parameters: each
+    memory write becomes the keys and values it holds and each read without soft-capping the
+    SDPA call it runs — the same ops, without a custom op's dispatch per call."""
+    g = copy.deepcopy(decoder.gm.graph)
+    for n in list(g.nodes):
+        if (
+            n.target is READ
+            and n.kwargs.get("softcap") is None
+            and n.args[0].meta["val"].dim() == 4
+        ):
+            kwargs = {k: v for k, v in n.kwargs.items() if k != "softcap"}
+            with g.inserting_before(n):
+                sdpa = g.call_function(aten.scaled_dot_product_attention.default, n.args, kwargs)
+            sdpa.meta = dict(n.meta)
+            n.replace_all_uses_with(sdpa)
+            g.erase_node(n)
+    for n in [n for n in g.nodes if n.target is WRITE]:
+        for u in list(n.users):  # getitem(write, i): the i-th bank
+            u.replace_all_uses_with(n.args[u.args[1]])
+            g.erase_node(u)
+        g.erase_node(n)
+    return _sharing(decoder, g, decoder.inputs, decoder.output_names)
 
 
 def _head(x: fx.Node, seq: str) -> fx.Node | None:

@@ -27,7 +27,7 @@ import torch
 
 from archfx.ir import Graph, PassError
 
-from .decode import PAST, MemoryStream, decode_form, last_position, positions
+from .decode import PAST, MemoryStream, decode_form, eager, last_position, positions
 
 
 @dataclass
@@ -74,7 +74,9 @@ class Session:
             warnings.warn(f"{exc}: the prefill computes every position's outputs", stacklevel=2)
             self.decoder = form
         self.onnx = self.ort = None
-        if runtime == "onnx":
+        if runtime == "torch":
+            self.eager = eager(self.decoder)
+        else:
             from archfx.ir.lower import ort_session
 
             if onnx is None:  # a file of the Session's own, deleted with it
@@ -95,7 +97,7 @@ class Session:
     def stream(self):
         """A fresh cache: a callable (new tokens, their attention mask) → last logits."""
         if self.ort is None:
-            return _TorchStep(self.decoder)
+            return _TorchStep(self.eager)
         return _OrtStep(self.ort, self.decoder.device)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from archfx.ir import PassError, capture
 from archfx.ir.lower import compile_graph, to_onnx
-from archfx.ir.memory import READ, WRITE, delta_update
+from archfx.ir.memory import READ, WRITE, _grouped, delta_update
 from archfx.passes import Pipeline
 from archfx.passes.cli import main as cli
 from archfx.passes.decode import MemoryStream, first_call
@@ -335,8 +335,8 @@ def test_dnc_option_refusals(text, name, why):
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("mask", [None, "per-batch", "per-head", "additive", "2-d"])
 def test_a_gqa_read_equals_reading_repeated_banks(mask, causal, softcap):
-    # the read groups each key head's query heads instead of repeating its bank (what the ONNX
-    # export and the decode form run): the oracle repeats the bank and attends per head
+    # exported to ONNX, a GQA read groups each key head's query heads instead of repeating its
+    # bank (the exporter's SDPA would copy it per query head): the oracle repeats the bank
     torch.manual_seed(0)
     for b, h, hk, n, t in [(2, 9, 3, 1, 7), (2, 9, 3, 5, 5), (3, 8, 1, 4, 6)]:
         q, k, v = torch.randn(b, h, n, 16), torch.randn(b, hk, t, 16), torch.randn(b, hk, t, 8)
@@ -358,5 +358,5 @@ def test_a_gqa_read_equals_reading_repeated_banks(mask, causal, softcap):
         if m is not None:
             s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
         ref = torch.softmax(s, -1) @ vv
-        got = READ(q, k, v, m, 0.0, causal, enable_gqa=True, softcap=softcap)
+        got = _grouped(q, k, v, m, 0.0, causal, None, softcap)
         assert float((got - ref).abs().max()) <= 1e-5
