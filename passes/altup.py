@@ -127,23 +127,34 @@ class AltUp(Pass):
         "widen the residual stream K× (Recycled-AltUp): each layer updates one block, P/g mix them"
     )
     options = (
-        Option("k", int, 2, "number of stream blocks K", minimum=1, maximum=64),
+        Option(
+            "k", int, 2, "number of blocks K (K = 1 is the identity rewrite)", minimum=1, maximum=64
+        ),
         Option(
             "schedule",
             str,
             "alternating",
-            "which block a layer computes on",
+            "layer l computes on block l mod K, or (`same`) always on `active`",
             choices=("alternating", "same"),
         ),
-        Option("active", int, 0, "the block every layer computes on with schedule=same", minimum=0),
+        Option("active", int, 0, "the block for `schedule=same` (< k)", minimum=0),
         Option(
             "coefficients",
             str,
             "static",
-            "P, g as parameters, or Gemma 3n's router",
+            "`static`: P, g per layer (P = I, g = 1 at init). `router`: Gemma 3n's "
+            "P = I + reshape(W_p m), g = 1 + W_c m', m = tanh(W_r RMSNorm(x)/d), W_p = W_c = 0, "
+            "W_r random",
             choices=("static", "router"),
         ),
-        Option("readout", str, "mean", "how the model reads the K blocks", choices=("mean", "sum")),
+        Option(
+            "readout",
+            str,
+            "mean",
+            "`mean` of the K blocks, or `sum` with every final norm's eps scaled by K² (exact; "
+            "refused when a stack has no final norm)",
+            choices=("mean", "sum"),
+        ),
         Option("seed", int, 0, "seed of the router's initial weights", minimum=0),
     )
 

@@ -78,6 +78,18 @@ class Option:
         names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
         return names.get(self.type, self.type.__name__)
 
+    def values(self) -> str:
+        """The values this option takes, as the docs' tables show them."""
+        if self.choices:
+            return " \\| ".join(f"`{_fmt(c)}`" for c in self.choices)
+        kind = {bool: "`true` \\| `false`", int: "integer", float: "number", str: "text"}
+        text = kind.get(self.type, self.type.__name__)
+        if self.minimum is not None and self.maximum is not None:
+            return f"{text} in [{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
+        if self.minimum is not None:
+            return f"{text} ≥ {_fmt(self.minimum)}"
+        return text
+
     def to_json(self) -> dict:
         return {
             "name": self.name,
@@ -190,6 +202,31 @@ class Pass:
         return f"{self.name}({','.join(parts)})"
 
     @classmethod
+    def signature(cls) -> str:
+        """`name(option, …)` as the docs list passes."""
+        return cls.name + (f"({', '.join(o.name for o in cls.options)})" if cls.options else "")
+
+    @classmethod
+    def to_markdown(cls) -> str:
+        """This pass's section of the generated reference (`archfx passes --markdown`)."""
+        rows = [
+            f"### `{cls.signature()}`",
+            "",
+            f"{cls.summary}. Exact: {cls.exact_when_text().replace('|', ' or ')}. Requires: "
+            + (", ".join(f"`{r}`" for r in sorted(cls.requires)) or "nothing")
+            + "; takes away: "
+            + (", ".join(f"`{r}`" for r in cls.invalidates) or "nothing")
+            + ".",
+        ]
+        if cls.options:
+            rows += ["", "| option | values | default | meaning |", "|---|---|---|---|"]
+            rows += [
+                f"| `{o.name}` | {o.values()} | `{_fmt(o.default)}` | {o.doc} |"
+                for o in cls.options
+            ]
+        return "\n".join(rows)
+
+    @classmethod
     def to_json(cls) -> dict:
         return {
             "name": cls.name,
@@ -241,6 +278,20 @@ def register(cls: type[Pass]) -> type[Pass]:
         raise ValueError(f"{cls.name}: unknown properties {sorted(unknown)}")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def markdown_overview() -> str:
+    """The table of every registered pass (README), from the registry."""
+    rows = ["| pass | exact when | what it does |", "|---|---|---|"]
+    for cls in REGISTRY.values():
+        exact = cls.exact_when_text().replace("|", "\\|")
+        rows.append(f"| `{cls.signature()}` | {exact} | {cls.summary} |")
+    return "\n".join(rows)
+
+
+def markdown_reference() -> str:
+    """Every registered pass's section with its options (docs/passes.md), from the registry."""
+    return "\n\n".join(cls.to_markdown() for cls in REGISTRY.values())
 
 
 def get(name: str) -> type[Pass]:

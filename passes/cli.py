@@ -20,6 +20,7 @@ from archfx.ir import ArchfxError, ModelSpecError, capture
 from archfx.ir.verify import certify
 
 from . import REGISTRY, Pipeline
+from .base import markdown_overview, markdown_reference
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("passes", help="list the registered passes and their options")
     s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the overview table and every pass's options (the docs' generated tables)",
+    )
     s.set_defaults(func=cmd_passes)
 
     def model_args(s):
@@ -226,6 +232,9 @@ def cmd_passes(args, err: Console) -> int:
     entries = [cls.to_json() for cls in REGISTRY.values()]
     if args.json:
         print(json.dumps({"passes": entries}, indent=2))
+        return 0
+    if args.markdown:
+        print(markdown_overview() + "\n\n" + markdown_reference())
         return 0
     table = Table(title="archfx passes")
     table.add_column("pass")

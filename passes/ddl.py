@@ -242,22 +242,34 @@ class DDL(Pass):
             "value",
             str,
             "compat",
-            "compat (exact homotopy), paper (v = W_v c) or code (v = 4σ(W_v x + b))",
+            "`compat`: x ← x + λh + (1 − λ)β(v − kᵀx)k with λ = 1 at init (exact, for "
+            "upcycling pretrained models); `paper`: v = W_v c; `code`: v = 4σ(W_v x + b) (both "
+            "change the function: no certificate is claimed)",
             choices=("compat", "paper", "code"),
         ),
-        Option("beta0", float, 1.0, "initial gate β (0 < β0 < 2)", minimum=1e-6, maximum=2 - 1e-6),
+        Option(
+            "beta0",
+            float,
+            1.0,
+            "initial gate β, 0 < β0 < 2 (1 overwrites the readout along k, → 2 reflects)",
+            minimum=1e-6,
+            maximum=2 - 1e-6,
+        ),
         Option(
             "compressor",
             str,
             "cc",
-            "d_v > 1: channel mix (cc) or token conv + read (tc)",
+            "d_v > 1: how a block reads X: `cc` mixes the channels per feature (weights 1/d_v); "
+            "`tc` runs a causal depthwise conv over tokens (kernel 4, identity at init) per "
+            "channel, then a read vector (1/d_v)",
             choices=("cc", "tc"),
         ),
         Option(
             "ec",
             bool,
             False,
-            "d_v > 1: expand the embedding with an identity-initialised causal conv",
+            "d_v > 1: the embedding enters through an identity-initialised causal depthwise conv "
+            "per channel instead of being replicated",
         ),
         Option("eps", float, 1e-5, "ε in k = h / sqrt(‖h‖² + ε²)", minimum=0.0),
         Option("seed", int, 0, "seed of the value projections' initial weights", minimum=0),

@@ -35,3 +35,13 @@ def test_the_example_pass_in_the_docs_runs_and_is_certified(temperature_pass):
         want = m(x).logits / 2
     assert torch.allclose(hot.graph(x)[0], want, atol=1e-5)
     assert temperature_pass.exact_when_text() == "t=1.0"
+
+
+def test_the_pass_tables_in_the_docs_are_the_registrys():
+    # README's overview and docs/passes.md's options are `archfx passes --markdown` output:
+    # a pass whose declaration changed without regenerating them fails here
+    from archfx.passes.base import markdown_overview, markdown_reference
+
+    root = DOC.parent.parent
+    assert markdown_overview() in (root / "README.md").read_text()
+    assert markdown_reference() in (root / "docs" / "passes.md").read_text()
