@@ -15,7 +15,7 @@ from archfx.ir import capture
 from archfx.ir.draw import draw_memory
 from archfx.passes import Pipeline
 from archfx.passes.decode import MemoryStream
-from archfx.passes.sdnc import memories
+from archfx.passes.memory_inspect import memories
 from archfx.passes.zoo import build
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"

@@ -197,7 +197,7 @@ def _memory(graph, picture: str, title: str, err: Console) -> dict:
     """sdnc, then each memory's shape and read weightings drawn to `picture`."""
     from archfx.ir.draw import draw_memory
 
-    from .sdnc import memories
+    from .memory_inspect import memories
 
     with _step(err, "rewriting attention as memory reads (sdnc)"):
         result = Pipeline.parse("sdnc").run(graph)

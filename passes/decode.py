@@ -45,7 +45,7 @@ from archfx.ir.memory import DELTA, READ, WRITE
 from archfx.ir.ops import ARANGES, IDENTITY, SOFTMAX, aten, is_call, op_arg
 from archfx.ir.verify import refresh_shapes, shape_signature
 
-from .sdnc import _needs_values, _node, check_causal, from_sdpa, parse_attention
+from .attention_memory import _needs_values, _node, check_causal, from_sdpa, parse_attention
 
 PAST = "past_key_values"
 PRESENT = "present"

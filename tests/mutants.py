@@ -345,7 +345,7 @@ MUTANTS = [
     Mutant(
         "sdnc-scale",
         "sdnc: the read's strength is the model's own scale",
-        "passes/sdnc.py",
+        "passes/attention_memory.py",
         "scale *= factor",
         "scale *= 1.01 * factor",
         ("tests/test_sdnc.py::test_sdnc_is_exact_everywhere[nanogpt]",),

@@ -12,7 +12,7 @@ from archfx.ir.memory import READ, WRITE, _grouped, delta_update
 from archfx.passes import Pipeline
 from archfx.passes.cli import main as cli
 from archfx.passes.decode import MemoryStream, first_call
-from archfx.passes.sdnc import memories
+from archfx.passes.memory_inspect import memories
 
 from .helpers import EVERY, byte_gpt, model, train
 
@@ -113,7 +113,7 @@ def test_sdnc_trains_and_keeps_the_dtype():
 
 def test_sdnc_twice_is_refused():
     out = Pipeline.parse("sdnc").run(capture(model("tiny-llama"))).graph
-    with pytest.raises(PassError, match="already memory reads"):
+    with pytest.raises(PassError, match="not yet a memory read"):
         Pipeline.parse("sdnc").run(out)
 
 
