@@ -148,17 +148,6 @@ REFUSALS = [
         ),
         r"LayerNorm subtracts the mean",
     ),
-    # with a tied head, duplicating a LayerNorm stream needs the final norm's gain / m;
-    # a post-LN model has no final norm (the same refusal as BART's in tests/test_growth.py)
-    (
-        lambda e, before, p: (
-            p.startswith("expand-hidden")
-            and e["tied"]
-            and e["norm"] == "layernorm"
-            and not e.get("final_norm", True)
-        ),
-        r"tied head reads duplicated features",
-    ),
     # EXCLUDED (limitation found by this test): altup's router reads the stream through a
     # gainless RMSNorm (Gemma 3n's); zero-padding the stream changes its RMS and there is no
     # gain to rescale, so expand-hidden refuses after altup(coefficients=router) on models
