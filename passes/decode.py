@@ -42,7 +42,7 @@ from torch.utils._sympy.value_ranges import ValueRanges
 from archfx.ir import AnalysisError, Graph, Inputs, PassError
 from archfx.ir.errors import first_line
 from archfx.ir.memory import DELTA, READ, WRITE
-from archfx.ir.ops import ARANGES, IDENTITY, SOFTMAX, aten, is_call, op_arg
+from archfx.ir.ops import ARANGES, IDENTITY, SOFTMAX, aten, is_call, is_pointwise, op_arg
 from archfx.ir.verify import refresh_shapes, shape_signature
 
 from .attention_memory import _needs_values, _node, check_causal, from_sdpa, parse_attention
@@ -283,7 +283,7 @@ def _head(x: fx.Node, seq: str) -> fx.Node | None:
             ok = h is not None and h.dim() == 3 and str(h.shape[1]) == seq
             return x if ok else None
         values = [a for a in x.args if isinstance(a, fx.Node) and not _weight(a)]
-        if len(values) != 1 or not (is_call(x, IDENTITY) or _elementwise(x)):
+        if len(values) != 1 or not (is_call(x, IDENTITY) or is_pointwise(x)):
             return None
         x = values[0]
     return None
@@ -294,10 +294,6 @@ def _weight(x) -> bool:
     while isinstance(x, fx.Node) and is_call(x, {aten.t.default, aten.permute.default, *IDENTITY}):
         x = x.args[0]
     return isinstance(x, fx.Node) and x.op == "get_attr"
-
-
-def _elementwise(x: fx.Node) -> bool:
-    return torch.Tag.pointwise in getattr(x.target, "tags", ())
 
 
 def _new_length(graph: Graph, mode) -> torch.SymInt:
