@@ -80,6 +80,10 @@ class _Analyzer:
         self._linear_cache: dict = {}
         self._all = set(self.nodes)
         self._skipped: list[str] = []  # blocks that hold a site and could not be read
+        self.by_name = {n.name: n for n in self.nodes}
+        # a site scheme's update (DDL) stands for the residual add it replaced:
+        # [carry, what the site read from the state, *branches]
+        self.writes = {n: self._update(n) for n in self.nodes if "archfx_site" in n.meta}
 
     # helpers ---------------------------------------------------------------------------------
 
@@ -96,6 +100,32 @@ class _Analyzer:
 
     def sorted(self, nodes) -> list[fx.Node]:
         return sorted(nodes, key=self.order.__getitem__)
+
+    def _update(self, w: fx.Node) -> list[fx.Node]:
+        site = w.meta["archfx_site"]
+
+        def follow(path: list[int]) -> fx.Node:
+            n = w
+            for i in path:
+                n = n.args[i] if i < len(n.args) else None
+                if not isinstance(n, fx.Node):
+                    raise AnalysisError(
+                        f"the residual-scheme update {w.name} no longer reads the stream and "
+                        "branches it was made from"
+                    )
+            return n
+
+        carry = follow(site["carry"])
+        read = carry if site["read"] is None else self.by_name.get(site["read"])
+        if read is None:
+            raise AnalysisError(f"the residual-scheme update {w.name} lost its read {site['read']}")
+        return [carry, read, *(follow(b) for b in site["branches"])]
+
+    def operands(self, n: fx.Node) -> list | None:
+        """The two operands of a residual add, or (carry, branch) of a site scheme's update."""
+        if n in self.writes:
+            return [self.writes[n][0], self.writes[n][2]]
+        return list(n.args[:2]) if is_call(n, ADD) else None
 
     # driver ------------------------------------------------------------------------------------
 
@@ -252,12 +282,18 @@ class _Analyzer:
         that every one outside a block is accounted for."""
         out = []
         for add in self.nodes:
-            if not is_call(add, ADD) or not is_float(add):
+            ops = self.operands(add)
+            if (
+                ops is None
+                or not is_float(add)
+                or "archfx_scheme" in add.meta
+                and add not in self.writes
+            ):
                 continue
-            ops = [o for o in add.args[:2] if isinstance(o, fx.Node)]
+            ops = [o for o in ops if isinstance(o, fx.Node)]
             if len(ops) != 2:
                 continue
-            for x, f in (ops, ops[::-1]):
+            for x, f in (ops, ops[::-1]) if add not in self.writes else (ops,):
                 if shape(x) != shape(add) or x.op == "get_attr":
                     continue
                 anc = _reach(f, self._all, lambda n: n.all_input_nodes) | {f}
@@ -390,11 +426,10 @@ class _Analyzer:
             for a in n.all_input_nodes:
                 if a not in bset and a.op != "get_attr" and a not in inputs:
                     inputs.append(a)
-        adds = [n for n in bnodes if is_call(n, ADD)]
         operands = {
             c
-            for a in adds
-            for o in a.args[:2]
+            for n in bnodes
+            for o in self.operands(n) or ()
             if isinstance(o, fx.Node)
             for c in _identity_chain(o)
         }
@@ -441,9 +476,14 @@ class _Analyzer:
         return chain[::-1]
 
     def _site(self, add: fx.Node, trunk: set, bset: set, desc: set, path: str) -> Residual | None:
-        if not is_call(add, ADD):
+        read = carry = None
+        if add in self.writes:
+            carry, read, *branches = self.writes[add]
+            leaves = [carry, *branches]
+        elif is_call(add, ADD) and "archfx_scheme" not in add.meta:
+            leaves = self._add_leaves(add, trunk, desc)
+        else:
             return None
-        leaves = self._add_leaves(add, trunk, desc)
         carries = [leaf for leaf in leaves if leaf in trunk or strip(leaf) in trunk]
         if len(carries) != 1 or len(leaves) < 2:
             return None
@@ -468,7 +508,7 @@ class _Analyzer:
             elif kind == "moe" and site.moe is None:
                 site.moe = obj
         site.kind = "parallel" if len(parts) > 1 else parts[0][0]
-        site.pre_norm = self._norm_from(carry, all_nodes)
+        site.pre_norm = self._norm_from(carry if read is None else read, all_nodes)
         if len(branches) == 1:
             site.output_norm = self._norm_ending_at(branches[0], all_nodes)
         site.post_norm = self._norm_from(add, bset, on=trunk)

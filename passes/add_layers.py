@@ -161,8 +161,14 @@ def _copy(graph, block, x, prefix: str, new_prefix: str, before: bool, writers, 
     def attr(node: fx.Node) -> fx.Node:
         if node.target not in attrs:
             target = node.target
-            if target.startswith(prefix):
-                target = new_prefix + target[len(prefix) :]
+            if target.startswith(prefix) or "archfx_scheme" in node.meta:
+                # the block's weights, and a residual scheme's parameters of its sites (DDL's
+                # gates), are the copy's own
+                target = (
+                    new_prefix + target[len(prefix) :]
+                    if target.startswith(prefix)
+                    else _fresh(graph, target)
+                )
                 t = graph.tensor(node.target)
                 value = (
                     torch.full_like(t, writers[node.target])
@@ -196,6 +202,10 @@ def _copy(graph, block, x, prefix: str, new_prefix: str, before: bool, writers, 
         with g.inserting_after(last):
             new = g.node_copy(nd, arg)
         new.meta = dict(nd.meta)
+        site = nd.meta.get("archfx_site")
+        if site and site["read"]:  # the copy's update reads from the copy's compressor
+            names = {o.name: c.name for o, c in env.items()}
+            new.meta["archfx_site"] = {**site, "read": names.get(site["read"], site["read"])}
         stack_meta = nd.meta.get("nn_module_stack")
         if stack_meta:
             old = prefix[:-1]
@@ -215,3 +225,16 @@ def _copy(graph, block, x, prefix: str, new_prefix: str, before: bool, writers, 
             if user not in env.values() and user is not out:
                 user.replace_input_with(x, out)
     return out
+
+
+def _fresh(graph, target: str) -> str:
+    """An unused name beside `target` (`….l3.…` → `….l3c1.…`) for a copied scheme parameter."""
+    if not re.search(r"\.l\d+(c\d+)?\.", target):
+        raise PassError(f"{target} names no layer: archfx cannot name its copy")
+    for i in range(1, 1 << 16):
+        name = re.sub(r"\.l(\d+)(c\d+)?\.", rf".l\g<1>c{i}.", target, count=1)
+        try:
+            graph.tensor(name)
+        except AttributeError:
+            return name
+    raise PassError(f"no free name for a copy of {target}")

@@ -28,7 +28,7 @@ from archfx.ir import PassError
 from archfx.ir.ops import NORM_OPS, aten, is_call
 
 from .base import Option, Pass, PassResult, register
-from .residual import RETHREADED, Emitter, Scheme, rethread
+from .residual import BLOCKS_WRAPPED, Emitter, Scheme, rethread
 
 OWNER = "altup"
 
@@ -121,8 +121,8 @@ class AltUpScheme(Scheme):
 @register
 class AltUp(Pass):
     name = "altup"
-    requires = frozenset({"structure", "plain-residual"})
-    invalidates = {"plain-residual": RETHREADED}
+    requires = frozenset({"structure", "block-residual"})
+    invalidates = {"block-residual": BLOCKS_WRAPPED}
     summary = (
         "widen the residual stream K× (Recycled-AltUp): each layer updates one block, P/g mix them"
     )

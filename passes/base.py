@@ -16,7 +16,8 @@ _MISSING = object()
 # a captured model has all of them. `Pipeline` checks the order against them before it runs.
 PROPERTIES = {
     "structure": "Transformer blocks the analysis recognises",
-    "plain-residual": "residual adds that no residual scheme has rethreaded",
+    "block-residual": "layers that no block scheme (AltUp) runs on its state yet",
+    "site-residual": "residual adds that no site scheme (DDL) has made updates of its state yet",
     "softmax-attention": "attention that is not yet a memory read",
 }
 

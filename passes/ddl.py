@@ -36,7 +36,7 @@ from archfx.ir import PassError
 from archfx.ir.ops import aten
 
 from .base import Option, Pass, PassResult, register
-from .residual import RETHREADED, Emitter, Scheme, rethread
+from .residual import SITES_RETHREADED, WIDE_INSIDE_BLOCKS, Emitter, Scheme, rethread
 
 OWNER = "ddl"
 F32 = torch.float32
@@ -220,11 +220,8 @@ class DDLScheme(Scheme):
 @register
 class DDL(Pass):
     name = "ddl"
-    requires = frozenset({"structure", "plain-residual"})
-    invalidates = {
-        "plain-residual": RETHREADED,
-        "structure": "the analysis does not recognise blocks in a DDL graph yet",
-    }
+    requires = frozenset({"structure", "site-residual"})
+    invalidates = {"site-residual": SITES_RETHREADED}
     summary = (
         "Deep Delta Learning: each residual add becomes a delta-rule update of a (d × d_v) state"
     )
@@ -274,6 +271,10 @@ class DDL(Pass):
         Option("eps", float, 1e-5, "ε in k = h / sqrt(‖h‖² + ε²)", minimum=0.0),
         Option("seed", int, 0, "seed of the value projections' initial weights", minimum=0),
     )
+
+    def check_order(self, before) -> None:
+        if self.opts["dv"] > 1 and any("block-residual" in p.invalidates for p in before):
+            raise PassError(WIDE_INSIDE_BLOCKS)
 
     def run(self, graph) -> PassResult:
         structure = graph.structure

@@ -15,6 +15,12 @@ that appends ATen nodes.
 
 Exact at init when: S starts replicated, carries keep a replicated state replicated (rows
 summing to 1), writes have unit weight, and the readout's weights sum to 1.
+
+Schemes nest, one per granularity: a site scheme's nodes belong to the block of the site (its
+`nn_module_stack`) and each update records what it replaced (`archfx_site`), so the structure
+analysis still finds every block and site; a block scheme then runs each layer, updates
+included, on its state, and a site scheme applied after a block scheme rewrites the sites of
+the layers the block scheme runs.
 """
 
 from __future__ import annotations
@@ -28,10 +34,15 @@ from archfx.ir import Graph, PassError
 from archfx.ir.ops import RESHAPES, STREAM_LOCAL, aten, is_identity, strip
 from archfx.ir.structure import Block, Residual, Stack
 
-RETHREADED = (
-    "a residual scheme (AltUp, DDL) already rethreads the residual stream: one scheme per "
-    "model, they do not nest yet"
+BLOCKS_WRAPPED = "the layers already run inside a block scheme's state (AltUp): one per model"
+SITES_RETHREADED = (
+    "the residual adds are already delta-rule updates (DDL): one site scheme per model"
 )
+WIDE_INSIDE_BLOCKS = (
+    "a site state wider than the stream (d_v > 1) inside a block scheme's blocks would make every "
+    "AltUp block carry it, which AltUp applied first does not: apply ddl before altup"
+)
+BLOCK_OWNERS = {"altup"}  # owners of block-granularity schemes (the others rethread sites)
 
 
 class Emitter:
@@ -43,6 +54,7 @@ class Emitter:
         self.owner = owner
         self.cursor: fx.Node | None = None
         self.created: set[fx.Node] = set()
+        self.module_stack: dict | None = None  # the block a site scheme's nodes belong to
 
     def at(self, node: fx.Node) -> Emitter:
         self.cursor = node
@@ -51,8 +63,10 @@ class Emitter:
     def _insert(self, make) -> fx.Node:
         with self.g.inserting_after(self.cursor):
             node = make()
-        node.meta["nn_module_stack"] = {self.owner: (self.owner, "archfx")}
-        node.meta["archfx_scheme"] = self.owner  # opaque to the structure analysis
+        node.meta["nn_module_stack"] = dict(
+            self.module_stack or {self.owner: (self.owner, "archfx")}
+        )
+        node.meta["archfx_scheme"] = self.owner
         self.created.add(node)
         self.cursor = node
         return node
@@ -154,8 +168,13 @@ def units(stack: Stack, s_idx: int, granularity: str) -> list[Unit]:
 
 def rethread(graph: Graph, scheme: Scheme, owner: str) -> list[StackThreading]:
     """Thread every stack of `graph` through `scheme`; the graph is edited in place."""
-    if any(n.meta.get("archfx_scheme") for n in graph.gm.graph.nodes):
-        raise PassError(RETHREADED)
+    present = {n.meta["archfx_scheme"] for n in graph.gm.graph.nodes if "archfx_scheme" in n.meta}
+    if scheme.granularity == "block" and present & BLOCK_OWNERS:
+        raise PassError(BLOCKS_WRAPPED)
+    if scheme.granularity == "site" and present - BLOCK_OWNERS:
+        raise PassError(SITES_RETHREADED)
+    if scheme.granularity == "site" and scheme.channels > 1 and present & BLOCK_OWNERS:
+        raise PassError(WIDE_INSIDE_BLOCKS)
     stacks = graph.structure.stacks
     if len({s.width for s in stacks}) > 1:
         raise PassError(
@@ -176,12 +195,22 @@ def _thread_stack(em: Emitter, scheme: Scheme, todo: list[Unit], stack: Stack) -
     state = scheme.init(em.at(todo[0].input), todo[0].input, todo[0].stack)
     states = []
     for i, unit in enumerate(todo):
-        if i and strip(unit.input) is not todo[i - 1].replaces:
+        prev = todo[i - 1].replaces if i else unit.input
+        if unit.input is not prev and not _same(unit.input, prev):
             state = (
                 unit.input
             )  # the stream went through trunk ops (a post-norm) that now act on the state
             em.at(state)
+        elif unit.input is not prev and scheme.stream_shaped:
+            # casts between two sites: they now cast the state, which the site reads as the
+            # replaced add read the stream
+            _recast(unit.input, prev, state)
+            state = unit.input
+            em.at(state)
+        em.module_stack = unit.replaces.meta.get("nn_module_stack") if unit.site else None
+        mine = set(em.created)
         state, unit_in = scheme.read(em, state, unit)
+        carry = state
         _rewire(unit, unit_in, em.created)
         out, at = unit.outputs[0], unit.replaces
         if len(unit.outputs) > 1:  # parallel branches add to the stream together
@@ -190,6 +219,11 @@ def _thread_stack(em: Emitter, scheme: Scheme, todo: list[Unit], stack: Stack) -
                 out = em.op(aten.add.Tensor, out, extra)
             at = em.cursor
         state = scheme.write(em.at(at), state, unit_in, out, unit)
+        em.module_stack = None
+        if unit.site is not None:  # the analysis reads the update as the site's residual add
+            state.meta["archfx_site"] = _site_record(
+                state, carry, unit_in, unit.outputs, em.created - mine
+            )
         state.meta["archfx_state"] = (stack.path, unit.index)  # the stream state after the unit
         states.append(state)
         nxt = todo[i + 1] if i + 1 < len(todo) else None
@@ -219,7 +253,7 @@ def _lift(unit: Unit, nxt: Unit, state: fx.Node, scheme: Scheme) -> set:
     arithmetic with scalars or d-vectors) and through reshapes that keep the last dimension
     (the channel count is prepended to their shape): each channel goes where the stream went.
     """
-    if strip(nxt.input) is unit.replaces or scheme.stream_shaped:
+    if _same(nxt.input, unit.replaces) or scheme.stream_shaped:
         return set()
     segment = _between(unit.replaces, nxt.input)
     bad = [n for n in segment if n.op != "call_function" or n.target not in STREAM_LOCAL | RESHAPES]
@@ -234,6 +268,47 @@ def _lift(unit: Unit, nxt: Unit, state: fx.Node, scheme: Scheme) -> set:
         if n.target in RESHAPES:
             n.args = (n.args[0], [scheme.channels, *n.args[1]])
     return segment
+
+
+def _recast(cast: fx.Node, stream: fx.Node, state: fx.Node) -> None:
+    """The chain of identity ops `cast` ends in reads `state` instead of `stream`."""
+    while cast.args[0] is not stream:
+        if not is_identity(cast.args[0]):
+            raise PassError(f"{cast.name} reaches the stream through {cast.args[0].name}")
+        cast = cast.args[0]
+    cast.replace_input_with(stream, state)
+
+
+def _site_record(update: fx.Node, carry, read, branches, own: set) -> dict:
+    """What the analysis reads a site update as (`archfx_site`): the residual add it replaced.
+    The stream it updates and the branches it adds are recorded as argument paths from the
+    update through the scheme's own nodes — they stay right when a later pass rewires or
+    removes the model's nodes there (AltUp's read, a cast canonicalize drops); what the site
+    read from a wider state is the scheme's node, by name (None: the stream itself)."""
+    return {
+        "carry": _path(update, carry, own),
+        "branches": [_path(update, b, own) for b in branches],
+        "read": None if read is carry else read.name,
+    }
+
+
+def _path(src: fx.Node, dst: fx.Node, through: set) -> list[int]:
+    """Argument positions leading from `src` to `dst`, stepping through `through` only."""
+    todo, seen = [(src, [])], set()
+    while todo:
+        n, path = todo.pop()
+        for i, a in enumerate(n.args):
+            if a is dst:
+                return [*path, i]
+            if isinstance(a, fx.Node) and a in through and a not in seen:
+                seen.add(a)
+                todo.append((a, [*path, i]))
+    raise PassError(f"{src.name} does not read {dst.name}")
+
+
+def _same(a: fx.Node, b: fx.Node) -> bool:
+    """The same stream, through identity ops (casts) on either side."""
+    return strip(a) is strip(b)
 
 
 def _between(src: fx.Node, dst: fx.Node) -> set:

@@ -504,6 +504,25 @@ MUTANTS = [
             "tests/test_generate.py::test_onnx_runtime_generates_the_same_tokens[tiny-llama-altup(k=2)]",
         ),
     ),
+    # composition -----------------------------------------------------------------------------
+    Mutant(
+        "inserted-layer-shares-gates",
+        "add-layers gives a copied layer's DDL updates parameters of their own",
+        "passes/add_layers.py",
+        'if target.startswith(prefix) or "archfx_scheme" in node.meta:',
+        "if target.startswith(prefix):",
+        ("tests/test_composition.py::test_inserted_layers_own_their_scheme_parameters",),
+    ),
+    Mutant(
+        "site-update-not-a-site",
+        "the analysis reads a site scheme's update as the residual add it replaced",
+        "ir/analyze.py",
+        "            return [self.writes[n][0], self.writes[n][2]]",
+        "            return None",
+        (
+            "tests/test_composition.py::test_the_structure_survives_the_schemes[ddl(dv=1)-tiny-gpt2]",
+        ),
+    ),
 ]
 
 

@@ -113,7 +113,7 @@ def test_bad_options_and_order():
     graph = capture(model("tiny-gpt2"))
     with pytest.raises(PassError, match="active=2 must be < k=2"):
         Pipeline.parse("altup(k=2,schedule=same,active=2)").run(graph)
-    with pytest.raises(PassError, match="already rethreads"):  # before any model
+    with pytest.raises(PassError, match="already run inside a block scheme"):  # before any model
         Pipeline.parse("altup(k=2),altup(k=2)")
     with pytest.raises(PassError, match="readout=sum is exact only before a final norm"):
         Pipeline.parse("altup(k=2,readout=sum)").run(capture(model("tiny-bert")))

@@ -35,8 +35,8 @@ def test_passes_lists_the_registry(capsys):
     sdnc = data["passes"][names.index("sdnc")]["exact_when"]
     assert sdnc == {"addressing": ["dot"], "write": ["once"], "persistent": [False]}
     ddl = data["passes"][names.index("ddl")]
-    assert ddl["requires"] == ["plain-residual", "structure"] and canon["requires"] == []
-    assert set(ddl["invalidates"]) == {"plain-residual", "structure"}
+    assert ddl["requires"] == ["site-residual", "structure"] and canon["requires"] == []
+    assert set(ddl["invalidates"]) == {"site-residual"}
     altup = data["passes"][names.index("altup")]
     assert {o["name"] for o in altup["options"]} >= {
         "k",
@@ -182,8 +182,8 @@ def test_bad_input_exits_nonzero_with_one_line(capsys, tmp_path, ranged_pass, ar
         ("sdnc(write=delta,addressing=cosine)", "does not combine"),
         ("expand-mlp(factor=2,layers=x)", "expand-mlp: layers must be 'all' or indices"),
         ("add-heads(layers=1-0)", "add-heads: layers '1-0' names no blocks"),
-        ("ddl,add-heads(n=2)", "needs Transformer blocks the analysis recognises, and ddl"),
-        ("altup(k=2),ddl", "ddl: needs residual adds that no residual scheme has rethreaded"),
+        ("ddl,ddl", "has made updates of its state yet, and ddl before it leaves none"),
+        ("altup(k=2),ddl(dv=2)", "inside a block scheme's blocks would make every AltUp block"),
     ],
 )
 def test_option_errors_come_before_the_model_loads(capsys, monkeypatch, pipeline, fragment):

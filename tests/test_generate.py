@@ -188,6 +188,22 @@ def test_hand_written_attention_decodes_like_the_whole_sequence():
 
 
 @pytest.mark.parametrize(
+    ("name", "pipeline"),
+    [
+        ("nanogpt", "ddl(dv=1,value=compat)"),
+        ("tiny-llama", "altup(k=2),ddl(dv=1,value=compat)"),
+        ("tiny-llama", "ddl(dv=4,value=compat),altup(k=2)"),
+    ],
+)
+def test_nested_schemes_and_hand_written_attention_after_ddl_generate(name, pipeline):
+    # the decode form finds the attention through the structure the schemes keep
+    m = model(name).eval()
+    rewritten = Pipeline.parse(pipeline).run(capture(m)).graph
+    want = generate(capture(m), [PROMPTS[0]], max_new_tokens=8).new_tokens
+    assert generate(rewritten, [PROMPTS[0]], max_new_tokens=8).new_tokens == want
+
+
+@pytest.mark.parametrize(
     ("name", "pipeline", "why"),
     [
         ("tiny-bert", "canonicalize", "not exactly causal"),

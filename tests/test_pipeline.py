@@ -246,9 +246,9 @@ def test_exactness_is_declared_once_and_checked_at_registration():
 @pytest.mark.parametrize(
     ("text", "why"),
     [
-        ("altup(k=2),ddl(dv=1)", "ddl.*needs residual adds.*altup\\(k=2\\) before it.*rethreads"),
-        ("ddl(dv=1),altup(k=2)", "altup.*needs residual adds.*ddl\\(dv=1\\) before it"),
-        ("ddl,add-heads(n=2)", "add-heads.*needs Transformer blocks.*DDL graph"),
+        ("ddl(dv=1),ddl(dv=2)", "ddl.*needs residual adds.*ddl\\(dv=1\\) before it.*DDL"),
+        ("altup(k=2),altup(k=3)", "altup.*needs layers.*altup\\(k=2\\) before it.*AltUp"),
+        ("altup(k=2),ddl(dv=4)", "ddl\\(dv=4\\): a site state wider .* apply ddl before altup"),
         ("sdnc,canonicalize,sdnc", "sdnc: needs attention that is not yet a memory read"),
         ("expand-qk(size=32),expand-qk(size=24)", "24 is smaller than the 32"),
     ],
@@ -264,6 +264,10 @@ def test_orders_the_passes_allow_parse():
         "expand-mlp(factor=2),ddl",
         "altup(k=2),expand-hidden(factor=2),add-layers(n=1)",
         "sdnc,expand-mlp(factor=2),altup(k=2)",
+        "altup(k=2),ddl(dv=1,value=compat)",
+        "ddl(dv=4,value=compat),altup(k=2)",
+        "ddl,expand-mlp(factor=2),add-heads(n=2),add-layers(n=1)",
+        "sdnc,expand-mlp(factor=2),altup(k=2),ddl(dv=1,value=compat)",
         "expand-qk(size=24,layers=0),expand-qk(size=16,layers=1)",
     ):
         Pipeline.parse(text)  # not refused
@@ -272,7 +276,7 @@ def test_orders_the_passes_allow_parse():
 def test_a_graph_remembers_its_passes_and_refuses_an_order_after_them():
     first = Pipeline.parse("ddl").run(capture(model("tiny-llama")), verify=False).graph
     assert first.provenance["pipeline"] == "ddl"
-    with pytest.raises(PassError, match="expand-mlp.*needs Transformer blocks.*ddl before it"):
-        Pipeline.parse("expand-mlp(factor=2)").run(first)
+    with pytest.raises(PassError, match="ddl\\(dv=2\\): needs residual adds.*ddl before it"):
+        Pipeline.parse("ddl(dv=2)").run(first)
     again = Pipeline.parse("canonicalize").run(first, verify=False).graph
     assert again.provenance["pipeline"] == "ddl,canonicalize"
