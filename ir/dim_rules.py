@@ -187,16 +187,30 @@ class _Rules:
         if out is None:
             return
         inputs = inputs if inputs is not None else self.n.args
-        for x in inputs:
-            xa = self.ax(x)
-            if xa is None:
-                continue
-            for k in range(1, min(len(xa), len(out)) + 1):
-                sx, so = self.d.size[xa[-k]], self.d.size[out[-k]]
-                # a unit axis of an operand of the output's rank is the output's axis (nothing
-                # broadcast along it): single-head q * cos keeps its head axis through RoPE
-                if sx == so and (sx != 1 or len(xa) == len(out)):
-                    self.d.union(xa[-k], out[-k])
+        self.aligned([self.ax(x) for x in inputs], out, 1)
+
+    def aligned(self, operands, out, last: int) -> None:
+        """Operand axes aligned from the end with the output's (broadcasting), from the
+        `last`-th from the end on, are the output's where nothing is broadcast along them. A
+        unit axis of an operand of the output's rank is the output's: one head of q keeps its
+        head axis through q · cos (RoPE), q · kᵀ and p · v. When several operands have one
+        there, only those that are a model dimension (`Dims.anchored`) are; a mask's or cos's
+        unit axis broadcasts to any number of heads, and must not tie the heads of the layers
+        that share it."""
+        for k in range(last, len(out) + 1):
+            so = self.d.size[out[-k]]
+            same = [
+                xa[-k]
+                for xa in operands
+                if xa is not None
+                and len(xa) >= k
+                and self.d.size[xa[-k]] == so
+                and (so != 1 or len(xa) == len(out))
+            ]
+            if so == 1:
+                same = [a for a in same if self.d.find(a) in self.d.anchored] or same
+            for a in same:
+                self.d.union(a, out[-k])
 
     def linear(self, x, w, b, out) -> None:
         xa, wa = self.ax(x), self.ax(w)
@@ -213,10 +227,7 @@ class _Rules:
         self.d.union(aa[-1], ba[-2])
         self.d.union(out[-2], aa[-2])
         self.d.union(out[-1], ba[-1])
-        for xa in (aa, ba):
-            for k in range(3, min(len(xa), len(out)) + 1):
-                if self.d.size[xa[-k]] == self.d.size[out[-k]] != 1:
-                    self.d.union(xa[-k], out[-k])
+        self.aligned([aa, ba], out, 3)  # the batch axes broadcast
         return None
 
     def norm(self, out) -> None:

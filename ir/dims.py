@@ -56,6 +56,10 @@ class Dims:
     size: dict[int, object] = field(default_factory=dict)  # int, or a sympy expression
     defn: dict[int, tuple[str, list[int]]] = field(default_factory=dict)  # root -> (kind, parts)
     frozen: dict[int, str] = field(default_factory=dict)  # root -> why it cannot grow
+    # roots that are a model dimension: a parameter's axis, or a part of a defined axis (a
+    # head axis split off by a view). A unit axis that is neither (a mask's, cos's) only
+    # broadcasts: `dim_rules` keeps it apart from the one-head axis it meets
+    anchored: set[int] = field(default_factory=set)
     axes: dict[fx.Node, list[int]] = field(default_factory=dict)
     params: dict[str, list[int]] = field(default_factory=dict)  # get_attr target -> axis ids
     literals: list[Literal] = field(default_factory=list)
@@ -87,6 +91,8 @@ class Dims:
             self.freeze(rb, f"axes of sizes {self.size[ra]} and {self.size[rb]} meet")
             return
         self.parent[rb] = ra
+        if rb in self.anchored:
+            self.anchored.add(ra)
         if rb in self.frozen:
             self.frozen.setdefault(ra, self.frozen.pop(rb))
         da, db = self.defn.pop(ra, None), self.defn.pop(rb, None)
@@ -102,6 +108,7 @@ class Dims:
         r = self.find(i)
         if r in [self.find(p) for p in parts]:
             return
+        self.anchored.update(self.find(p) for p in parts)
         if r not in self.defn:
             self.defn[r] = (kind, list(parts))
         else:
@@ -143,6 +150,7 @@ class Dims:
                     self.define(p, "cat", inside)
                 at += n
         self.defn[root] = ("cat", pieces)
+        self.anchored.update(pieces)
 
     def freeze(self, i: int, why: str) -> None:
         self.frozen.setdefault(self.find(i), why)
@@ -195,6 +203,7 @@ def analyze_dims(gm: fx.GraphModule) -> Dims:
                 by_tensor[id(t)] = [d.new(int(s)) for s in t.shape]
             d.axes[node] = by_tensor[id(t)]
             d.params[node.target] = d.axes[node]
+            d.anchored.update(d.axes[node])
         else:
             v = node.meta.get("val")
             if isinstance(v, torch.Tensor):

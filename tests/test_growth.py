@@ -450,6 +450,51 @@ def test_a_single_head_grows_into_several(which):
     assert q == k == (36, d) and v == (30, d) and o == (d, 30)
 
 
+def _one_head(model_cls, config_cls, **extra):
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=64,
+        hidden_size=12,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=16,
+        **extra,
+    )
+    return capture(model_cls(config).eval())
+
+
+EAGER_ONE_HEAD = {
+    "gemma2": lambda: _one_head(
+        transformers.Gemma2ForCausalLM,
+        transformers.Gemma2Config,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    "llama": lambda: _one_head(
+        transformers.LlamaForCausalLM, transformers.LlamaConfig, attn_implementation="eager"
+    ),
+}
+
+
+@pytest.mark.parametrize("which", sorted(EAGER_ONE_HEAD))
+def test_a_single_head_grows_through_eager_attention(which):
+    """heads = 1 with eager attention (q · kᵀ, softmax, p · v as matmuls; Gemma2 has no SDPA):
+    the matmuls dropped their unit batch axes, so the heads of q, k, v, the scores and the
+    output (o's input, heads × head dim = 1 × 16) were four dimensions; add-heads grew o's input
+    alone and failed its shape check (o read 16 features with 32 columns). The batch axes of a
+    matmul now follow the broadcast rule, and a mask's unit axis, read by every layer, no longer
+    ties the layers' heads: each layer grows alone."""
+    graph = EAGER_ONE_HEAD[which]()
+    for text, heads in (("add-heads(n=1)", [2, 2]), ("add-heads(n=1,layers=0)", [2, 1])):
+        result = Pipeline.parse(text).run(graph)
+        cert = result.records[-1].certificate
+        assert cert.ok and cert.max_abs_diff <= 1e-5, (text, cert)
+        assert [b.attention.heads for b in result.graph.structure.blocks] == heads, text
+        o = result.graph.gm.state_dict()["model.layers.0.self_attn.o_proj.weight"]
+        assert tuple(o.shape) == (12, 32), text
+
+
 def test_neox_full_rotary_expand_qk_is_refused():
     """Known limit (excluded in tests/test_random_architectures.py): GPT-NeoX with
     partial_rotary_factor=1.0 concatenates the rotated head dim with an empty pass-through
