@@ -30,6 +30,7 @@ from archfx.passes.zoo.random_arch import (
     build_random,
 )
 
+from .helpers import ZOO, model
 from .random_configs import random_hf
 
 # -- drawing architectures -----------------------------------------------------------------
@@ -259,6 +260,8 @@ def run_and_check(model, graph, exp: dict, texts: list[str]) -> None:
         return
     assert expected is None, f"{text}: should have been refused ({expected})"
     assert all(r.preserves and r.certificate.ok for r in result.records), text
+    if model is None:  # the certificates only (inputs other than token ids)
+        return
     x = fresh_inputs(graph)
     with torch.no_grad():
         want = model(x)
@@ -314,3 +317,34 @@ def test_random_hf_configs(seed, data):
     for _ in range(2):
         texts = data.draw(st.lists(st.one_of(*pass_texts(exp).values()), min_size=1, max_size=2))
         run_and_check(model, graph, exp, texts)
+
+
+@functools.lru_cache(maxsize=4)
+def captured_zoo(name: str):
+    graph = capture(model(name))
+    s = graph.structure
+    first = s.blocks[0]
+    att = first.attention
+    norms = [r.norm.kind for r in first.residuals if r.norm is not None]
+    exp = dict(
+        placement=first.placement,
+        norm=norms[0] if norms else None,
+        heads=att.heads,
+        kv=att.kv_heads,
+        head_dim=att.head_dim,
+        blocks=len(s.blocks),
+        qk_norm=att.qk_norm,
+        full_rotary_slice=False,
+    )
+    return graph, exp
+
+
+@given(st.sampled_from(ZOO), st.data())
+def test_zoo_random_pipelines(name, data):
+    """Every zoo model: random pipelines of 2–4 passes drawn from the whole registry, in
+    random order, are refused by `Pipeline.parse` with the rule's reason, or exact (every
+    pass's fp64 certificate), or refused where REFUSALS predicts a fact of the model."""
+    graph, exp = captured_zoo(name)
+    texts = data.draw(st.lists(st.one_of(*pass_texts(exp).values()), min_size=2, max_size=4))
+    note(name)
+    run_and_check(None, graph, exp, texts)
