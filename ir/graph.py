@@ -7,6 +7,7 @@ The GraphModule takes the example tensors positionally and returns a flat tuple 
 from __future__ import annotations
 
 import copy
+import heapq
 from dataclasses import dataclass, field
 
 import torch
@@ -161,3 +162,29 @@ class Graph:
         for part in target.split("."):
             obj = getattr(obj, part)
         return obj
+
+
+def reorder(g: fx.Graph) -> None:
+    """Put `g`'s nodes in a topological order that keeps the current one wherever it is
+    already valid (a node moves only after what it reads): for a rewrite that inserted nodes
+    before a value they read."""
+    index = {n: i for i, n in enumerate(g.nodes)}
+    waiting = {n: len(set(n.all_input_nodes)) for n in g.nodes}
+    ready = [(index[n], n.name) for n, k in waiting.items() if k == 0]
+    by_name = {n.name: n for n in g.nodes}
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        n = by_name[heapq.heappop(ready)[1]]
+        order.append(n)
+        for u in n.users:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, (index[u], u.name))
+    if len(order) != len(index):
+        raise AnalysisError("the graph has a cycle: it cannot be ordered")
+    prev = order[0]
+    for n in order[1:]:
+        if prev.next is not n:
+            prev.append(n)
+        prev = n

@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from archfx.ir import PassError
+from archfx.ir.graph import reorder
 
 from .base import Option, Pass, PassResult, register
 
@@ -75,6 +76,7 @@ class AddLayers(Pass):
         x = template.input if before else template.output
         for c, path in enumerate(new_paths):
             x = _copy(graph, template, x, prefix, path + ".", before, writers, c == 0)
+        reorder(graph.gm.graph)  # a copy before the block may precede what it reads
         inserted = [(local + c, local + c if before else template.index) for c in range(n)]
         graph.provenance["inserted_layers"] = [
             *graph.provenance.get("inserted_layers", []),

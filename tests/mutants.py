@@ -511,7 +511,9 @@ MUTANTS = [
         "passes/add_layers.py",
         'if target.startswith(prefix) or "archfx_scheme" in node.meta:',
         "if target.startswith(prefix):",
-        ("tests/test_composition.py::test_inserted_layers_own_their_scheme_parameters",),
+        (
+            "tests/test_composition.py::test_inserted_layers_own_their_scheme_parameters[ddl(dv=1,value=compat),add-layers(n=2)]",
+        ),
     ),
     Mutant(
         "site-update-not-a-site",

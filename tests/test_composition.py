@@ -122,11 +122,16 @@ def test_altup_layers_hold_ddl_updates_and_both_train():
         assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads), suffix
 
 
-def test_inserted_layers_own_their_scheme_parameters():
+@pytest.mark.parametrize(
+    "text",
+    ["ddl(dv=1,value=compat),add-layers(n=2)", "ddl(dv=3,value=compat),add-layers(n=2,at=0)"],
+)
+def test_inserted_layers_own_their_scheme_parameters(text):
     """add-layers after ddl: the copy's DDL gates are new parameters (not the neighbour's,
-    tied), its update is read as a site of the new block, and the model is exact."""
+    tied), its update is read as a site of the new block, and the model is exact — also
+    inserted before the first block, whose state read runs after the rotary tables."""
     graph = capture(model("tiny-llama"))
-    result = Pipeline.parse("ddl(dv=1,value=compat),add-layers(n=2)").run(graph)
+    result = Pipeline.parse(text).run(graph)
     out = result.graph
     assert result.records[-1].certificate.max_abs_diff == 0.0
     assert len(out.structure.blocks) == len(graph.structure.blocks) + 2
