@@ -14,6 +14,7 @@ Norm(x + 0) ≠ x.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -22,6 +23,7 @@ from archfx.ir import PassError
 from archfx.ir.graph import reorder
 
 from .base import Option, Pass, PassResult, register
+from .residual import BLOCK_OWNERS
 
 
 @register
@@ -73,9 +75,10 @@ class AddLayers(Pass):
         writers = {shift(t): v for t, v in writers.items()}
         prefix = f"{stack}.{template.index + (n if before else 0)}."
         new_paths = [f"{stack}.{local + c}" for c in range(n)]
-        x = template.input if before else template.output
-        for c, path in enumerate(new_paths):
-            x = _copy(graph, template, x, prefix, path + ".", before, writers, c == 0)
+        unit = _wrapped(graph, template)
+        x = unit.input if before else unit.output
+        for path in new_paths:
+            x = _copy(graph, unit, x, prefix, path + ".", before, writers)
         reorder(graph.gm.graph)  # a copy before the block may precede what it reads
         inserted = [(local + c, local + c if before else template.index) for c in range(n)]
         graph.provenance["inserted_layers"] = [
@@ -152,7 +155,53 @@ def _renumber(graph, stack: str, start: int, n: int):
     return shift
 
 
-def _copy(graph, block, x, prefix: str, new_prefix: str, before: bool, writers, first: bool):
+@dataclass
+class _Unit:
+    """What one copy repeats: a block, or a block with the block-granularity residual scheme
+    (AltUp) that wraps it, from the scheme's state before it to its state after."""
+
+    input: fx.Node
+    output: fx.Node
+    nodes: set
+
+
+def _wrapped(graph, block) -> _Unit:
+    """The block with the block scheme around it, if any: the copy is then a layer of its own
+    (AltUp: own predict and correct coefficients, started at the identity)."""
+    states = [  # in graph order
+        nd
+        for nd in graph.gm.graph.nodes
+        if ("archfx_state" in nd.meta or "archfx_start" in nd.meta)
+        and nd.meta.get("archfx_scheme") in BLOCK_OWNERS
+    ]
+    downstream = _reach(block.output, lambda n: n.users)
+    after = next((st for st in states if st in downstream), None)
+    if after is None:
+        return _Unit(block.input, block.output, set(block.nodes))
+    upstream = _reach(block.input, lambda n: n.all_input_nodes)
+    before = next((st for st in reversed(states) if st in upstream), None)
+    if before is None:
+        raise PassError(f"{block.path}: the residual scheme's state before it was not found")
+    up = _reach(after, lambda n: n.all_input_nodes)  # what the state after it is computed from
+    earlier = _reach(before, lambda n: n.all_input_nodes) | {before}
+    mine = {  # the scheme's ops of this layer: on the state, or on its parameters alone
+        n for n in up - earlier if n.op == "call_function" and "archfx_scheme" in n.meta
+    }
+    down = _reach(before, lambda n: n.users)
+    return _Unit(before, after, set(block.nodes) | (down & up) | mine | {after})
+
+
+def _reach(start: fx.Node, step) -> set:
+    seen, todo = set(), [start]
+    while todo:
+        for n in step(todo.pop()):
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
+
+
+def _copy(graph, block, x, prefix: str, new_prefix: str, before: bool, writers):
     """Insert one copy of `block` reading `x`; returns its output."""
     g = graph.gm.graph
     order = [nd for nd in g.nodes if nd in block.nodes]
@@ -164,19 +213,22 @@ def _copy(graph, block, x, prefix: str, new_prefix: str, before: bool, writers, 
         if node.target not in attrs:
             target = node.target
             if target.startswith(prefix) or "archfx_scheme" in node.meta:
-                # the block's weights, and a residual scheme's parameters of its sites (DDL's
-                # gates), are the copy's own
+                # the block's weights, and a residual scheme's parameters of the block (AltUp's
+                # coefficients, DDL's gates), are the copy's own; those a scheme marked fresh
+                # start at their identity, not at the neighbour's trained value
+                t = graph.tensor(node.target)
+                init = _scheme_init(g, node.target)
                 target = (
                     new_prefix + target[len(prefix) :]
                     if target.startswith(prefix)
                     else _fresh(graph, target)
                 )
-                t = graph.tensor(node.target)
-                value = (
-                    torch.full_like(t, writers[node.target])
-                    if node.target in writers
-                    else t.detach().clone()
-                )
+                if node.target in writers:
+                    value = torch.full_like(t, writers[node.target])
+                elif init is not None:
+                    value = init.to(t)
+                else:
+                    value = t.detach().clone()
                 graph.set_tensor(
                     target,
                     torch.nn.Parameter(value, t.requires_grad)
@@ -185,6 +237,7 @@ def _copy(graph, block, x, prefix: str, new_prefix: str, before: bool, writers, 
                 )
             with g.inserting_after(anchor_attr):
                 attrs[node.target] = g.get_attr(target)
+            attrs[node.target].meta = dict(node.meta)  # a scheme's parameter stays one
         return attrs[node.target]
 
     anchor_attr = next(nd for nd in g.nodes if nd.op == "placeholder")
@@ -227,6 +280,15 @@ def _copy(graph, block, x, prefix: str, new_prefix: str, before: bool, writers, 
             if user not in env.values() and user is not out:
                 user.replace_input_with(x, out)
     return out
+
+
+def _scheme_init(g: fx.Graph, target: str) -> torch.Tensor | None:
+    """The value a copy of the residual scheme parameter `target` starts from (Emitter.param's
+    `fresh`), or None: the copy takes the neighbour's."""
+    for nd in g.find_nodes(op="get_attr", target=target):
+        if "archfx_init" in nd.meta:
+            return nd.meta["archfx_init"]
+    return None
 
 
 def _fresh(graph, target: str) -> str:

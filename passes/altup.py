@@ -55,11 +55,11 @@ class AltUpScheme(Scheme):
     def read(self, em, state, unit):
         k, name = self.k, unit.name
         if not self.router:
-            p = em.param(f"{name}.predict", torch.eye(k, dtype=self.dtype))
+            p = em.param(f"{name}.predict", torch.eye(k, dtype=self.dtype), fresh=True)
             coef = em.op(aten.view.default, p, [k, k] + [1] * self.rank)
         else:  # P = I + reshape(W_p m): the I is the `state +` below
             m = self._route(em, em.op(aten.select.int, state, 0, self._j(unit.index)), name)
-            w = em.param(f"{name}.predict", torch.zeros(k * k, k, dtype=self.dtype))
+            w = em.param(f"{name}.predict", torch.zeros(k * k, k, dtype=self.dtype), fresh=True)
             c = em.op(
                 aten.unflatten.int, em.op(aten.linear.default, m, w), -1, [k, k]
             )  # [*tok, K, K]
@@ -76,11 +76,11 @@ class AltUpScheme(Scheme):
         bit-exact at init (x̂_i = x̂_j*, g = 1), where x̂ + (x̃ − x̂) would round."""
         k, name = self.k, unit.name
         if not self.router:
-            g = em.param(f"{name}.correct", torch.ones(k, dtype=self.dtype))
+            g = em.param(f"{name}.correct", torch.ones(k, dtype=self.dtype), fresh=True)
             gain = em.op(aten.view.default, g, [k] + [1] * self.rank)
         else:  # g = 1 + W_c m'
             m = self._route(em, unit_out, name)
-            w = em.param(f"{name}.correct", torch.zeros(k, k, dtype=self.dtype))
+            w = em.param(f"{name}.correct", torch.zeros(k, k, dtype=self.dtype), fresh=True)
             c = em.op(aten.add.Tensor, em.op(aten.linear.default, m, w), 1.0)  # [*tok, K]
             gain = em.op(
                 aten.unsqueeze.default,

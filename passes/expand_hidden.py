@@ -8,7 +8,8 @@ w' = (1 + w)·√(d/d̂) − 1).
 
 `method=duplicate` (any norm, d̂ = m·d): every feature is copied m times: embeddings, writers
 and norm gains and biases are tiled, readers take W/m per copy plus zero-sum noise (so the
-copies train apart), and with a tied head the final norm's gain and bias are divided by m.
+copies train apart), and with a tied head the final norm's gain and bias are divided by m (where no plain
+norm gain comes right before the head, its input is scaled by 1/m instead, with a remark).
 
 `method=auto` picks zero padding when no LayerNorm reads the stream, duplication otherwise.
 `method=approximate` zero-pads LayerNorm models too: not exact (the mean shifts), only on
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from archfx.ir import PassError
 
-from .base import Option, Pass, PassResult, register
+from .base import Option, Pass, PassResult, Remark, register
 from .growth import SEED_DOC, Growth, grow
 
 
@@ -102,4 +103,14 @@ class ExpandHidden(Pass):
         )
         out, maps = grow(graph, growth)
         out["method"] = method
-        return PassResult(changed=news != olds, details=out, tensor_maps=maps)
+        remarks = []
+        if "head_scale" in out:
+            node, s = out["head_scale"]
+            remarks.append(
+                Remark(
+                    node,
+                    f"the tied head reads duplicated features and no plain norm gain comes "
+                    f"right before it: its input is scaled by {s:g}",
+                )
+            )
+        return PassResult(changed=news != olds, remarks=remarks, details=out, tensor_maps=maps)

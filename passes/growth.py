@@ -92,7 +92,7 @@ def grow(graph: Graph, growth: Growth) -> tuple[dict, dict]:
     for target, f in growth.param_scale.items():
         offset, s = rescale.get(target, (False, 1.0))
         rescale[target] = (offset, s * f)
-    final_scale = _tied_tile_compensation(d, graph, atoms, modes)
+    final_scale, head_scale = _tied_tile_compensation(d, graph, atoms, modes)
     for node, index, value in eps_edits:  # every check has passed: now edit
         node.args = (*node.args[:index], value, *node.args[index + 1 :])
     by_tensor: dict[int, list[str]] = {}
@@ -143,9 +143,12 @@ def grow(graph: Graph, growth: Growth) -> tuple[dict, dict]:
         if not t.is_meta:
             _set(graph, names[target], t, (t.detach().double() * s).to(t.dtype))
     literals = _literals(d, new_size, atoms)
+    details = {"tensors": changed, "literals": literals}
+    if head_scale:
+        details["head_scale"] = (_scale_head_input(graph, head_scale), 1 / head_scale)
     graph.gm.recompile()
     graph.invalidate()
-    return {"tensors": changed, "literals": literals}, {"layouts": layouts}
+    return details, {"layouts": layouts}
 
 
 # checks ----------------------------------------------------------------------------------
@@ -580,32 +583,43 @@ def _gain_after(mean: fx.Node, d: Dims, dims: list[int]):
     return None
 
 
-def _tied_tile_compensation(d: Dims, graph: Graph, atoms, modes) -> dict[str, float]:
-    """Duplicated features read by a tied embedding: the final norm's gain and bias / m."""
-    out: dict[str, float] = {}
+def _tied_tile_compensation(d: Dims, graph: Graph, atoms, modes) -> tuple[dict[str, float], int]:
+    """Duplicated features read by a tied embedding give logits × m: the final norm's gain and
+    bias are divided by m, or, where no plain norm gain comes right before the head (a post-LN
+    stream under AltUp, a (1 + w) gain, a norm output read elsewhere too), the head's input is
+    scaled by 1/m (the second value: m when that scale is needed, else 0)."""
     tiled = [a for a, m in modes.items() if m == "tile" and atoms[a] != d.size[a]]
-    if not tiled:
-        return out
     head = graph.structure.head
-    if head is None or not head.tied:
-        return out
+    if not tiled or head is None or not head.tied:
+        return {}, 0
     m = atoms[tiled[0]] // d.size[tiled[0]]
     norm = head.norm  # the final norm, a transform's norm (BERT's MLM head), a post-LN's last
-    if norm is None or norm.weight is None or norm.unit_offset:
-        raise PassError(
-            "the tied head reads duplicated features; archfx divides the gain of the norm "
-            "the head reads by the factor, but no plain norm gain comes right before the head"
-        )
-    other = _read_besides(norm.output, head.linear.node)
-    if other is not None:
-        raise PassError(
-            f"the tied head reads duplicated features through a norm whose output {other} "
-            "also reads; dividing its gain by the factor would change that"
-        )
-    out[norm.weight] = 1 / m
+    if (
+        norm is None
+        or norm.weight is None
+        or norm.unit_offset
+        or _read_besides(norm.output, head.linear.node) is not None
+    ):
+        return {}, m
+    out = {norm.weight: 1 / m}
     if norm.bias:
         out[norm.bias] = 1 / m
-    return out
+    return out, 0
+
+
+def _scale_head_input(graph: Graph, m: int) -> str:
+    """Insert x / m between the tied head and the value it reads; returns the new node's name."""
+    linear = graph.structure.head.linear
+    x = linear.input
+    readers = [u for u in x.users if u is linear.node or u in linear.node.all_input_nodes]
+    with graph.gm.graph.inserting_after(x):
+        scaled = graph.gm.graph.call_function(aten.mul.Tensor, (x, 1 / m))
+    scaled.meta.update(
+        {k: v for k, v in linear.node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    )
+    for u in readers:
+        u.replace_input_with(x, scaled)
+    return scaled.name
 
 
 def _read_besides(start: fx.Node, head: fx.Node) -> str | None:

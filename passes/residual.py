@@ -78,12 +78,17 @@ class Emitter:
         """Another read of an existing parameter."""
         return self._insert(lambda: self.g.get_attr(target))
 
-    def param(self, name: str, value: torch.Tensor) -> fx.Node:
+    def param(self, name: str, value: torch.Tensor, *, fresh: bool = False) -> fx.Node:
         """A new trainable parameter (stored under `owner.name`, on the device of the model's
-        parameters: CPU, GPU or meta) and a get_attr node reading it."""
+        parameters: CPU, GPU or meta) and a get_attr node reading it. `fresh`: a layer
+        add-layers inserts is exact only if its copy starts from this value (AltUp's
+        coefficients: the carry must be the identity), not from its trained neighbour's."""
         target = f"{self.owner}.{name}"
         self.graph.set_tensor(target, nn.Parameter(value.to(self.graph.device)))
-        return self.get(target)
+        node = self.get(target)
+        if fresh:
+            node.meta["archfx_init"] = value.detach().cpu().clone()
+        return node
 
 
 @dataclass
@@ -193,6 +198,7 @@ def rethread(graph: Graph, scheme: Scheme, owner: str) -> list[StackThreading]:
 
 def _thread_stack(em: Emitter, scheme: Scheme, todo: list[Unit], stack: Stack) -> StackThreading:
     state = scheme.init(em.at(todo[0].input), todo[0].input, todo[0].stack)
+    state.meta["archfx_start"] = stack.path  # the state before the first unit
     states = []
     for i, unit in enumerate(todo):
         prev = todo[i - 1].replaces if i else unit.input

@@ -286,8 +286,8 @@ MUTANTS = [
         "expand-hidden-tied-final-norm",
         "expand-hidden (duplicate, tied head): final norm gain and bias ÷ m",
         "passes/growth.py",
-        "out[norm.weight] = 1 / m",
-        "out[norm.weight] = 1.0",
+        "out = {norm.weight: 1 / m}",
+        "out = {norm.weight: 1.0}",
         (ORACLE + "test_expand_hidden_duplicates_layernorm_streams",),
     ),
     Mutant(
@@ -446,9 +446,41 @@ MUTANTS = [
         "tied-head-norm",
         "duplication divides the gain of the norm the tied head reads (BART: the last post-norm)",
         "passes/growth.py",
-        "    out[norm.weight] = 1 / m\n",
-        "",
+        "    out = {norm.weight: 1 / m}\n",
+        "    out = {}\n",
         ("tests/test_growth.py::test_each_growth_is_exact_or_refused_with_its_reason[tiny-bart]",),
+    ),
+    Mutant(
+        "tied-head-input-scale",
+        "duplication scales the tied head's input by 1/m where no norm gain precedes it",
+        "passes/growth.py",
+        "(aten.mul.Tensor, (x, 1 / m))",
+        "(aten.mul.Tensor, (x, 1.0))",
+        (
+            "tests/test_growth.py::test_tied_head_after_altup_on_a_post_ln_model_reads_a_scaled_input",
+        ),
+    ),
+    Mutant(
+        "inserted-altup-layer-copies-coefficients",
+        "add-layers after altup: the new layer's coefficients start at the identity",
+        "passes/altup.py",
+        'p = em.param(f"{name}.predict", torch.eye(k, dtype=self.dtype), fresh=True)',
+        'p = em.param(f"{name}.predict", torch.eye(k, dtype=self.dtype))',
+        (
+            "tests/test_composition.py::test_inserted_layers_after_altup_are_altup_layers_"
+            "started_at_the_identity[altup(k=2)]",
+        ),
+    ),
+    Mutant(
+        "copied-scheme-parameter-forgets-its-scheme",
+        "a copy of a copy owns its scheme parameters (the copy's get_attr keeps the meta)",
+        "passes/add_layers.py",
+        "            attrs[node.target].meta = dict(node.meta)",
+        "            pass",
+        (
+            "tests/test_composition.py::test_inserted_layers_after_altup_are_altup_layers_"
+            "started_at_the_identity[altup(k=2)]",
+        ),
     ),
     # generation with a key/value cache (passes/decode.py, passes/generate.py)
     Mutant(

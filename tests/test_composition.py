@@ -141,6 +141,49 @@ def test_inserted_layers_own_their_scheme_parameters(text):
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "altup(k=2)",
+        "altup(k=3,coefficients=router)",
+        "altup(k=2),ddl(dv=1,value=compat)",
+        "ddl(dv=3,value=compat),altup(k=2)",
+    ],
+)
+def test_inserted_layers_after_altup_are_altup_layers_started_at_the_identity(text):
+    """add-layers after altup, on a model whose scheme parameters have moved (as in training):
+    every inserted block is an AltUp layer of its own, its predict and correct coefficients at
+    their initial (identity) values, not its trained neighbour's; the model is exact; a second
+    add-layers copies a copy and still gives it its own coefficients."""
+    graph = Pipeline.parse(text).run(capture(model("tiny-llama"))).graph
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in graph.gm.named_parameters():
+            if name.startswith(("altup.", "ddl.")):
+                p.add_(0.1 * torch.randn_like(p))
+    result = Pipeline.parse("add-layers(n=2,at=1),add-layers(n=1,at=1)").run(graph)
+    assert all(r.certificate.ok for r in result.records), [r.certificate for r in result.records]
+    out = result.graph
+    coefficients = {
+        n: p for n, p in out.gm.named_parameters() if n.endswith((".predict", ".correct"))
+    }
+    assert (
+        len(coefficients) == 2 * len(out.structure.blocks) == 2 * (len(graph.structure.blocks) + 3)
+    )
+    assert len({id(p) for p in coefficients.values()}) == len(coefficients)
+    before = dict(graph.gm.named_parameters())
+    for name, p in coefficients.items():
+        if name in before:
+            assert torch.equal(p, before[name]), name  # the trained layers keep theirs
+            continue
+        static = "router" not in text
+        start = {
+            ".predict": torch.eye(p.shape[0]) if static else torch.zeros_like(p),
+            ".correct": torch.ones_like(p) if static else torch.zeros_like(p),
+        }[name[name.rindex(".") :]]
+        assert torch.equal(p.detach(), start.to(p)), name
+
+
+@pytest.mark.parametrize(
     ("text", "why"),
     [
         ("altup(k=2),ddl(dv=4)", "apply ddl before altup"),

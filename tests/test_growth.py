@@ -66,6 +66,20 @@ def test_each_growth_is_exact_or_refused_with_its_reason(name):
         assert result.graph.num_parameters() > graph.num_parameters(), text
 
 
+def test_tied_head_after_altup_on_a_post_ln_model_reads_a_scaled_input():
+    """BART under AltUp: the tied head reads AltUp's stream, not a norm, so duplication scales
+    the head's input by 1/m (a remark says so) instead of a norm gain; exact."""
+    result = Pipeline.parse("altup(k=2),expand-hidden(factor=2)").run(captured("tiny-bart"))
+    record = result.records[-1]
+    assert record.certificate.ok, record.certificate
+    node, scale = record.details["head_scale"]
+    assert scale == 0.5 and any(
+        r.site == node and "scaled by 0.5" in r.reason for r in record.remarks
+    )
+    head = result.graph.structure.head.linear
+    assert node in {n.name for n in (head.node, *head.node.all_input_nodes)}
+
+
 @pytest.mark.slow
 def test_every_growth_exact_on_smollm2():
     graph = capture(model("smollm2"))  # 30 layers, 9 query heads in 3 KV groups, RoPE, tied
