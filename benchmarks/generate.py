@@ -4,7 +4,7 @@ Per batch size (1 and 8) and thread count (one, and every core), each the best o
 interleaved runs of `--prompt` prompt tokens and `--new` new tokens (no early stop):
 
 - transformers `generate` with its KV cache on the original model (the reference);
-- archfx in PyTorch: the decode form (passes/decode.py) of the canonicalized graph, and of
+- archfx in PyTorch: the decode form (passes/engines/decode.py) of the canonicalized graph, and of
   `altup(k=2)` and `ddl(dv=1,value=compat)` applied to it;
 - archfx in ONNX Runtime: the same three decode forms exported, the cache bound on ONNX
   Runtime's side (I/O binding).
@@ -36,8 +36,8 @@ import torch
 
 from archfx.ir import capture
 from archfx.passes import Pipeline
-from archfx.passes.generate import Session, generate
-from archfx.passes.zoo import build
+from archfx.passes.io.generate import Session, generate
+from archfx.passes.io.zoo import build
 
 PIPELINES = {  # column name: pipeline (the schemes on the canonicalized graph)
     "": "canonicalize",

@@ -100,7 +100,7 @@ def meta() -> list[str]:
 def smollm2(text: str) -> str:
     """One growth of SmolLM2 in this (fresh) process, in place: the memory the model takes
     at its peak during growth, against the grown model's size; then the certificate."""
-    from archfx.passes.zoo import build
+    from archfx.passes.io.zoo import build
 
     model = build("smollm2")
     graph = capture(model)

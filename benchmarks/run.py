@@ -42,7 +42,7 @@ from archfx.ir import capture  # noqa: E402
 from archfx.ir.analyze import analyze  # noqa: E402
 from archfx.ir.lower import compile_graph, device, ort_session, providers, run_onnx, to_onnx  # noqa: E402
 from archfx.passes import Pipeline  # noqa: E402
-from archfx.passes.zoo import build  # noqa: E402
+from archfx.passes.io.zoo import build  # noqa: E402
 
 COST_PIPELINE = "canonicalize,altup(k=2),expand-mlp(factor=2),canonicalize"
 OVERHEAD_PIPELINES = "altup(k=2);ddl(dv=1);ddl(dv=4);sdnc"

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from archfx.passes.zoo import build
+from archfx.passes.io.zoo import build
 
 
 def session(path: str, level: str):

@@ -26,8 +26,8 @@ from archfx.ir.draw import draw
 from archfx.ir.lower import ort_session, run_onnx, to_onnx
 from archfx.ir.verify import certify
 from archfx.passes import Pipeline
-from archfx.passes.artifact import load, save
-from archfx.passes.zoo import build
+from archfx.passes.io.artifact import load, save
+from archfx.passes.io.zoo import build
 
 console = Console(highlight=False)
 

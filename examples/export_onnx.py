@@ -10,7 +10,7 @@ from pathlib import Path
 from archfx.ir import capture
 from archfx.ir.lower import ort_session, run_onnx, to_onnx
 from archfx.passes import Pipeline
-from archfx.passes.zoo import build
+from archfx.passes.io.zoo import build
 
 
 def main(argv=None):

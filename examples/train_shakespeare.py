@@ -14,7 +14,7 @@ import transformers as tf
 
 from archfx.ir import capture
 from archfx.passes import Pipeline
-from archfx.passes.zoo.text import batches, byte_tokens, shakespeare
+from archfx.passes.io.zoo.text import batches, byte_tokens, shakespeare
 
 
 def main(argv=None) -> dict:

@@ -7,7 +7,7 @@ import argparse
 
 from archfx.ir import capture
 from archfx.passes import Pipeline
-from archfx.passes.zoo import build
+from archfx.passes.io.zoo import build
 
 
 def main(argv=None):

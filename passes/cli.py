@@ -20,7 +20,7 @@ from archfx.ir import ArchfxError, ModelSpecError, capture
 from archfx.ir.verify import certify
 
 from . import REGISTRY, Pipeline
-from .base import markdown_overview, markdown_reference
+from .infra.base import markdown_overview, markdown_reference
 
 
 class _Parser(argparse.ArgumentParser):
@@ -184,7 +184,7 @@ def _step(err: Console, what: str):
 
 
 def _load_and_capture(args, err: Console):
-    from .models import load
+    from .io.models import load
 
     with _step(err, f"loading {args.model}"):
         loaded = load(args.model, trust_remote_code=args.trust_remote_code)
@@ -197,7 +197,7 @@ def _memory(graph, picture: str, title: str, err: Console) -> dict:
     """sdnc, then each memory's shape and read weightings drawn to `picture`."""
     from archfx.ir.draw import draw_memory
 
-    from .memory_inspect import memories
+    from .io.memory_inspect import memories
 
     with _step(err, "rewriting attention as memory reads (sdnc)"):
         result = Pipeline.parse("sdnc").run(graph)
@@ -392,7 +392,7 @@ def cmd_apply(args, err: Console) -> int:
             _fail(f"ONNX check failed: {onnx.failure}")
             status = 1
     if args.out:
-        from .artifact import save
+        from .io.artifact import save
 
         with _step(err, f"saving to {args.out}"):
             save(
@@ -405,8 +405,8 @@ def cmd_apply(args, err: Console) -> int:
             )
         data["out"] = str(args.out)
     if args.save_pretrained:
-        from .hf_export import save_pretrained
-        from .models import tokenizer
+        from .io.hf_export import save_pretrained
+        from .io.models import tokenizer
 
         with _step(err, f"writing a Hugging Face checkpoint to {args.save_pretrained}"):
             tok = tokenizer(loaded, trust_remote_code=args.trust_remote_code)
@@ -433,7 +433,7 @@ def _onnx_form(graph):
     present.*), any other model as it is, with the reason it has no decode form."""
     from archfx.ir import PassError
 
-    from .decode import decode_form
+    from .engines.decode import decode_form
 
     try:
         return decode_form(graph), "decoder-with-past", None
@@ -455,7 +455,7 @@ def _verify(graph, result, pipeline):
     preserves), else the rewritten graph run against the input. A graph whose memory persists
     across calls (sdnc(persistent=true)) takes its memory as extra inputs and returns it as
     extra outputs: it is compared as its first call, with the memory empty."""
-    from .decode import first_call, is_decoder
+    from .engines.decode import first_call, is_decoder
 
     if result.certificate is not None:
         return result.certificate
@@ -555,8 +555,8 @@ def _print_apply(data: dict) -> None:
 
 
 def cmd_generate(args, err: Console) -> int:
-    from .generate import generate
-    from .models import load, tokenizer
+    from .io.generate import generate
+    from .io.models import load, tokenizer
 
     prompts = _input_ids(args.input_ids) if args.input_ids else None
     pipeline = Pipeline.parse(args.pipeline) if args.pipeline else None
@@ -570,7 +570,7 @@ def cmd_generate(args, err: Console) -> int:
             )
         prompts = [tok(text).input_ids for text in args.prompt]
     if args.from_dir:
-        from .artifact import load as load_saved
+        from .io.artifact import load as load_saved
 
         with _step(err, f"loading the rewritten model from {args.from_dir}"):
             graph = load_saved(args.from_dir, trust_remote_code=args.trust_remote_code)

@@ -6,8 +6,8 @@ import transformers as tf
 
 from archfx.ir import capture
 from archfx.passes import Pipeline
-from archfx.passes.zoo import BUILTINS, build
-from archfx.passes.zoo.text import batches, byte_tokens, shakespeare
+from archfx.passes.io.zoo import BUILTINS, build
+from archfx.passes.io.zoo.text import batches, byte_tokens, shakespeare
 
 from .families import FAMILIES, build_family
 

@@ -55,7 +55,7 @@ MUTANTS = [
     Mutant(
         "canary",
         "the mutated copy is the code under test",
-        "passes/altup.py",
+        "passes/rewrites/altup.py",
         'OWNER = "altup"',
         'OWNER = "altup-canary"',
         (ORACLE + "test_altup_k1_is_the_identity_rewrite",),
@@ -64,7 +64,7 @@ MUTANTS = [
     Mutant(
         "altup-schedule-block0",
         "altup: layer l computes on block l mod K",
-        "passes/altup.py",
+        "passes/rewrites/altup.py",
         'return unit % self.k if self.schedule == "alternating" else self.active',
         'return 0 if self.schedule == "alternating" else self.active',
         (ORACLE + "test_altup_layer_l_reads_and_writes_its_block[k3-alternating]",),
@@ -72,7 +72,7 @@ MUTANTS = [
     Mutant(
         "altup-same-ignores-active",
         "altup: schedule=same computes on block `active`",
-        "passes/altup.py",
+        "passes/rewrites/altup.py",
         'return unit % self.k if self.schedule == "alternating" else self.active',
         'return unit % self.k if self.schedule == "alternating" else 0',
         (ORACLE + "test_altup_layer_l_reads_and_writes_its_block[k3-same-1]",),
@@ -80,9 +80,9 @@ MUTANTS = [
     Mutant(
         "altup-gain-0.98-fp32",
         "altup: g = 1 at init (exact), fp32 certificate",
-        "passes/altup.py",
-        "torch.ones(k, dtype=self.dtype))\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
-        "torch.full((k,), 0.98, dtype=self.dtype))\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
+        "passes/rewrites/altup.py",
+        "torch.ones(k, dtype=self.dtype), fresh=True)\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
+        "torch.full((k,), 0.98, dtype=self.dtype), fresh=True)\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
         (
             "tests/test_altup.py::test_k1_is_the_identity[tiny-llama]",
             "tests/test_precision.py::test_altup_gain_error_rejected_in_every_dtype[dtype0]",
@@ -91,31 +91,31 @@ MUTANTS = [
     Mutant(
         "altup-gain-0.98-bf16",
         "altup: g = 1 at init, bf16 certificate",
-        "passes/altup.py",
-        "torch.ones(k, dtype=self.dtype))\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
-        "torch.full((k,), 0.98, dtype=self.dtype))\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
+        "passes/rewrites/altup.py",
+        "torch.ones(k, dtype=self.dtype), fresh=True)\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
+        "torch.full((k,), 0.98, dtype=self.dtype), fresh=True)\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
         ("tests/test_precision.py::test_altup_gain_error_rejected_in_every_dtype[dtype1]",),
     ),
     Mutant(
         "altup-gain-0.98-fp16",
         "altup: g = 1 at init, fp16 certificate",
-        "passes/altup.py",
-        "torch.ones(k, dtype=self.dtype))\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
-        "torch.full((k,), 0.98, dtype=self.dtype))\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
+        "passes/rewrites/altup.py",
+        "torch.ones(k, dtype=self.dtype), fresh=True)\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
+        "torch.full((k,), 0.98, dtype=self.dtype), fresh=True)\n            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)",
         ("tests/test_precision.py::test_altup_gain_error_rejected_in_every_dtype[dtype2]",),
     ),
     Mutant(
         "altup-predict-not-identity",
         "altup: P = I at init (rows summing to 1 would still be exact)",
-        "passes/altup.py",
-        "torch.eye(k, dtype=self.dtype))",
-        "torch.eye(k, dtype=self.dtype) * 0.9 + 0.1 / k)",
+        "passes/rewrites/altup.py",
+        "torch.eye(k, dtype=self.dtype), fresh=True)",
+        "torch.eye(k, dtype=self.dtype) * 0.9 + 0.1 / k, fresh=True)",
         (ORACLE + "test_altup_blocks_identical_at_init_and_coefficients_get_gradients",),
     ),
     Mutant(
         "altup-readout-first-block",
         "altup: the model reads the mean of the K blocks",
-        "passes/altup.py",
+        "passes/rewrites/altup.py",
         "mean = em.op(aten.add.Tensor, x0, spread)",
         "mean = x0",
         (ORACLE + "test_altup_layer_l_reads_and_writes_its_block[k2-alternating]",),
@@ -123,7 +123,7 @@ MUTANTS = [
     Mutant(
         "altup-router-init",
         "altup(coefficients=router): W_p = W_c = 0 at init (exact)",
-        "passes/altup.py",
+        "passes/rewrites/altup.py",
         "torch.zeros(k * k, k, dtype=self.dtype)",
         "torch.full((k * k, k), 0.01, dtype=self.dtype)",
         ("tests/test_altup.py::test_exact_at_init_with_replicated_blocks[tiny-llama]",),
@@ -131,7 +131,7 @@ MUTANTS = [
     Mutant(
         "altup-readout-sum-eps",
         "altup(readout=sum): the final norm's eps × K²",
-        "passes/altup.py",
+        "passes/rewrites/altup.py",
         '_scale_eps(norm, o["k"] ** 2)',
         '_scale_eps(norm, o["k"])',
         ("tests/test_altup.py::test_readout_sum_rescales_the_final_norm",),
@@ -140,7 +140,7 @@ MUTANTS = [
     Mutant(
         "ddl-code-2sigma",
         "ddl value=code: v = 4σ(W_v x_in + b)",
-        "passes/ddl.py",
+        "passes/rewrites/ddl.py",
         "em.op(aten.sigmoid.default, em.op(aten.linear.default, src, wv, b)),\n            4.0,",
         "em.op(aten.sigmoid.default, em.op(aten.linear.default, src, wv, b)),\n            2.0,",
         (ORACLE + "test_ddl_update_is_the_value_modes_formula[code-1-1e-05]",),
@@ -148,7 +148,7 @@ MUTANTS = [
     Mutant(
         "ddl-paper-value-unnormalised",
         "ddl value=paper: v = W_v c (c the normalised input)",
-        "passes/ddl.py",
+        "passes/rewrites/ddl.py",
         'src = cf if self.value != "code" else',
         'src = cf if self.value == "compat" else',
         (ORACLE + "test_ddl_update_is_the_value_modes_formula[paper-1-1e-05]",),
@@ -156,7 +156,7 @@ MUTANTS = [
     Mutant(
         "ddl-compat-gate-lambda",
         "ddl value=compat: x + λh + (1 − λ)β(v − kᵀx)k",
-        "passes/ddl.py",
+        "passes/rewrites/ddl.py",
         "gate = em.op(aten.mul.Tensor, em.op(aten.rsub.Scalar, lam, 1.0), beta)",
         "gate = em.op(aten.mul.Tensor, em.op(aten.rsub.Scalar, lam, 1.0), 1.0)",
         (ORACLE + "test_ddl_update_is_the_value_modes_formula[compat-1-1e-05]",),
@@ -164,7 +164,7 @@ MUTANTS = [
     Mutant(
         "ddl-lambda-init",
         "ddl value=compat: λ = 1 at init",
-        "passes/ddl.py",
+        "passes/rewrites/ddl.py",
         'em.param(f"{name}.lam", torch.ones(1, dtype=self.dtype))',
         'em.param(f"{name}.lam", torch.full((1,), 0.99, dtype=self.dtype))',
         (ORACLE + "test_ddl_k_unit_norm_beta_in_range_and_lambda_gets_gradient",),
@@ -172,7 +172,7 @@ MUTANTS = [
     Mutant(
         "ddl-beta0-bias",
         "ddl: b_β = logit(β0/2), so β = β0 at init (β0 = 1 cannot tell)",
-        "passes/ddl.py",
+        "passes/rewrites/ddl.py",
         "math.log(self.beta0 / (2 - self.beta0))",
         "math.log(self.beta0)",
         (ORACLE + "test_ddl_gate_starts_at_beta0_and_shrinks_the_error_by_one_minus_beta[0.5]",),
@@ -180,7 +180,7 @@ MUTANTS = [
     Mutant(
         "ddl-beta-range",
         "ddl: β = 2σ(·) ∈ (0, 2)",
-        "passes/ddl.py",
+        "passes/rewrites/ddl.py",
         "em.op(aten.sigmoid.default, logit), 2.0)",
         "em.op(aten.sigmoid.default, logit), 1.0)",
         (ORACLE + "test_ddl_gate_starts_at_beta0_and_shrinks_the_error_by_one_minus_beta[1.0]",),
@@ -188,7 +188,7 @@ MUTANTS = [
     Mutant(
         "ddl-k-eps",
         "ddl: k = h / sqrt(‖h‖² + ε²)",
-        "passes/ddl.py",
+        "passes/rewrites/ddl.py",
         "norm2, self.eps**2)",
         "norm2, self.eps)",
         (ORACLE + "test_ddl_update_is_the_value_modes_formula[paper-1-0.5]",),
@@ -196,7 +196,7 @@ MUTANTS = [
     Mutant(
         "ddl-compressor-weights",
         "ddl(dv > 1): a block reads the mean of the channels (weights 1/d_v)",
-        "passes/ddl.py",
+        "passes/rewrites/ddl.py",
         "torch.full((dv - 1, d), 1.0 / dv, dtype=self.dtype)",
         "torch.full((dv - 1, d), 1.0 / (dv - 1), dtype=self.dtype)",
         (ORACLE + "test_ddl_blocks_read_the_mean_of_the_channels",),
@@ -205,7 +205,7 @@ MUTANTS = [
     Mutant(
         "expand-mlp-sides-swapped",
         "expand-mlp: new up/gate rows drawn, new down columns zero",
-        "passes/expand_mlp.py",
+        "passes/rewrites/expand_mlp.py",
         'Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"])',
         'Growth(sizes, dict.fromkeys(sizes, "zero"), seed=self.opts["seed"])',
         (ORACLE + "test_growth_zero_and_drawn_sides[expand-mlp(factor=2)]",),
@@ -213,7 +213,7 @@ MUTANTS = [
     Mutant(
         "add-heads-sides-swapped",
         "add-heads: new q rows drawn, new o columns zero",
-        "passes/add_heads.py",
+        "passes/rewrites/add_heads.py",
         'Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"])',
         'Growth(sizes, dict.fromkeys(sizes, "zero"), seed=self.opts["seed"])',
         (ORACLE + "test_growth_zero_and_drawn_sides[add-heads(n=2)]",),
@@ -221,7 +221,7 @@ MUTANTS = [
     Mutant(
         "expand-head-dim-sides-swapped",
         "expand-head-dim: new v rows drawn, new o columns zero",
-        "passes/expand_head_dim.py",
+        "passes/rewrites/expand_head_dim.py",
         'Growth(sizes, dict.fromkeys(sizes, "free"), seed=self.opts["seed"])',
         'Growth(sizes, dict.fromkeys(sizes, "zero"), seed=self.opts["seed"])',
         (ORACLE + "test_growth_zero_and_drawn_sides[expand-head-dim(size=24)]",),
@@ -229,7 +229,7 @@ MUTANTS = [
     Mutant(
         "expand-qk-double-zero",
         "expand-qk: new q rows drawn, new k rows zero (not both zero)",
-        "passes/expand_qk.py",
+        "passes/rewrites/expand_qk.py",
         'modes[atom] = "zero" if a.qk_norm else "free"',
         'modes[atom] = "zero"',
         (ORACLE + "test_every_new_entry_gets_a_gradient[expand-qk(size=24)]",),
@@ -237,7 +237,7 @@ MUTANTS = [
     Mutant(
         "expand-qk-rescale-dropped",
         "expand-qk: old k rows × √(k̂/k) where the scale is 1/√k",
-        "passes/expand_qk.py",
+        "passes/rewrites/expand_qk.py",
         "f = math.sqrt(size / d.size[dqk])",
         "f = 1.0",
         (ORACLE + "test_growth_zero_and_drawn_sides[expand-qk(size=24)]",),
@@ -245,7 +245,7 @@ MUTANTS = [
     Mutant(
         "expand-qk-fixed-scale-rescaled",
         "expand-qk: a fixed attention scale (T5's 1) is kept, keys not rescaled",
-        "passes/expand_qk.py",
+        "passes/rewrites/expand_qk.py",
         "return scale is None or abs(scale * math.sqrt(k) - 1) < 1e-6",
         "return True",
         (ORACLE + "test_expand_qk_keeps_a_fixed_scale",),
@@ -253,7 +253,7 @@ MUTANTS = [
     Mutant(
         "expand-hidden-gain-rescale",
         "expand-hidden (RMSNorm): gains × √(d/d̂)",
-        "passes/growth.py",
+        "passes/engines/growth.py",
         "out[found[0]] = (found[1], math.sqrt(ratio))",
         "out[found[0]] = (found[1], 1.0)",
         (ORACLE + "test_growth_zero_and_drawn_sides[expand-hidden(size=48)]",),
@@ -261,7 +261,7 @@ MUTANTS = [
     Mutant(
         "expand-hidden-eps",
         "expand-hidden (RMSNorm): eps × d/d̂",
-        "passes/growth.py",
+        "passes/engines/growth.py",
         "edits.append((eps, 1, eps.args[1] * ratio))",
         "edits.append((eps, 1, eps.args[1]))",
         (ORACLE + "test_expand_hidden_rms_norm_eps_follows_the_width",),
@@ -269,7 +269,7 @@ MUTANTS = [
     Mutant(
         "expand-hidden-unit-offset",
         "expand-hidden ((1 + w) RMSNorm): w' = (1 + w)·√(d/d̂) − 1",
-        "passes/growth.py",
+        "passes/engines/growth.py",
         "- 1 if offset else",
         "- 1 if False else",
         (ORACLE + "test_expand_hidden_unit_offset_gains",),
@@ -277,7 +277,7 @@ MUTANTS = [
     Mutant(
         "expand-hidden-duplicate-no-noise",
         "expand-hidden (duplicate): readers W/m per copy plus zero-sum noise",
-        "passes/growth.py",
+        "passes/engines/growth.py",
         "new = torch.where(per > 1, new / per + eps, new)",
         "new = torch.where(per > 1, new / per, new)",
         (ORACLE + "test_expand_hidden_duplicates_layernorm_streams",),
@@ -285,7 +285,7 @@ MUTANTS = [
     Mutant(
         "expand-hidden-tied-final-norm",
         "expand-hidden (duplicate, tied head): final norm gain and bias ÷ m",
-        "passes/growth.py",
+        "passes/engines/growth.py",
         "out = {norm.weight: 1 / m}",
         "out = {norm.weight: 1.0}",
         (ORACLE + "test_expand_hidden_duplicates_layernorm_streams",),
@@ -293,7 +293,7 @@ MUTANTS = [
     Mutant(
         "growth-engine-double-zero",
         "growth: producers of free features drawn (never both sides zero)",
-        "passes/growth.py",
+        "passes/engines/growth.py",
         "fill = noise.masked_fill_(zero_feat, 0)",
         "fill = noise.zero_()",
         (ORACLE + "test_every_new_entry_gets_a_gradient[expand-mlp(factor=2)]",),
@@ -301,7 +301,7 @@ MUTANTS = [
     Mutant(
         "growth-draw-scale",
         "growth: new entries drawn at the scale of the existing weights",
-        "passes/growth.py",
+        "passes/engines/growth.py",
         "spread = _scale(t)",
         "spread = 1.0",
         (ORACLE + "test_growth_zero_and_drawn_sides[expand-mlp(factor=2)]",),
@@ -309,7 +309,7 @@ MUTANTS = [
     Mutant(
         "expand-qk-rope-frequencies",
         "expand-qk (RoPE): new pairs continue the geometric sequence of frequencies",
-        "passes/growth.py",
+        "passes/engines/growth.py",
         "ratio ** torch.arange(1, n_new + 1,",
         "ratio ** torch.arange(0, n_new,",
         ("tests/test_growth.py::test_rope_keeps_old_frequencies_and_continues_the_sequence",),
@@ -317,7 +317,7 @@ MUTANTS = [
     Mutant(
         "add-layers-bias-not-zeroed",
         "add-layers: o/down and their biases zero",
-        "passes/add_layers.py",
+        "passes/rewrites/add_layers.py",
         "for t in (lin.weight, lin.bias) if t",
         "for t in (lin.weight,) if t",
         (ORACLE + "test_add_layers_copies_the_neighbour_with_zero_writers[tiny-gpt2]",),
@@ -325,7 +325,7 @@ MUTANTS = [
     Mutant(
         "add-layers-zero-reader",
         "add-layers: the writers (o), not the readers (q), are zero",
-        "passes/add_layers.py",
+        "passes/rewrites/add_layers.py",
         "linears.append(r.attention.o)",
         "linears.append(r.attention.q)",
         (ORACLE + "test_add_layers_copies_the_neighbour_with_zero_writers[tiny-llama]",),
@@ -333,7 +333,7 @@ MUTANTS = [
     Mutant(
         "save-pretrained-stale-weights",
         "save_pretrained: the checkpoint holds the grown weights (generation unchanged)",
-        "passes/hf_export.py",
+        "passes/io/hf_export.py",
         "if k in persistent:\n                own[k].copy_(v)",
         'if k in persistent and "mlp" not in k:\n                own[k].copy_(v)',
         (
@@ -345,7 +345,7 @@ MUTANTS = [
     Mutant(
         "sdnc-scale",
         "sdnc: the read's strength is the model's own scale",
-        "passes/attention_memory.py",
+        "passes/engines/attention_memory.py",
         "scale *= factor",
         "scale *= 1.01 * factor",
         ("tests/test_sdnc.py::test_sdnc_is_exact_everywhere[nanogpt]",),
@@ -353,7 +353,7 @@ MUTANTS = [
     Mutant(
         "sdnc-cosine-strength-init",
         "sdnc(addressing=cosine): β starts at √d_k",
-        "passes/sdnc.py",
+        "passes/rewrites/sdnc.py",
         "b0 = math.log(math.expm1(math.sqrt(dk) - 1))",
         "b0 = math.log(math.expm1(math.sqrt(dk)))",
         ("tests/test_sdnc.py::test_cosine_addressing_is_the_dncs",),
@@ -391,7 +391,7 @@ MUTANTS = [
     Mutant(
         "repeated-call-merged",
         "one module applied again is a new block (weights shared across depth)",
-        "ir/analyze.py",
+        "ir/recognise/blocks.py",
         "or len(by_path[c.path]) > 1",
         "or False",
         (
@@ -402,7 +402,7 @@ MUTANTS = [
     Mutant(
         "attribute-blocks",
         "same-class sibling attributes are blocks",
-        "ir/analyze.py",
+        "ir/recognise/blocks.py",
         'or len(siblings[(c.path.rpartition(".")[0], c.kind)]) > 1',
         "or False",
         ("tests/test_recognition.py::test_blocks_held_as_named_attributes",),
@@ -418,7 +418,7 @@ MUTANTS = [
     Mutant(
         "no-period-merge",
         "alternating single-site blocks are merged into layers",
-        "ir/analyze.py",
+        "ir/recognise/blocks.py",
         "        for p in range(2, len(blocks) // 2 + 1):",
         "        for p in range(len(blocks), len(blocks)):",
         ("tests/test_thirdparty.py::test_structure_is_the_librarys_or_refused[xt-gqa-swiglu]",),
@@ -426,7 +426,7 @@ MUTANTS = [
     Mutant(
         "relu2-as-relu",
         "activations are named by their arithmetic (relu² is not relu)",
-        "ir/analyze.py",
+        "ir/recognise/mlp.py",
         'return "relu2" if squared else "relu"',
         'return "relu"',
         (
@@ -445,7 +445,7 @@ MUTANTS = [
     Mutant(
         "tied-head-norm",
         "duplication divides the gain of the norm the tied head reads (BART: the last post-norm)",
-        "passes/growth.py",
+        "passes/engines/growth.py",
         "    out = {norm.weight: 1 / m}\n",
         "    out = {}\n",
         ("tests/test_growth.py::test_each_growth_is_exact_or_refused_with_its_reason[tiny-bart]",),
@@ -453,7 +453,7 @@ MUTANTS = [
     Mutant(
         "tied-head-input-scale",
         "duplication scales the tied head's input by 1/m where no norm gain precedes it",
-        "passes/growth.py",
+        "passes/engines/growth.py",
         "(aten.mul.Tensor, (x, 1 / m))",
         "(aten.mul.Tensor, (x, 1.0))",
         (
@@ -463,7 +463,7 @@ MUTANTS = [
     Mutant(
         "inserted-altup-layer-copies-coefficients",
         "add-layers after altup: the new layer's coefficients start at the identity",
-        "passes/altup.py",
+        "passes/rewrites/altup.py",
         'p = em.param(f"{name}.predict", torch.eye(k, dtype=self.dtype), fresh=True)',
         'p = em.param(f"{name}.predict", torch.eye(k, dtype=self.dtype))',
         (
@@ -474,7 +474,7 @@ MUTANTS = [
     Mutant(
         "copied-scheme-parameter-forgets-its-scheme",
         "a copy of a copy owns its scheme parameters (the copy's get_attr keeps the meta)",
-        "passes/add_layers.py",
+        "passes/rewrites/add_layers.py",
         "            attrs[node.target].meta = dict(node.meta)",
         "            pass",
         (
@@ -482,11 +482,11 @@ MUTANTS = [
             "started_at_the_identity[altup(k=2)]",
         ),
     ),
-    # generation with a key/value cache (passes/decode.py, passes/generate.py)
+    # generation with a key/value cache (passes/engines/decode.py, passes/io/generate.py)
     Mutant(
         "decode-padding-read",
         "a query never reads a padding slot",
-        "passes/decode.py",
+        "passes/engines/decode.py",
         "seen = _node(g, like, aten.logical_and.default, (causal, real))",
         "seen = causal",
         (GENERATE + "[tiny-llama-altup(k=2)]",),
@@ -494,7 +494,7 @@ MUTANTS = [
     Mutant(
         "decode-padding-row-masked",
         "a padding row reads its own slot (finite: no NaN reaches the tokens)",
-        "passes/decode.py",
+        "passes/engines/decode.py",
         "return _node(g, like, aten.logical_or.default, (seen, own))",
         "return seen",
         (GENERATE + "[family:gemma2-canonicalize]",),
@@ -502,7 +502,7 @@ MUTANTS = [
     Mutant(
         "generate-positions-count-padding",
         "positions count the tokens that are not padding (transformers' rule)",
-        "passes/decode.py",
+        "passes/engines/decode.py",
         "return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -q:]",
         "return torch.arange(mask.shape[1]).expand_as(mask)[:, -q:]",
         (GENERATE + "[tiny-gpt2-altup(k=2)]",),
@@ -510,7 +510,7 @@ MUTANTS = [
     Mutant(
         "generate-onnx-cache-dropped",
         "ONNX Runtime's cache outputs are the next call's inputs",
-        "passes/generate.py",
+        "passes/io/generate.py",
         "        self.cache = list(values[-len(self.past) :])\n",
         "",
         (
@@ -520,7 +520,7 @@ MUTANTS = [
     Mutant(
         "generate-first-position",
         "the prefill's one row of logits is the last position's",
-        "passes/decode.py",
+        "passes/engines/decode.py",
         "(h, 1, -1, 2**63 - 1)",
         "(h, 1, 0, 1)",
         ("tests/test_generate.py::test_generation_projects_the_last_position_only[tiny-llama]",),
@@ -540,7 +540,7 @@ MUTANTS = [
     Mutant(
         "inserted-layer-shares-gates",
         "add-layers gives a copied layer's DDL updates parameters of their own",
-        "passes/add_layers.py",
+        "passes/rewrites/add_layers.py",
         'if target.startswith(prefix) or "archfx_scheme" in node.meta:',
         "if target.startswith(prefix):",
         (

@@ -5,7 +5,7 @@ import torch
 import transformers as tf
 
 from archfx.ir import AnalysisError, capture
-from archfx.passes.zoo import build
+from archfx.passes.io.zoo import build
 
 from .families import FAMILIES, TRAITS, build_family
 from .helpers import ZOO

@@ -9,9 +9,9 @@ from archfx.ir import ArtifactError, capture
 from archfx.ir.serialize import write_dir
 from archfx.ir.verify import certify
 from archfx.passes import Pipeline
-from archfx.passes.artifact import load, save
-from archfx.passes.zoo import build
-from archfx.passes.zoo.random_arch import build_random
+from archfx.passes.io.artifact import load, save
+from archfx.passes.io.zoo import build
+from archfx.passes.io.zoo.random_arch import build_random
 
 
 def saved(tmp_path, name="tiny-gpt2", pipeline="canonicalize"):
@@ -151,7 +151,7 @@ def test_a_recipe_runs_no_code_unless_trusted(tmp_path):
     (saved from a user's own model, or put there by whoever edited the file) is refused
     before anything is imported or called, unless the caller passes trust_remote_code=True."""
     graph = capture(build_random())  # the architecture random_config draws from seed 0
-    target = "archfx.passes.zoo.random_arch:build_random"
+    target = "archfx.passes.io.zoo.random_arch:build_random"
     out = save(graph, tmp_path / "arch", source={"kind": "callable", "target": target}, pipeline="")
     with pytest.raises(ArtifactError, match="trust_remote_code=True"):
         load(out)

@@ -6,7 +6,7 @@ import torch
 from archfx.ir import capture
 from archfx.ir.ops import aten
 from archfx.passes import Pipeline
-from archfx.passes.zoo import build
+from archfx.passes.io.zoo import build
 
 from .families import FAMILIES, build_family
 from .helpers import ZOO

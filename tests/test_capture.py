@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from archfx.ir import CaptureError, capture
-from archfx.passes.zoo import build
+from archfx.passes.io.zoo import build
 
 
 def test_derived_inputs_and_dynamic_dims():

@@ -187,7 +187,8 @@ def test_bad_input_exits_nonzero_with_one_line(capsys, tmp_path, ranged_pass, ar
     ],
 )
 def test_option_errors_come_before_the_model_loads(capsys, monkeypatch, pipeline, fragment):
-    from archfx.passes import Pipeline, models
+    from archfx.passes import Pipeline
+    from archfx.passes.io import models
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded before the pipeline was checked")
@@ -241,7 +242,7 @@ def test_apply_growth_saves_both_formats(capsys, tmp_path):
     import torch
     import transformers
 
-    from archfx.passes.artifact import load
+    from archfx.passes.io.artifact import load
 
     text = "expand-hidden(size=96),expand-mlp(factor=2),add-layers(n=1)"
     out, hf = tmp_path / "artifact", tmp_path / "hf"
@@ -298,7 +299,7 @@ def test_save_pretrained_copies_the_tokenizer(capsys, tmp_path):
     and encodes as the source's tokenizer does."""
     from transformers import AutoTokenizer
 
-    from archfx.passes.zoo.packaged import minilm_dir
+    from archfx.passes.io.zoo.packaged import minilm_dir
 
     hf = tmp_path / "hf"
     argv = ["apply", "minilm", "--pipeline", "expand-mlp(factor=2)", "--save-pretrained", str(hf)]

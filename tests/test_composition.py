@@ -16,7 +16,7 @@ from archfx.ir import PassError, capture
 from archfx.ir.lower import to_onnx
 from archfx.ir.verify import certify
 from archfx.passes import Pipeline
-from archfx.passes.artifact import load, save
+from archfx.passes.io.artifact import load, save
 
 from .helpers import ONNX_SAMPLE, ZOO, model
 

@@ -26,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from archfx.ir import capture
 from archfx.passes import Pipeline
-from archfx.passes.artifact import load, save
-from archfx.passes.zoo import build
+from archfx.passes.io.artifact import load, save
+from archfx.passes.io.zoo import build
 
 from .helpers import byte_gpt, hamlet
 

@@ -40,7 +40,7 @@ def test_the_example_pass_in_the_docs_runs_and_is_certified(temperature_pass):
 def test_the_pass_tables_in_the_docs_are_the_registrys():
     # README's overview and docs/passes.md's options are `archfx passes --markdown` output:
     # a pass whose declaration changed without regenerating them fails here
-    from archfx.passes.base import markdown_overview, markdown_reference
+    from archfx.passes.infra.base import markdown_overview, markdown_reference
 
     root = DOC.parent.parent
     assert markdown_overview() in (root / "README.md").read_text()

@@ -14,7 +14,7 @@ from archfx.ir.fuse import fuse
 from archfx.ir.lower import TOLERANCE, ort_session, run_onnx, to_onnx
 from archfx.ir.verify import compare
 from archfx.passes import Pipeline
-from archfx.passes.zoo import build
+from archfx.passes.io.zoo import build
 
 from .helpers import model
 

@@ -1,4 +1,4 @@
-"""onnxruntime-genai runs the exported decode form (passes/genai.py): with the written
+"""onnxruntime-genai runs the exported decode form (passes/io/genai.py): with the written
 genai_config.json its own generation loop gives transformers' greedy tokens on the original
 model, a prompt at a time and as one right-padded batch (genai's padding convention)."""
 
@@ -11,9 +11,9 @@ import torch
 
 from archfx.ir import PassError, capture
 from archfx.passes import Pipeline
-from archfx.passes.decode import decode_form
-from archfx.passes.genai import write_genai_config
-from archfx.passes.generate import onnx_decoder
+from archfx.passes.engines.decode import decode_form
+from archfx.passes.io.genai import write_genai_config
+from archfx.passes.io.generate import onnx_decoder
 
 from .helpers import model
 

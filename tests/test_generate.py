@@ -1,4 +1,4 @@
-"""Generation with a key/value cache (passes/decode.py, passes/generate.py): greedy tokens equal
+"""Generation with a key/value cache (passes/engines/decode.py, passes/io/generate.py): greedy tokens equal
 transformers' `generate` on the original model, for every pipeline, both runtimes, prompts
 alone and as one left-padded batch; at every step the logits with the cache equal the
 original model's without it."""
@@ -11,8 +11,8 @@ import torch
 from archfx.ir import PassError, capture
 from archfx.passes import Pipeline
 from archfx.passes.cli import main as cli
-from archfx.passes.decode import MemoryStream, decode_form, is_decoder, last_position
-from archfx.passes.generate import Session, generate, left_padded
+from archfx.passes.engines.decode import MemoryStream, decode_form, is_decoder, last_position
+from archfx.passes.io.generate import Session, generate, left_padded
 
 from .helpers import model
 

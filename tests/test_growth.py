@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from archfx.ir import ArtifactError, PassError, capture
 from archfx.passes import Pipeline
-from archfx.passes.hf_export import save_pretrained
-from archfx.passes.optimizer import grow_optimizer
-from archfx.passes.zoo.random_arch import ArchConfig, build_random
+from archfx.passes.io.hf_export import save_pretrained
+from archfx.passes.io.optimizer import grow_optimizer
+from archfx.passes.io.zoo.random_arch import ArchConfig, build_random
 
 from .helpers import EVERY, byte_gpt, hamlet, loss_of, meta_llama, model, train
 

@@ -16,7 +16,7 @@ from archfx.ir.lower import (
     run_onnx,
     to_onnx,
 )
-from archfx.passes.zoo import build
+from archfx.passes.io.zoo import build
 
 
 def test_provider_and_device_selection():

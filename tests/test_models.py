@@ -7,8 +7,8 @@ import torch
 import transformers as tf
 
 from archfx.ir import ModelSpecError
-from archfx.passes.models import load, rebuild
-from archfx.passes.zoo import packaged
+from archfx.passes.io.models import load, rebuild
+from archfx.passes.io.zoo import packaged
 
 
 def _checkpoint(tmp_path, bin_format=False):
@@ -44,7 +44,7 @@ def test_builtin_and_callable(tmp_path, monkeypatch):
     assert load("nanogpt").source == {"kind": "builtin", "name": "nanogpt"}
     (tmp_path / "mymodels.py").write_text(
         "import torch\n"
-        "from archfx.passes.zoo import build\n"
+        "from archfx.passes.io.zoo import build\n"
         "def plain():\n    return build('tiny-gpt2')\n"
         "def with_inputs():\n    return build('nanogpt'), (torch.randint(0, 128, (3, 7)),)\n"
         "def broken():\n    raise RuntimeError('boom')\n"
@@ -126,7 +126,7 @@ def test_one_parameter_count_everywhere(capsys, name, expected):
 
     from archfx.ir import capture
     from archfx.passes.cli import main
-    from archfx.passes.zoo import build
+    from archfx.passes.io.zoo import build
 
     model = build(name)
     assert sum(p.numel() for p in model.parameters()) == expected

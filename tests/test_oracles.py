@@ -589,7 +589,7 @@ def test_every_new_entry_gets_a_gradient(text):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_grown_checkpoint_generates_the_same_with_and_without_kv_cache(tmp_path, name):
-    from archfx.passes.hf_export import save_pretrained
+    from archfx.passes.io.hf_export import save_pretrained
 
     torch.manual_seed(0)
     source = model(name)

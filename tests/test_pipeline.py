@@ -39,7 +39,7 @@ def toy_pass():
 def test_canonicalize_is_registered_and_documented():
     cls = REGISTRY["canonicalize"]
     assert cls.exact_when == {} and cls().claims_exact()
-    import archfx.passes.canonicalize as module
+    import archfx.passes.rewrites.canonicalize as module
 
     assert "Exactness" in module.__doc__ and "Rewrite" in module.__doc__
 

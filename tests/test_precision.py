@@ -7,7 +7,7 @@ import torch
 
 from archfx.ir import VerificationError, capture
 from archfx.passes import REGISTRY, Pipeline
-from archfx.passes.altup import AltUp
+from archfx.passes.rewrites.altup import AltUp
 
 from .helpers import model
 

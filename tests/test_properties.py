@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from archfx.ir import capture
 from archfx.passes import Pipeline
-from archfx.passes.zoo import build
+from archfx.passes.io.zoo import build
 
 MODELS = ["tiny-llama", "tiny-gpt2", "tiny-t5", "tiny-bert", "tiny-gpt-neox"]
 

@@ -1,5 +1,5 @@
 """Property-based: random Transformer architectures — the hand-written `RandomArch`
-(passes/zoo/random_arch.py: norm placement, norm kind, MHA/GQA, gated MLP, tying, biases,
+(passes/io/zoo/random_arch.py: norm placement, norm kind, MHA/GQA, gated MLP, tying, biases,
 positions all drawn independently) and random small Hugging Face configs (tests/random_configs.py)
 — are captured; the recognised Structure must match what the config says; every
 function-preserving pass that applies, and random short pipelines of them, must stay exact
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from archfx.ir import AnalysisError, ArchfxError, PassError, capture
 from archfx.passes import REGISTRY, Pipeline
-from archfx.passes.zoo.random_arch import (
+from archfx.passes.io.zoo.random_arch import (
     KV_REPEATS,
     NORMS,
     PLACEMENTS,

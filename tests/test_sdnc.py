@@ -11,8 +11,8 @@ from archfx.ir.lower import compile_graph, to_onnx
 from archfx.ir.memory import READ, WRITE, _grouped, delta_update
 from archfx.passes import Pipeline
 from archfx.passes.cli import main as cli
-from archfx.passes.decode import MemoryStream, first_call
-from archfx.passes.memory_inspect import memories
+from archfx.passes.engines.decode import MemoryStream, first_call
+from archfx.passes.io.memory_inspect import memories
 
 from .helpers import EVERY, byte_gpt, model, train
 

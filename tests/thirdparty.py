@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from archfx.passes.zoo import hf_model as zoo_model
+from archfx.passes.io.zoo import hf_model as zoo_model
 
 V = 128  # vocabulary
 SEQ = 8  # example sequence length

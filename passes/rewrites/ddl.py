@@ -35,8 +35,8 @@ from torch import fx
 from archfx.ir import PassError
 from archfx.ir.ops import aten
 
-from .base import Option, Pass, PassResult, register
-from .residual import SITES_RETHREADED, WIDE_INSIDE_BLOCKS, Emitter, Scheme, rethread
+from ..engines.residual import SITES_RETHREADED, WIDE_INSIDE_BLOCKS, Emitter, Scheme, rethread
+from ..infra.base import Option, Pass, PassResult, register
 
 OWNER = "ddl"
 F32 = torch.float32

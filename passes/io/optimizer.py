@@ -14,7 +14,7 @@ import torch
 
 from archfx.ir import Graph, PassError
 
-from .pipeline import PipelineResult
+from ..infra.pipeline import PipelineResult
 
 
 def grow_optimizer(

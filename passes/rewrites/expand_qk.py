@@ -25,8 +25,7 @@ from archfx.ir import PassError
 from archfx.ir.dims import Dims
 from archfx.ir.ops import ATTENTION_OPS, CHUNKS, LINEAR_OPS, aten, is_call, op_arg
 
-from .base import Option, Pass, PassResult, Remark, layer_indices, register
-from .growth import (
+from ..engines.growth import (
     LAYERS_DOC,
     SEED_DOC,
     Growth,
@@ -36,7 +35,8 @@ from .growth import (
     select_blocks,
     shared_remarks,
 )
-from .heads import attentions, head_axes
+from ..engines.heads import attentions, head_axes
+from ..infra.base import Option, Pass, PassResult, Remark, layer_indices, register
 
 
 @register

@@ -1,6 +1,6 @@
 """Text generation with a rewritten causal language model, in PyTorch or ONNX Runtime.
 
-`generate(graph, prompts, …)` decodes with the graph's decode form (passes/decode.py): the
+`generate(graph, prompts, …)` decodes with the graph's decode form (passes/engines/decode.py): the
 prompts, left-padded into one batch, are prefilled in one call; each new token is one call
 that reads the key/value cache the earlier calls wrote. Positions count the tokens that are
 not padding, as transformers' `generate` counts them, so greedy decoding gives its tokens.
@@ -27,7 +27,7 @@ import torch
 
 from archfx.ir import Graph, PassError
 
-from .decode import PAST, MemoryStream, decode_form, eager, last_position, positions
+from ..engines.decode import PAST, MemoryStream, decode_form, eager, last_position, positions
 
 
 @dataclass

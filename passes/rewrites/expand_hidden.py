@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from archfx.ir import PassError
 
-from .base import Option, Pass, PassResult, Remark, register
-from .growth import SEED_DOC, Growth, grow
+from ..engines.growth import SEED_DOC, Growth, grow
+from ..infra.base import Option, Pass, PassResult, Remark, register
 
 
 @register

@@ -2,7 +2,7 @@
 
     altup(k=2),expand-mlp(factor=2)
 
-Around each pass run the instruments (passes/instruments.py): lint and shape propagation,
+Around each pass run the instruments (passes/infra/instruments.py): lint and shape propagation,
 for passes that preserve the function a numerical certificate against the pass's input, time,
 nodes and parameters, and with `dump_dir` the IR before and after each pass. A failing
 pass leaves a reproducer (pipeline text, the IR it received, the error) in `dump_dir` or a new

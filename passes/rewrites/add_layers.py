@@ -21,9 +21,10 @@ from torch import fx
 
 from archfx.ir import PassError
 from archfx.ir.graph import reorder
+from archfx.ir.recognise.walks import reach
 
-from .base import Option, Pass, PassResult, register
-from .residual import BLOCK_OWNERS
+from ..engines.residual import BLOCK_OWNERS
+from ..infra.base import Option, Pass, PassResult, register
 
 
 @register
@@ -174,31 +175,24 @@ def _wrapped(graph, block) -> _Unit:
         if ("archfx_state" in nd.meta or "archfx_start" in nd.meta)
         and nd.meta.get("archfx_scheme") in BLOCK_OWNERS
     ]
-    downstream = _reach(block.output, lambda n: n.users)
+    every = set(graph.gm.graph.nodes)
+    downstream = reach(block.output, every, lambda n: n.users)
     after = next((st for st in states if st in downstream), None)
     if after is None:
         return _Unit(block.input, block.output, set(block.nodes))
-    upstream = _reach(block.input, lambda n: n.all_input_nodes)
+    upstream = reach(block.input, every, lambda n: n.all_input_nodes)
     before = next((st for st in reversed(states) if st in upstream), None)
     if before is None:
         raise PassError(f"{block.path}: the residual scheme's state before it was not found")
-    up = _reach(after, lambda n: n.all_input_nodes)  # what the state after it is computed from
-    earlier = _reach(before, lambda n: n.all_input_nodes) | {before}
+    up = reach(
+        after, every, lambda n: n.all_input_nodes
+    )  # what the state after it is computed from
+    earlier = reach(before, every, lambda n: n.all_input_nodes) | {before}
     mine = {  # the scheme's ops of this layer: on the state, or on its parameters alone
         n for n in up - earlier if n.op == "call_function" and "archfx_scheme" in n.meta
     }
-    down = _reach(before, lambda n: n.users)
+    down = reach(before, every, lambda n: n.users)
     return _Unit(before, after, set(block.nodes) | (down & up) | mine | {after})
-
-
-def _reach(start: fx.Node, step) -> set:
-    seen, todo = set(), [start]
-    while todo:
-        for n in step(todo.pop()):
-            if n not in seen:
-                seen.add(n)
-                todo.append(n)
-    return seen
 
 
 def _copy(graph, block, x, prefix: str, new_prefix: str, before: bool, writers):

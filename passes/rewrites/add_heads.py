@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from archfx.ir import PassError
 
-from .base import Option, Pass, PassResult, layer_indices, register
-from .growth import (
+from ..engines.growth import (
     LAYERS_DOC,
     SEED_DOC,
     Growth,
@@ -25,7 +24,8 @@ from .growth import (
     select_blocks,
     shared_remarks,
 )
-from .heads import attentions, head_axes
+from ..engines.heads import attentions, head_axes
+from ..infra.base import Option, Pass, PassResult, layer_indices, register
 
 
 @register

@@ -6,7 +6,7 @@ addresses = keys, contents = values, one slot per position, write-once) and read
 queries (`archfx::memory_read`: every query head a read head, content addressing with the
 model's own similarity and strength; GQA heads share a bank; cross-attention reads the memory
 the encoder wrote). Both ops are defined in `archfx.ir.memory`; the rewrite below is
-passes/attention_memory.py's (shared with the decode form), inspection passes/memory_inspect.py.
+passes/engines/attention_memory.py's (shared with the decode form), inspection passes/io/memory_inspect.py.
   - SDPA sites: SDPA(q, k, v, mask, p, causal, scale, gqa) → read(q, write(k, v), mask, p,
     causal, scale, gqa) with the same arguments.
   - Hand-written sites (q·kᵀ, then scaling, soft-capping c·tanh(x/c), additive biases and
@@ -36,14 +36,14 @@ from archfx.ir import PassError
 from archfx.ir.memory import DELTA, READ
 from archfx.ir.ops import SOFTMAX, aten, is_call, op_arg
 
-from .attention_memory import (
+from ..engines.attention_memory import (
     SDPA,
     _node,
     check_causal,
     from_sdpa,
     parse_attention,
 )
-from .base import Option, Pass, PassResult, register
+from ..infra.base import Option, Pass, PassResult, register
 
 
 @register
@@ -133,7 +133,7 @@ class SDNC(Pass):
         graph.gm.recompile()
         kinds["shared_banks"] = sum(op_arg(r, "enable_gqa") for r in reads)
         if self.opts["persistent"]:
-            from .decode import persist  # the decode form builds on this pass's reads
+            from ..engines.decode import persist  # the decode form builds on this pass's reads
 
             persist(graph, reads)
         if self.opts["write"] == "delta":

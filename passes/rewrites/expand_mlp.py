@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from archfx.ir import PassError
 
-from .base import Option, Pass, PassResult, layer_indices, register
-from .growth import (
+from ..engines.growth import (
     LAYERS_DOC,
     SEED_DOC,
     Growth,
@@ -23,6 +22,7 @@ from .growth import (
     shared_remarks,
     weight_axis,
 )
+from ..infra.base import Option, Pass, PassResult, layer_indices, register
 
 
 @register

@@ -1,4 +1,4 @@
-"""onnxruntime-genai's configuration for an exported decode form (passes/generate.py).
+"""onnxruntime-genai's configuration for an exported decode form (passes/io/generate.py).
 
 `write_genai_config(decoder, onnx_path, model)` writes `genai_config.json` beside the ONNX
 file so that `onnxruntime_genai.Model(directory)` runs it with its own generation loop
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from archfx.ir import AnalysisError, Graph, PassError
 
-from .decode import PAST, PRESENT, is_decoder
+from ..engines.decode import PAST, PRESENT, is_decoder
 
 CONFIG = "genai_config.json"
 MODEL_TYPE = "decoder"  # genai's generic decoder-only type (ModelType::IsLLM)
@@ -38,11 +38,13 @@ def write_genai_config(
     context_length: int | None = None,
 ) -> Path:
     """Write `genai_config.json` (and the tokenizer's files, when given) into the directory
-    of `onnx_path`, the decode form `decoder_graph` exported (passes/generate.py's
+    of `onnx_path`, the decode form `decoder_graph` exported (passes/io/generate.py's
     `onnx_decoder`). `model`: the Hugging Face model it came from (its generation config
     gives the special tokens, its config the context length). Returns the config's path."""
     if not is_decoder(decoder_graph):
-        raise PassError("write_genai_config needs a graph in decode form (passes/decode.py)")
+        raise PassError(
+            "write_genai_config needs a graph in decode form (passes/engines/decode.py)"
+        )
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise PassError(f"{onnx_path}: no such ONNX file")

@@ -1,5 +1,5 @@
 """Attention rewritten into memory ops (`archfx::memory_write` / `memory_read`, ir/memory.py):
-the rewrite the `sdnc` pass and the decode form (passes/decode.py) share.
+the rewrite the `sdnc` pass and the decode form (passes/engines/decode.py) share.
 
 - `from_sdpa`: SDPA(q, k, v, mask, p, causal, scale, gqa) → read(q, write(k, v), …) with the
   same arguments; a GQA repeat of the keys and values (Hugging Face's repeat_kv) is undone so

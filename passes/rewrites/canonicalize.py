@@ -32,7 +32,7 @@ from archfx.ir.ops import (
     is_dropout_identity,
 )
 
-from .base import Pass, PassResult, Remark, register
+from ..infra.base import Pass, PassResult, Remark, register
 
 
 @register

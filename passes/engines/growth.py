@@ -44,7 +44,7 @@ from archfx.ir.ops import (
     param_target,
 )
 
-from .base import Remark, layer_indices
+from ..infra.base import Remark, layer_indices
 
 _SIZE_ARITHMETIC = {operator.mul, operator.floordiv, operator.truediv, operator.add, operator.sub}
 

@@ -15,7 +15,7 @@ import transformers
 from archfx.ir import ArtifactError, Graph, Inputs, ModelSpecError, capture
 from archfx.ir.serialize import load_tensors, read_json, save_tensors, state, write_dir, write_json
 
-from .pipeline import Pipeline
+from ..infra.pipeline import Pipeline
 
 FORMAT = "archfx-model"
 FORMAT_VERSION = 1

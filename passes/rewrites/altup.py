@@ -27,8 +27,8 @@ from torch import fx
 from archfx.ir import PassError
 from archfx.ir.ops import NORM_OPS, aten, is_call
 
-from .base import Option, Pass, PassResult, register
-from .residual import BLOCKS_WRAPPED, Emitter, Scheme, rethread
+from ..engines.residual import BLOCKS_WRAPPED, Emitter, Scheme, rethread
+from ..infra.base import Option, Pass, PassResult, register
 
 OWNER = "altup"
 
