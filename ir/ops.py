@@ -190,6 +190,9 @@ CHUNKS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
 # splits into parts, unbind included
 SPLITS = {*CHUNKS, aten.unbind.int}
 
+# Python arithmetic on symbolic sizes (a shape computed in the graph: growth cannot tell
+# whether a constant operand is the grown dimension)
+SIZE_ARITHMETIC = {operator.mul, operator.floordiv, operator.truediv, operator.add, operator.sub}
 # ops whose operands growth reads axis by axis (products, lookups, concatenations)
 GROWTH_MATRIX = {
     aten.linear.default,

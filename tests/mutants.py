@@ -451,11 +451,19 @@ MUTANTS = [
         ("tests/test_growth.py::test_each_growth_is_exact_or_refused_with_its_reason[tiny-bart]",),
     ),
     Mutant(
+        "gainless-rms-norm-unscaled",
+        "zero-padding under a gainless rms_norm (AltUp's router) scales its output by √(d̂/d)",
+        "passes/engines/growth.py",
+        "gainless.append((r.node, math.sqrt(ratio)))",
+        "gainless.append((r.node, 1.0))",
+        ("tests/test_growth.py::test_gainless_rms_norm_output_is_rescaled_under_zero_padding",),
+    ),
+    Mutant(
         "tied-head-input-scale",
         "duplication scales the tied head's input by 1/m where no norm gain precedes it",
         "passes/engines/growth.py",
-        "(aten.mul.Tensor, (x, 1 / m))",
-        "(aten.mul.Tensor, (x, 1.0))",
+        "return _insert_scale(graph, x, 1 / m, readers, linear.node)",
+        "return _insert_scale(graph, x, 1.0, readers, linear.node)",
         (
             "tests/test_growth.py::test_tied_head_after_altup_on_a_post_ln_model_reads_a_scaled_input",
         ),

@@ -80,6 +80,20 @@ def test_tied_head_after_altup_on_a_post_ln_model_reads_a_scaled_input():
     assert node in {n.name for n in (head.node, *head.node.all_input_nodes)}
 
 
+def test_gainless_rms_norm_output_is_rescaled_under_zero_padding():
+    """AltUp's router reads the stream through an rms_norm with no gain; zero-padding the
+    stream (an RMSNorm model) scales that norm's output by √(d/d̂) instead, exact."""
+    graph = captured("tiny-llama")
+    text = "altup(k=2,coefficients=router),expand-hidden(factor=2)"
+    record = Pipeline.parse(text).run(graph).records[-1]
+    assert record.certificate.ok, record.certificate
+    scales = record.details["norm_scales"]
+    # each layer's router reads the stream twice: before the layer (predict), after (correct)
+    assert len(scales) == 2 * len(graph.structure.blocks)
+    assert all(abs(f - 0.5**0.5) < 1e-12 for _, f in scales.values())
+    assert {r.site for r in record.remarks} >= set(scales)
+
+
 @pytest.mark.slow
 def test_every_growth_exact_on_smollm2():
     graph = capture(model("smollm2"))  # 30 layers, 9 query heads in 3 KV groups, RoPE, tied

@@ -128,9 +128,11 @@ def check_structure(graph, exp: dict) -> None:
 
 # -- which passes apply, and which refusals are expected -----------------------------------
 
-# What a model does not allow (orders no model allows are the passes' declared rules, checked
-# by Pipeline.parse): (predicate on (expectation, pipeline so far, this pass), the reason)
-REFUSALS = [
+# Facts of one architecture, predicted from its config so that a refusal the model does not
+# explain fails the test: (predicate on (expectation, pipeline so far, this pass), the reason
+# the pass gives). No ordering rule lives here: orders no model allows are the passes'
+# declared contracts, refused by Pipeline.parse before a model loads.
+MODEL_FACTS = [
     # Norm(x + 0) ≠ x, so an inserted post-LN block cannot start as the identity
     (lambda e, before, p: p.startswith("add-layers") and e["placement"] == "post", r"post-LN"),
     # EXCLUDED (limitation found by this test, not a wrong result): GPT-NeoX and Phi with a
@@ -149,18 +151,6 @@ REFUSALS = [
         ),
         r"LayerNorm subtracts the mean",
     ),
-    # EXCLUDED (limitation found by this test): altup's router reads the stream through a
-    # gainless RMSNorm (Gemma 3n's); zero-padding the stream changes its RMS and there is no
-    # gain to rescale, so expand-hidden refuses after altup(coefficients=router) on models
-    # without LayerNorm (with LayerNorm the stream is duplicated, which keeps the RMS).
-    (
-        lambda e, before, p: (
-            p.startswith("expand-hidden")
-            and e["norm"] != "layernorm"
-            and any("coefficients=router" in b for b in before)
-        ),
-        r"no gain to rescale",
-    ),
     # DDL sums over the stream (‖h‖², w_β·c, kᵀX); on LayerNorm models expand-hidden duplicates
     # the features, which changes those sums (exact only while λ = 1), so it refuses
     (
@@ -175,7 +165,7 @@ REFUSALS = [
 
 
 def expected_refusal(exp: dict, before: list[str], text: str) -> str | None:
-    for rule, reason in REFUSALS:
+    for rule, reason in MODEL_FACTS:
         if rule(exp, before, text):
             return reason
     return None
@@ -230,7 +220,7 @@ def fresh_inputs(graph, batch=3, seq=5):
 
 def run_and_check(model, graph, exp: dict, texts: list[str]) -> None:
     """Run `texts` as one pipeline: refused by `Pipeline.parse` (an order no model allows, by
-    a rule the passes declare), or exact, or refused where (and as) REFUSALS predicts (what
+    a rule the passes declare), or exact, or refused where (and as) MODEL_FACTS predicts (what
     this model does not allow)."""
     text = ",".join(texts)
     note(f"pipeline: {text}")
@@ -278,7 +268,7 @@ def run_and_check(model, graph, exp: dict, texts: list[str]) -> None:
 @given(arch_configs(), st.data())
 def test_random_arch_structure_and_every_pass(config, data):
     """RandomArch: the Structure is what the config says; every preserving pass, with options
-    drawn, is exact (or refused exactly where REFUSALS predicts)."""
+    drawn, is exact (or refused exactly where MODEL_FACTS predicts)."""
     model, graph = captured_arch(config)
     exp = arch_expectation(config)
     check_structure(graph, exp)
@@ -343,7 +333,7 @@ def captured_zoo(name: str):
 def test_zoo_random_pipelines(name, data):
     """Every zoo model: random pipelines of 2–4 passes drawn from the whole registry, in
     random order, are refused by `Pipeline.parse` with the rule's reason, or exact (every
-    pass's fp64 certificate), or refused where REFUSALS predicts a fact of the model."""
+    pass's fp64 certificate), or refused where MODEL_FACTS predicts a fact of the model."""
     graph, exp = captured_zoo(name)
     texts = data.draw(st.lists(st.one_of(*pass_texts(exp).values()), min_size=2, max_size=4))
     note(name)

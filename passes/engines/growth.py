@@ -36,6 +36,7 @@ from archfx.ir.ops import (
     GROWTH_MATRIX,
     GROWTH_TRANSPARENT,
     SHAPE,
+    SIZE_ARITHMETIC,
     SPLITS,
     aten,
     is_assert,
@@ -45,8 +46,6 @@ from archfx.ir.ops import (
 )
 
 from ..infra.base import Remark, layer_indices
-
-_SIZE_ARITHMETIC = {operator.mul, operator.floordiv, operator.truediv, operator.add, operator.sub}
 
 
 @dataclass
@@ -88,7 +87,7 @@ def grow(graph: Graph, growth: Growth) -> tuple[dict, dict]:
             axes[i] = _layout(d, i, atoms, modes, zero, scale, axis)
         return axes[i]
 
-    rescale, eps_edits = _norm_compensation(d, atoms, modes, new_size)
+    rescale, eps_edits, gainless = _norm_compensation(d, atoms, modes, new_size)
     for target, f in growth.param_scale.items():
         offset, s = rescale.get(target, (False, 1.0))
         rescale[target] = (offset, s * f)
@@ -146,6 +145,11 @@ def grow(graph: Graph, growth: Growth) -> tuple[dict, dict]:
     details = {"tensors": changed, "literals": literals}
     if head_scale:
         details["head_scale"] = (_scale_head_input(graph, head_scale), 1 / head_scale)
+    if gainless:
+        details["norm_scales"] = {
+            _insert_scale(graph, node, f, list(node.users), node): (node.name, f)
+            for node, f in gainless
+        }
     graph.gm.recompile()
     graph.invalidate()
     return details, {"layouts": layouts}
@@ -183,7 +187,7 @@ def _check(d: Dims, graph: Graph, atoms: dict, modes: dict, approximate: bool) -
                 )
     sizes = {d.size[i] for i in d.parent if d.find(i) == i and any(d.contains(i, a) for a in atoms)}
     for node in graph.gm.graph.nodes:
-        if node.op == "call_function" and node.target in _SIZE_ARITHMETIC:
+        if node.op == "call_function" and node.target in SIZE_ARITHMETIC:
             hit = [a for a in node.args if type(a) is int and a in sizes and a > 1]
             if hit:
                 raise PassError(
@@ -518,10 +522,12 @@ def _set(graph: Graph, aliases: list[str], old: torch.Tensor, new: torch.Tensor)
 
 def _norm_compensation(d: Dims, atoms, modes, new_size):
     """RMS norms over zero-padded features: eps × d/d̂ in the graph, gains × √(d/d̂). Returns
-    the gains to rescale and the eps edits (node, argument index, value), applied by the caller
-    once every check has passed."""
+    the gains to rescale, the eps edits (node, argument index, value), and the gainless
+    `rms_norm` ops whose output is to be scaled by √(d/d̂) instead (AltUp's router norm),
+    applied by the caller once every check has passed."""
     out: dict[str, tuple[bool, float]] = {}
     edits: list[tuple[fx.Node, int, float]] = []
+    gainless: list[tuple[fx.Node, float]] = []
     for r in d.reductions:
         if r.kind not in ("mean_sq", "rms_norm"):
             continue
@@ -534,7 +540,10 @@ def _norm_compensation(d: Dims, atoms, modes, new_size):
             if len(r.node.args) > 3 and r.node.args[3] is not None:
                 edits.append((r.node, 3, r.node.args[3] * ratio))
             gain = r.node.args[2] if len(r.node.args) > 2 else None
-            found = (param_target(gain), False) if gain is not None else None
+            if gain is None:
+                gainless.append((r.node, math.sqrt(ratio)))
+                continue
+            found = (param_target(gain), False)
         else:
             eps = next(
                 (
@@ -552,7 +561,19 @@ def _norm_compensation(d: Dims, atoms, modes, new_size):
                 f"{r.node.name} normalises over the grown features with no gain to rescale"
             )
         out[found[0]] = (found[1], math.sqrt(ratio))
-    return out, edits
+    return out, edits, gainless
+
+
+def _insert_scale(graph: Graph, node: fx.Node, factor: float, readers, owner: fx.Node) -> str:
+    """Insert `node` × factor, read by `readers` instead of `node` (a node of `owner`'s module);
+    returns its name."""
+    with graph.gm.graph.inserting_after(node):
+        scaled = graph.gm.graph.call_function(aten.mul.Tensor, (node, factor))
+    if "nn_module_stack" in owner.meta:
+        scaled.meta["nn_module_stack"] = dict(owner.meta["nn_module_stack"])
+    for u in readers:
+        u.replace_input_with(node, scaled)
+    return scaled.name
 
 
 def _gain_after(mean: fx.Node, d: Dims, dims: list[int]):
@@ -612,14 +633,7 @@ def _scale_head_input(graph: Graph, m: int) -> str:
     linear = graph.structure.head.linear
     x = linear.input
     readers = [u for u in x.users if u is linear.node or u in linear.node.all_input_nodes]
-    with graph.gm.graph.inserting_after(x):
-        scaled = graph.gm.graph.call_function(aten.mul.Tensor, (x, 1 / m))
-    scaled.meta.update(
-        {k: v for k, v in linear.node.meta.items() if k in ("nn_module_stack", "stack_trace")}
-    )
-    for u in readers:
-        u.replace_input_with(x, scaled)
-    return scaled.name
+    return _insert_scale(graph, x, 1 / m, readers, linear.node)
 
 
 def _read_besides(start: fx.Node, head: fx.Node) -> str | None:

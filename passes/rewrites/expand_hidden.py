@@ -4,7 +4,8 @@ Rewrite, `method=zero` (RMSNorm models, any d̂): embeddings and every writer to
 (attention output, MLP down projection, their biases) get zero new features; every reader
 (q, k, v, up, gate, head) gets new input columns drawn at the scale of the existing weights;
 RMS norms over the stream keep their value: eps × d/d̂ and gains × √(d/d̂) ((1 + w) gains:
-w' = (1 + w)·√(d/d̂) − 1).
+w' = (1 + w)·√(d/d̂) − 1; an `rms_norm` op with no gain, AltUp's router norm: its output ×
+√(d/d̂), one node, with a remark).
 
 `method=duplicate` (any norm, d̂ = m·d): every feature is copied m times: embeddings, writers
 and norm gains and biases are tiled, readers take W/m per copy plus zero-sum noise (so the
@@ -104,6 +105,12 @@ class ExpandHidden(Pass):
         out, maps = grow(graph, growth)
         out["method"] = method
         remarks = []
+        for node, (norm, f) in out.get("norm_scales", {}).items():
+            remarks.append(
+                Remark(
+                    node, f"{norm} normalises the padded stream with no gain: its output × {f:g}"
+                )
+            )
         if "head_scale" in out:
             node, s = out["head_scale"]
             remarks.append(
