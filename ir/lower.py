@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from .errors import LoweringError, OnnxMismatchError, first_line
-from .fuse import FusionReport
+from .fuse import FusionReport, exact_no_ops
 from .fuse import fuse as fuse_for_ort
 from .graph import Graph
 from .inputs import Inputs
@@ -283,6 +283,7 @@ def to_onnx(
                 contextlib.redirect_stdout(sink),
                 contextlib.redirect_stderr(sink),
                 _quiet(),
+                exact_no_ops(),
             ):
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(

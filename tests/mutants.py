@@ -490,6 +490,14 @@ MUTANTS = [
             "started_at_the_identity[altup(k=2)]",
         ),
     ),
+    Mutant(
+        "onnx-near-zero-constant-dropped",
+        "the ONNX export keeps additions of constants near zero (DDL's ε² = 1e-10)",
+        "ir/lower.py",
+        "                exact_no_ops(),\n",
+        "",
+        ("tests/test_composition.py::test_a_new_ddl_layer_exports_to_onnx",),
+    ),
     # generation with a key/value cache (passes/engines/decode.py, passes/io/generate.py)
     Mutant(
         "decode-padding-read",

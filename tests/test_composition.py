@@ -78,6 +78,13 @@ def test_named_pipelines_export_to_onnx_and_reload(tmp_path, name, text):
     assert certify(out, load(path), tolerance=0.0).max_abs_diff == 0.0
 
 
+def test_a_new_ddl_layer_exports_to_onnx(tmp_path):
+    """A new DDL layer's h is 0, so its k = h / sqrt(‖h‖² + ε²) rests on ε² = 1e-10, which
+    onnxscript's no-op rules took for zero (x + c with |c| < 1e-8): the export gave 0 · ∞."""
+    out = Pipeline.parse("ddl(dv=1,value=compat),add-layers(n=1)").run(capture(model("tiny-llama")))
+    assert to_onnx(out.graph, tmp_path / "m.onnx").max_abs_diff <= 1e-4
+
+
 def _sites(graph) -> list[tuple]:
     return [
         (r.kind, r.placement, r.attention is not None, r.mlp is not None)
