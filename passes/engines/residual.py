@@ -107,7 +107,7 @@ class Unit:
     @property
     def owned(self) -> set:
         """The unit's nodes: its consumers and everything from its input to `replaces`."""
-        return self.consumers | _between(self.input, self.replaces)
+        return self.consumers | between(self.input, self.replaces)
 
     @property
     def name(self) -> str:
@@ -261,7 +261,7 @@ def _lift(unit: Unit, nxt: Unit, state: fx.Node, scheme: Scheme) -> set:
     """
     if _same(nxt.input, unit.replaces) or scheme.stream_shaped:
         return set()
-    segment = _between(unit.replaces, nxt.input)
+    segment = between(unit.replaces, nxt.input)
     bad = [n for n in segment if n.op != "call_function" or n.target not in STREAM_LOCAL | RESHAPES]
     if not segment or bad:
         what = ", ".join(str(n.target) for n in bad[:3]) or "nothing it can follow"
@@ -317,7 +317,7 @@ def _same(a: fx.Node, b: fx.Node) -> bool:
     return strip(a) is strip(b)
 
 
-def _between(src: fx.Node, dst: fx.Node) -> set:
+def between(src: fx.Node, dst: fx.Node) -> set:
     """Nodes on paths from src (excluded) to dst (included)."""
     down, todo = set(), [src]
     while todo:

@@ -23,7 +23,7 @@ from archfx.ir import PassError
 from archfx.ir.graph import reorder
 from archfx.ir.recognise.walks import reach
 
-from ..engines.residual import BLOCK_OWNERS
+from ..engines.residual import BLOCK_OWNERS, between
 from ..infra.base import Option, Pass, PassResult, register
 
 
@@ -184,15 +184,12 @@ def _wrapped(graph, block) -> _Unit:
     before = next((st for st in reversed(states) if st in upstream), None)
     if before is None:
         raise PassError(f"{block.path}: the residual scheme's state before it was not found")
-    up = reach(
-        after, every, lambda n: n.all_input_nodes
-    )  # what the state after it is computed from
+    up = reach(after, every, lambda n: n.all_input_nodes)  # what the state after is made of
     earlier = reach(before, every, lambda n: n.all_input_nodes) | {before}
     mine = {  # the scheme's ops of this layer: on the state, or on its parameters alone
         n for n in up - earlier if n.op == "call_function" and "archfx_scheme" in n.meta
     }
-    down = reach(before, every, lambda n: n.users)
-    return _Unit(before, after, set(block.nodes) | (down & up) | mine | {after})
+    return _Unit(before, after, set(block.nodes) | between(before, after) | mine)
 
 
 def _copy(graph, block, x, prefix: str, new_prefix: str, before: bool, writers):
