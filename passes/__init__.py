@@ -21,6 +21,9 @@ from .rewrites import (  # noqa: F401  (registers the passes)
     expand_hidden,
     expand_mlp,
     expand_qk,
+    hc,
+    mhc,
+    resi_dual,
     sdnc,
 )
 

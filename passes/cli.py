@@ -20,6 +20,7 @@ from archfx.ir import ArchfxError, ModelSpecError, capture
 from archfx.ir.verify import certify
 
 from . import REGISTRY, Pipeline
+from .engines.residual import schemes
 from .infra.base import markdown_overview, markdown_reference
 
 
@@ -70,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", help="show the recognised structure of MODEL")
     model_args(s)
+    s.add_argument(
+        "--pipeline",
+        metavar="TEXT",
+        help="rewrite MODEL first (as apply does) and show the rewritten structure and its "
+        "residual schemes",
+    )
     s.add_argument("--draw", metavar="FILE", help="draw the block structure to FILE (.svg or .png)")
     s.add_argument(
         "--memory",
@@ -257,7 +264,11 @@ def cmd_inspect(args, err: Console) -> int:
     for picture in (args.draw, args.memory):
         if picture:
             check_path(picture)
+    pipeline = Pipeline.parse(args.pipeline) if args.pipeline else None  # before loading
     loaded, graph = _load_and_capture(args, err)
+    if pipeline is not None:
+        with _step(err, f"rewriting with {pipeline}"):
+            graph = pipeline.run(graph, verify=False).graph
     with _step(err, "analysing structure"):
         structure = graph.found_structure
     title = f"{args.model}: {type(loaded.model).__name__}"
@@ -272,6 +283,7 @@ def cmd_inspect(args, err: Console) -> int:
         "parameters": graph.num_parameters(),
         "buffers": graph.num_buffers(),
         **structure.to_json(),
+        "schemes": schemes(graph),
     }
     if args.memory:
         data["memory"] = _memory(graph, args.memory, title, err)
@@ -318,6 +330,11 @@ def cmd_inspect(args, err: Console) -> int:
         mlp = f"{m['hidden']} {'gated ' if m['gated'] else ''}{m['activation'] or ''}" if m else "—"
         table.add_row(b["path"], sites, norms, att, mlp)
     out.print(table)
+    for sc in data["schemes"]:
+        out.print(
+            f"residual scheme {sc['scheme']} ({sc['granularity']}s): {sc['units']} units, state "
+            f"{'×'.join(map(str, sc['state']))}, {sc['parameters']:,} parameters"
+        )
     for s in data["stacks"]:
         fn = s["final_norm"]
         out.print(

@@ -115,9 +115,9 @@ MUTANTS = [
     Mutant(
         "altup-readout-first-block",
         "altup: the model reads the mean of the K blocks",
-        "passes/rewrites/altup.py",
-        "mean = em.op(aten.add.Tensor, x0, spread)",
-        "mean = x0",
+        "passes/engines/residual.py",
+        "return em.op(aten.add.Tensor, x0, spread)",
+        "return x0",
         (ORACLE + "test_altup_layer_l_reads_and_writes_its_block[k2-alternating]",),
     ),
     Mutant(
@@ -132,9 +132,91 @@ MUTANTS = [
         "altup-readout-sum-eps",
         "altup(readout=sum): the final norm's eps × K²",
         "passes/rewrites/altup.py",
-        '_scale_eps(norm, o["k"] ** 2)',
-        '_scale_eps(norm, o["k"])',
+        'scale_eps(norm, o["k"] ** 2)',
+        'scale_eps(norm, o["k"])',
         ("tests/test_altup.py::test_readout_sum_rescales_the_final_norm",),
+    ),
+    # hc, mhc, resi-dual --------------------------------------------------------------------
+    Mutant(
+        "hc-read-weights-sum-below-one",
+        "hc: A_m = e_{l mod n} at init (the read weights sum to 1)",
+        "passes/rewrites/hc.py",
+        "a[unit.index % n] = 1.0",
+        "a[unit.index % n] = 0.9",
+        (
+            "tests/test_hyper_connections.py::test_exact_at_init_with_replicated_streams[tiny-llama]",
+        ),
+    ),
+    Mutant(
+        "hc-dynamic-carry-transposed",
+        "hc(dynamic): r_ij += s tanh(H̄_i W_r)_j (stream i's row)",
+        "passes/rewrites/hc.py",
+        "r = em.op(aten.permute.default, r, [0, self.rank, *range(1, self.rank)])",
+        "r = em.op(aten.permute.default, r, [self.rank, 0, *range(1, self.rank)])",
+        ("tests/test_hyper_connections.py::test_hc_update_oracle[True]",),
+    ),
+    Mutant(
+        "hc-inserted-layer-copies-its-carry",
+        "hc: a layer add-layers inserts starts with A_r = I (declared fresh), not its neighbour's",
+        "passes/rewrites/hc.py",
+        'em.param(f"{name}.carry", torch.eye(n, dtype=self.dtype), fresh=True)',
+        'em.param(f"{name}.carry", torch.eye(n, dtype=self.dtype))',
+        (
+            "tests/test_hyper_connections.py::test_add_layers_after_mhc_is_refused_when_parsed_and_allowed_after_hc",
+        ),
+    ),
+    Mutant(
+        "mhc-sinkhorn-ends-on-rows",
+        "mhc: Sinkhorn-Knopp normalises rows, then columns (columns exact)",
+        "passes/rewrites/mhc.py",
+        "res = em.op(aten.div.Tensor, res, em.op(aten.sum.dim_IntList, res, [-1], True))\n"
+        "            res = em.op(aten.div.Tensor, res, em.op(aten.sum.dim_IntList, res, [-2], True))",
+        "res = em.op(aten.div.Tensor, res, em.op(aten.sum.dim_IntList, res, [-2], True))\n"
+        "            res = em.op(aten.div.Tensor, res, em.op(aten.sum.dim_IntList, res, [-1], True))",
+        ("tests/test_hyper_connections.py::test_mhc_update_oracle_and_doubly_stochastic_mixing",),
+    ),
+    Mutant(
+        "mhc-post-gain-not-one",
+        "mhc: H_post = 2σ(0) = 1 at init",
+        "passes/rewrites/mhc.py",
+        "em.op(aten.sigmoid.default, logits(1, n, 2 * n, torch.zeros(n, dtype=dt))),\n            2.0,",
+        "em.op(aten.sigmoid.default, logits(1, n, 2 * n, torch.zeros(n, dtype=dt))),\n            1.0,",
+        ("tests/test_hyper_connections.py::test_exact_at_init_with_replicated_streams[tiny-gpt2]",),
+    ),
+    Mutant(
+        "resi-dual-accumulates-the-stream",
+        "resi-dual: x_d accumulates the sublayer outputs, unnormalised",
+        "passes/rewrites/resi_dual.py",
+        "em.op(aten.add.Tensor, self.acc[unit.stack], unit_out)",
+        "em.op(aten.add.Tensor, self.acc[unit.stack], state)",
+        ("tests/test_resi_dual.py::test_accumulator_oracle",),
+    ),
+    Mutant(
+        "resi-dual-gain-starts-at-one",
+        "resi-dual: LN_f's gain starts at 0 (exact)",
+        "passes/rewrites/resi_dual.py",
+        'gain = em.param(f"s{stack}.norm_weight", torch.zeros(self.d, dtype=self.dtype))',
+        'gain = em.param(f"s{stack}.norm_weight", torch.ones(self.d, dtype=self.dtype))',
+        (
+            "tests/test_resi_dual.py::test_exact_on_post_ln_models_and_refused_on_the_others[tiny-bert]",
+        ),
+    ),
+    Mutant(
+        "scheme-site-record-longest-path",
+        "engine: a site update records the direct path to its stream (growth inserts nodes "
+        "in the coefficient paths)",
+        "passes/engines/residual.py",
+        "n, path = todo.popleft()",
+        "n, path = todo.pop()",
+        ("tests/test_hyper_connections.py::test_growth_after_a_trained_scheme_is_exact",),
+    ),
+    Mutant(
+        "scheme-last-post-norm-not-on-the-state",
+        "engine: the last block's post-norm acts on the state; the readout follows it",
+        "passes/engines/residual.py",
+        "lifted = _lift(unit, unit.block.output, state, scheme, strict=False)",
+        "lifted = set()",
+        ("tests/test_hyper_connections.py::test_growth_after_a_trained_scheme_is_exact",),
     ),
     # ddl -----------------------------------------------------------------------------------
     Mutant(

@@ -59,6 +59,18 @@ def test_inspect_json(capsys, name):
         assert all("kind" in r for r in b["residuals"])
 
 
+def test_inspect_a_rewritten_model_shows_its_residual_schemes(capsys):
+    data = run_json(capsys, "inspect", "tiny-llama", "--pipeline", "hc(n=3),altup(k=2)")
+    assert data["schemes"] == [
+        {"scheme": "hc", "granularity": "site", "units": 4, "state": [3, 2, 8, 64],
+         "parameters": 4 * (3 + 9 + 3)},
+        {"scheme": "altup", "granularity": "block", "units": 2, "state": [2, 3, 2, 8, 64],
+         "parameters": 2 * (4 + 2)},
+    ]  # fmt: skip
+    assert len(data["blocks"]) == 2
+    assert run_json(capsys, "inspect", "tiny-llama")["schemes"] == []
+
+
 @pytest.mark.parametrize(
     "name", [*onnx_params(ZOO), "minilm", pytest.param("smollm2", marks=pytest.mark.slow)]
 )

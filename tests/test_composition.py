@@ -193,7 +193,7 @@ def test_inserted_layers_after_altup_are_altup_layers_started_at_the_identity(te
 @pytest.mark.parametrize(
     ("text", "why"),
     [
-        ("altup(k=2),ddl(dv=4)", "apply ddl before altup"),
+        ("altup(k=2),ddl(dv=4)", "apply the site scheme before altup"),
         ("ddl,ddl(dv=2)", "ddl before it leaves none"),
         ("altup(k=2),sdnc,altup(k=2)", "altup\\(k=2\\) before it leaves none"),
     ],

@@ -248,7 +248,10 @@ def test_exactness_is_declared_once_and_checked_at_registration():
     [
         ("ddl(dv=1),ddl(dv=2)", "ddl.*needs residual adds.*ddl\\(dv=1\\) before it.*DDL"),
         ("altup(k=2),altup(k=3)", "altup.*needs layers.*altup\\(k=2\\) before it.*AltUp"),
-        ("altup(k=2),ddl(dv=4)", "ddl\\(dv=4\\): a site state wider .* apply ddl before altup"),
+        (
+            "altup(k=2),ddl(dv=4)",
+            "ddl\\(dv=4\\): a site state wider .* apply the site scheme before altup",
+        ),
         ("sdnc,canonicalize,sdnc", "sdnc: needs attention that is not yet a memory read"),
         ("expand-qk(size=32),expand-qk(size=24)", "24 is smaller than the 32"),
     ],

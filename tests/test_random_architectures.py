@@ -161,6 +161,18 @@ MODEL_FACTS = [
         ),
         r"a sum, max or softmax over duplicated features is not preserved",
     ),
+    # ResiDual starts from a post-LN stream; a pre-LN one already is its accumulator
+    (lambda e, before, p: p.startswith("resi-dual") and e["placement"] != "post", r"not post-LN"),
+    # a sum of n streams is absorbed by a final norm's eps; post-LN stacks end without one
+    (
+        lambda e, before, p: (
+            p.startswith("hc")
+            and "readout=sum" in p
+            and "n=1" not in p
+            and e["placement"] == "post"
+        ),
+        r"readout=sum is exact only before a final norm",
+    ),
 ]
 
 
@@ -197,6 +209,18 @@ def pass_texts(exp: dict) -> dict[str, st.SearchStrategy[str]]:
             "add-layers(n={},at={})".format, st.integers(1, 2), st.integers(-1, exp["blocks"])
         ),
         "sdnc": st.just("sdnc"),
+        "hc": st.builds(
+            "hc(n={},dynamic={},readout={})".format,
+            st.integers(1, 3),
+            st.sampled_from(["true", "false"]),
+            st.sampled_from(["mean", "sum"]),
+        ),
+        "mhc": st.builds(
+            "mhc(n={},pre={})".format,
+            st.integers(2, 3),
+            st.sampled_from(["uniform", "alternating"]),
+        ),
+        "resi-dual": st.just("resi-dual"),
     }
 
 
@@ -228,7 +252,7 @@ def run_and_check(model, graph, exp: dict, texts: list[str]) -> None:
         Pipeline.parse(text)
     except PassError as exc:
         assert re.search(
-            r"needs .* before it leaves none|is smaller than|apply ddl before", str(exc)
+            r"needs .* before it leaves none|is smaller than|apply the site scheme before", str(exc)
         ), str(exc)
         return
     expected = next(

@@ -25,22 +25,24 @@ the layers the block scheme runs.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
 from archfx.ir import Graph, PassError
-from archfx.ir.ops import RESHAPES, STREAM_LOCAL, aten, is_identity, strip
-from archfx.ir.structure import Block, Residual, Stack
+from archfx.ir.ops import NORM_OPS, RESHAPES, STREAM_LOCAL, aten, is_call, is_identity, strip
+from archfx.ir.structure import Block, Norm, Residual, Stack
 
 BLOCKS_WRAPPED = "the layers already run inside a block scheme's state (AltUp): one per model"
 SITES_RETHREADED = (
     "the residual adds are already delta-rule updates (DDL): one site scheme per model"
 )
 WIDE_INSIDE_BLOCKS = (
-    "a site state wider than the stream (d_v > 1) inside a block scheme's blocks would make every "
-    "AltUp block carry it, which AltUp applied first does not: apply ddl before altup"
+    "a site state wider than the stream (ddl d_v > 1, hc, mhc) inside a block scheme's blocks "
+    "would make every AltUp block carry it, which AltUp applied first does not: apply the site "
+    "scheme before altup"
 )
 BLOCK_OWNERS = {"altup"}  # owners of block-granularity schemes (the others rethread sites)
 
@@ -138,6 +140,12 @@ class Scheme:
     def readout(self, em: Emitter, state: fx.Node, stack: int) -> fx.Node:
         raise NotImplementedError
 
+    def close(self, em: Emitter, out: fx.Node, stack: int) -> fx.Node | None:
+        """What the rest of the model reads instead of the stack's output `out` (the last
+        block's, after its post-norm), for a scheme that keeps state beside the stream
+        (ResiDual's accumulator); None: the readout already is what it reads."""
+        return None
+
 
 @dataclass
 class StackThreading:
@@ -169,6 +177,64 @@ def units(stack: Stack, s_idx: int, granularity: str) -> list[Unit]:
                     Unit(len(out), s_idx, block, r, r.carry, r.nodes, list(r.branches), r.add)
                 )
     return out
+
+
+def replicate(em: Emitter, x: fx.Node, n: int) -> fx.Node:
+    """The state [n, *stream]: n copies of the d-wide stream (a view, no copy)."""
+    rank = x.meta["val"].dim()
+    return em.op(aten.expand.default, em.op(aten.unsqueeze.default, x, 0), [n] + [-1] * rank)
+
+
+def mean_of_channels(em: Emitter, state: fx.Node) -> fx.Node:
+    """The mean of a state's channels as x_0 + mean(x_i − x_0): x_0 exactly while they are equal
+    (a rounded Σ x_i / n would not be)."""
+    x0 = em.op(aten.select.int, state, 0, 0)
+    spread = em.op(
+        aten.mean.dim, em.op(aten.sub.Tensor, state, em.op(aten.unsqueeze.default, x0, 0)), [0]
+    )
+    return em.op(aten.add.Tensor, x0, spread)
+
+
+def sum_readout_norms(graph: Graph, n: int) -> list[Norm]:
+    """The final norms a `readout=sum` of n channels relies on: every stack must end in one
+    (LN(n·y; n²ε) = LN(y; ε)), else the readout is refused."""
+    stacks = graph.structure.stacks
+    missing = [s.path or "the model" for s in stacks if s.final_norm is None]
+    if missing and n > 1:
+        raise PassError(
+            f"readout=sum is exact only before a final norm, and {', '.join(missing)} has none; "
+            "use readout=mean"
+        )
+    return [s.final_norm for s in stacks] if n > 1 else []
+
+
+def scale_eps(norm: Norm, factor: int) -> None:
+    """Multiply a norm's eps by `factor` (in the op's arguments or in its `+ eps` node)."""
+    for n in norm.nodes:
+        if is_call(n, NORM_OPS):
+            idx = 4 if n.target != aten.rms_norm.default else 3
+            args = list(n.args) + [None] * (idx + 1 - len(n.args))
+            eps = (
+                args[idx]
+                if args[idx] is not None
+                else (1e-5 if n.target != aten.rms_norm.default else None)
+            )
+            if eps is None:
+                raise PassError(
+                    "readout=sum needs the final norm's eps, which this rms_norm leaves to the dtype"
+                )
+            args[idx] = eps * factor
+            n.args = tuple(args)
+            return
+        if (
+            is_call(n, {aten.add.Tensor})
+            and not isinstance(n.args[1], fx.Node)
+            and norm.eps is not None
+            and n.args[1] == norm.eps
+        ):
+            n.args = (n.args[0], n.args[1] * factor)
+            return
+    raise PassError("readout=sum could not find the final norm's eps to rescale")
 
 
 def rethread(graph: Graph, scheme: Scheme, owner: str) -> list[StackThreading]:
@@ -215,8 +281,8 @@ def _thread_stack(em: Emitter, scheme: Scheme, todo: list[Unit], stack: Stack) -
             em.at(state)
         em.module_stack = unit.replaces.meta.get("nn_module_stack") if unit.site else None
         mine = set(em.created)
+        carry = state  # the update's stream: the state before the unit (its carry map included)
         state, unit_in = scheme.read(em, state, unit)
-        carry = state
         _rewire(unit, unit_in, em.created)
         out, at = unit.outputs[0], unit.replaces
         if len(unit.outputs) > 1:  # parallel branches add to the stream together
@@ -233,36 +299,57 @@ def _thread_stack(em: Emitter, scheme: Scheme, todo: list[Unit], stack: Stack) -
         state.meta["archfx_state"] = (stack.path, unit.index)  # the stream state after the unit
         states.append(state)
         nxt = todo[i + 1] if i + 1 < len(todo) else None
-        lifted = _lift(unit, nxt, state, scheme) if nxt is not None else set()
+        if nxt is not None:
+            lifted = _lift(unit, nxt.input, state, scheme)
+            src, at = unit.replaces, em.cursor
+        else:  # the last block's post-norm acts on the state too: read out after it
+            lifted = _lift(unit, unit.block.output, state, scheme, strict=False)
+            src, at = (
+                (unit.block.output, unit.block.output) if lifted else (unit.replaces, em.cursor)
+            )
+            state = src if lifted else state
         after = [
             n
-            for n in list(unit.replaces.users)
+            for n in list(src.users)
             if n not in em.created
             and n not in unit.consumers
             and n not in lifted
             and not _next(n, nxt)
         ]
         if after:
-            out = scheme.readout(em.at(em.cursor), state, unit.stack)
+            out = scheme.readout(em.at(at), state, unit.stack)
             if nxt is None:
                 out.meta["archfx_readout"] = stack.path  # where the analysis finds the stream again
             for n in after:
-                n.replace_input_with(unit.replaces, out)
+                n.replace_input_with(src, out)
+    end = stack.blocks[-1].output
+    closed = scheme.close(em.at(end), end, todo[0].stack)
+    if closed is not None:
+        for n in list(end.users):
+            if n not in em.created:
+                n.replace_input_with(end, closed)
+        for n in em.created:
+            if n.meta.get("archfx_readout") == stack.path:
+                del n.meta["archfx_readout"]
+        closed.meta["archfx_readout"] = stack.path
     return StackThreading(stack, states)
 
 
-def _lift(unit: Unit, nxt: Unit, state: fx.Node, scheme: Scheme) -> set:
-    """Trunk ops between two units (a post-norm) read the state instead of the d-wide stream.
+def _lift(unit: Unit, end: fx.Node, state: fx.Node, scheme: Scheme, strict: bool = True) -> set:
+    """Trunk ops from a unit to `end` (the next unit's input, or the last block's output: a
+    post-norm) read the state instead of the d-wide stream.
 
     For a stream-shaped state nothing changes. A wider state [n, *stream] passes through ops
     that act on the last dimension and broadcast over the rest (norms, element-wise
     arithmetic with scalars or d-vectors) and through reshapes that keep the last dimension
     (the channel count is prepended to their shape): each channel goes where the stream went.
     """
-    if _same(nxt.input, unit.replaces) or scheme.stream_shaped:
+    if _same(end, unit.replaces) or scheme.stream_shaped:
         return set()
-    segment = between(unit.replaces, nxt.input)
+    segment = between(unit.replaces, end)
     bad = [n for n in segment if n.op != "call_function" or n.target not in STREAM_LOCAL | RESHAPES]
+    if not strict and (not segment or bad):  # the stream is read out before them instead
+        return set()
     if not segment or bad:
         what = ", ".join(str(n.target) for n in bad[:3]) or "nothing it can follow"
         raise PassError(
@@ -299,10 +386,12 @@ def _site_record(update: fx.Node, carry, read, branches, own: set) -> dict:
 
 
 def _path(src: fx.Node, dst: fx.Node, through: set) -> list[int]:
-    """Argument positions leading from `src` to `dst`, stepping through `through` only."""
-    todo, seen = [(src, [])], set()
+    """The shortest argument path from `src` to `dst`, stepping through `through` only (the
+    direct one: a longer one, through the scheme's coefficient computations, would break when
+    growth inserts a node there)."""
+    todo, seen = deque([(src, [])]), set()
     while todo:
-        n, path = todo.pop()
+        n, path = todo.popleft()
         for i, a in enumerate(n.args):
             if a is dst:
                 return [*path, i]
@@ -352,3 +441,31 @@ def _rewire(unit: Unit, new: fx.Node, created: set) -> None:
         for user in list(src.users):
             if user in unit.consumers and user not in created:
                 user.replace_input_with(src, new)
+
+
+def schemes(graph: Graph) -> list[dict]:
+    """The residual schemes a graph holds, in the order they thread it (for `archfx inspect`):
+    the owner of their parameters, their granularity, how many units they rethread, the shape
+    of the state after the first unit and the parameters they added."""
+    out: dict[str, dict] = {}
+    for n in graph.gm.graph.nodes:
+        owner = n.meta.get("archfx_scheme")
+        if owner is None:
+            continue
+        sc = out.setdefault(
+            owner,
+            {
+                "scheme": owner,
+                "granularity": "block" if owner in BLOCK_OWNERS else "site",
+                "units": 0,
+                "state": None,
+                "parameters": sum(
+                    p.numel() for k, p in graph.gm.named_parameters() if k.startswith(owner + ".")
+                ),
+            },
+        )
+        if "archfx_state" in n.meta:
+            sc["units"] += 1
+            if sc["state"] is None:
+                sc["state"] = [int(x) for x in n.meta["val"].shape]
+    return list(out.values())

@@ -19,6 +19,7 @@ PROPERTIES = {
     "block-residual": "layers that no block scheme (AltUp) runs on its state yet",
     "site-residual": "residual adds that no site scheme (DDL) has made updates of its state yet",
     "softmax-attention": "attention that is not yet a memory read",
+    "identity-layer": "a layer whose branches output zero leaves the stream unchanged",
 }
 
 

@@ -31,6 +31,7 @@ from ..infra.base import Option, Pass, PassResult, register
 class AddLayers(Pass):
     name = "add-layers"
     summary = "insert blocks (copies of a neighbour with zero writers to the stream)"
+    requires = frozenset({"structure", "identity-layer"})
     options = (
         Option("n", int, 1, "number of blocks to insert", minimum=1),
         Option(

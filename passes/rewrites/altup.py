@@ -25,9 +25,18 @@ import torch
 from torch import fx
 
 from archfx.ir import PassError
-from archfx.ir.ops import NORM_OPS, aten, is_call
+from archfx.ir.ops import aten
 
-from ..engines.residual import BLOCKS_WRAPPED, Emitter, Scheme, rethread
+from ..engines.residual import (
+    BLOCKS_WRAPPED,
+    Emitter,
+    Scheme,
+    mean_of_channels,
+    replicate,
+    rethread,
+    scale_eps,
+    sum_readout_norms,
+)
 from ..infra.base import Option, Pass, PassResult, register
 
 OWNER = "altup"
@@ -49,8 +58,7 @@ class AltUpScheme(Scheme):
         return unit % self.k if self.schedule == "alternating" else self.active
 
     def init(self, em, x, stack):
-        s = em.op(aten.unsqueeze.default, x, 0)
-        return em.op(aten.expand.default, s, [self.k] + [-1] * self.rank)
+        return replicate(em, x, self.k)
 
     def read(self, em, state, unit):
         k, name = self.k, unit.name
@@ -97,11 +105,7 @@ class AltUpScheme(Scheme):
 
     def readout(self, em, state, stack):
         """mean (or sum) of the K blocks, as x_0 + mean(x_i − x_0): exact while they are equal."""
-        x0 = em.op(aten.select.int, state, 0, 0)
-        spread = em.op(
-            aten.mean.dim, em.op(aten.sub.Tensor, state, em.op(aten.unsqueeze.default, x0, 0)), [0]
-        )
-        mean = em.op(aten.add.Tensor, x0, spread)
+        mean = mean_of_channels(em, state)
         return mean if self.readout_kind == "mean" else em.op(aten.mul.Tensor, mean, float(self.k))
 
     def _route(self, em: Emitter, x: fx.Node, name: str) -> fx.Node:
@@ -167,17 +171,10 @@ class AltUp(Pass):
         structure = graph.structure
         x = structure.blocks[0].input.meta["val"]
         scheme = AltUpScheme(o, structure.hidden_size, x.dim(), x.dtype)
-        finals = [s.final_norm for s in structure.stacks]
-        if o["readout"] == "sum":
-            missing = [s.path for s, f in zip(structure.stacks, finals, strict=True) if f is None]
-            if missing and o["k"] > 1:
-                raise PassError(
-                    f"readout=sum is exact only before a final norm, and {', '.join(missing)} has none; use readout=mean"
-                )
+        finals = sum_readout_norms(graph, o["k"]) if o["readout"] == "sum" else []
         threads = rethread(graph, scheme, OWNER)
-        if o["readout"] == "sum" and o["k"] > 1:
-            for norm in finals:
-                _scale_eps(norm, o["k"] ** 2)
+        for norm in finals:
+            scale_eps(norm, o["k"] ** 2)
         graph.gm.recompile()
         added = sum(p.numel() for n, p in graph.gm.named_parameters() if n.startswith(OWNER + "."))
         return PassResult(
@@ -188,32 +185,3 @@ class AltUp(Pass):
                 "parameters_added": added,
             },
         )
-
-
-def _scale_eps(norm, factor: int) -> None:
-    """Multiply a norm's eps by `factor` (in the op's arguments or in its `+ eps` node)."""
-    for n in norm.nodes:
-        if is_call(n, NORM_OPS):
-            idx = 4 if n.target != aten.rms_norm.default else 3
-            args = list(n.args) + [None] * (idx + 1 - len(n.args))
-            eps = (
-                args[idx]
-                if args[idx] is not None
-                else (1e-5 if n.target != aten.rms_norm.default else None)
-            )
-            if eps is None:
-                raise PassError(
-                    "readout=sum needs the final norm's eps, which this rms_norm leaves to the dtype"
-                )
-            args[idx] = eps * factor
-            n.args = tuple(args)
-            return
-        if (
-            is_call(n, {aten.add.Tensor})
-            and not isinstance(n.args[1], fx.Node)
-            and norm.eps is not None
-            and n.args[1] == norm.eps
-        ):
-            n.args = (n.args[0], n.args[1] * factor)
-            return
-    raise PassError("readout=sum could not find the final norm's eps to rescale")

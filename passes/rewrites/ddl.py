@@ -35,7 +35,14 @@ from torch import fx
 from archfx.ir import PassError
 from archfx.ir.ops import aten
 
-from ..engines.residual import SITES_RETHREADED, WIDE_INSIDE_BLOCKS, Emitter, Scheme, rethread
+from ..engines.residual import (
+    SITES_RETHREADED,
+    WIDE_INSIDE_BLOCKS,
+    Emitter,
+    Scheme,
+    replicate,
+    rethread,
+)
 from ..infra.base import Option, Pass, PassResult, register
 
 OWNER = "ddl"
@@ -60,11 +67,7 @@ class DDLScheme(Scheme):
         if self.dv == 1:
             return x
         if not self.ec:
-            return em.op(
-                aten.expand.default,
-                em.op(aten.unsqueeze.default, x, 0),
-                [self.dv] + [-1] * self.rank,
-            )
+            return replicate(em, x, self.dv)
         w = torch.zeros(self.d * self.dv, 1, 4, dtype=self.dtype)
         w[:, 0, -1] = 1.0  # identity: each channel starts as the embedding
         conv = self._causal_conv(
