@@ -131,9 +131,9 @@ MUTANTS = [
     Mutant(
         "altup-readout-sum-eps",
         "altup(readout=sum): the final norm's eps × K²",
-        "passes/rewrites/altup.py",
-        'scale_eps(norm, o["k"] ** 2)',
-        'scale_eps(norm, o["k"])',
+        "passes/engines/residual.py",
+        "scale_eps(norm, sum_of**2)",
+        "scale_eps(norm, sum_of)",
         ("tests/test_altup.py::test_readout_sum_rescales_the_final_norm",),
     ),
     # hc, mhc, resi-dual --------------------------------------------------------------------

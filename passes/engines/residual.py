@@ -237,8 +237,27 @@ def scale_eps(norm: Norm, factor: int) -> None:
     raise PassError("readout=sum could not find the final norm's eps to rescale")
 
 
-def rethread(graph: Graph, scheme: Scheme, owner: str) -> list[StackThreading]:
-    """Thread every stack of `graph` through `scheme`; the graph is edited in place."""
+def stream_of(graph: Graph) -> tuple[int, int, torch.dtype]:
+    """What a scheme is built for: the stream's width, rank and dtype."""
+    x = graph.structure.blocks[0].input.meta["val"]
+    return graph.structure.hidden_size, x.dim(), x.dtype
+
+
+def owned_parameters(graph: Graph, owner: str) -> int:
+    return sum(p.numel() for n, p in graph.gm.named_parameters() if n.startswith(owner + "."))
+
+
+def refuse_after_block_scheme(before) -> None:
+    """A site state wider than the stream cannot live inside a block scheme's blocks."""
+    if any("block-residual" in p.invalidates for p in before):
+        raise PassError(WIDE_INSIDE_BLOCKS)
+
+
+def rethread(graph: Graph, scheme: Scheme, owner: str, sum_of: int = 1) -> list[StackThreading]:
+    """Thread every stack of `graph` through `scheme`; the graph is edited in place. `sum_of`:
+    the readout sums that many equal channels, which every stack's final norm absorbs (its
+    eps × sum_of²; refused where a stack has none)."""
+    finals = sum_readout_norms(graph, sum_of) if sum_of > 1 else []
     present = {n.meta["archfx_scheme"] for n in graph.gm.graph.nodes if "archfx_scheme" in n.meta}
     if scheme.granularity == "block" and present & BLOCK_OWNERS:
         raise PassError(BLOCKS_WRAPPED)
@@ -257,6 +276,8 @@ def rethread(graph: Graph, scheme: Scheme, owner: str) -> list[StackThreading]:
     done = []
     for s_idx, stack in enumerate(graph.structure.stacks):
         done.append(_thread_stack(em, scheme, units(stack, s_idx, scheme.granularity), stack))
+    for norm in finals:
+        scale_eps(norm, sum_of**2)
     graph.gm.graph.eliminate_dead_code()
     graph.gm.recompile()
     return done

@@ -32,10 +32,10 @@ from ..engines.residual import (
     Emitter,
     Scheme,
     mean_of_channels,
+    owned_parameters,
     replicate,
     rethread,
-    scale_eps,
-    sum_readout_norms,
+    stream_of,
 )
 from ..infra.base import Option, Pass, PassResult, register
 
@@ -168,15 +168,10 @@ class AltUp(Pass):
 
     def run(self, graph) -> PassResult:
         o = self.opts
-        structure = graph.structure
-        x = structure.blocks[0].input.meta["val"]
-        scheme = AltUpScheme(o, structure.hidden_size, x.dim(), x.dtype)
-        finals = sum_readout_norms(graph, o["k"]) if o["readout"] == "sum" else []
-        threads = rethread(graph, scheme, OWNER)
-        for norm in finals:
-            scale_eps(norm, o["k"] ** 2)
-        graph.gm.recompile()
-        added = sum(p.numel() for n, p in graph.gm.named_parameters() if n.startswith(OWNER + "."))
+        scheme = AltUpScheme(o, *stream_of(graph))
+        sum_of = o["k"] if o["readout"] == "sum" else 1
+        threads = rethread(graph, scheme, OWNER, sum_of)
+        added = owned_parameters(graph, OWNER)
         return PassResult(
             changed=True,
             details={

@@ -37,11 +37,13 @@ from archfx.ir.ops import aten
 
 from ..engines.residual import (
     SITES_RETHREADED,
-    WIDE_INSIDE_BLOCKS,
     Emitter,
     Scheme,
+    owned_parameters,
+    refuse_after_block_scheme,
     replicate,
     rethread,
+    stream_of,
 )
 from ..infra.base import Option, Pass, PassResult, register
 
@@ -276,15 +278,12 @@ class DDL(Pass):
     )
 
     def check_order(self, before) -> None:
-        if self.opts["dv"] > 1 and any("block-residual" in p.invalidates for p in before):
-            raise PassError(WIDE_INSIDE_BLOCKS)
+        if self.opts["dv"] > 1:
+            refuse_after_block_scheme(before)
 
     def run(self, graph) -> PassResult:
-        structure = graph.structure
-        x = structure.blocks[0].input.meta["val"]
-        scheme = DDLScheme(self.opts, structure.hidden_size, x.dim(), x.dtype)
-        threads = rethread(graph, scheme, OWNER)
-        added = sum(p.numel() for n, p in graph.gm.named_parameters() if n.startswith(OWNER + "."))
+        threads = rethread(graph, DDLScheme(self.opts, *stream_of(graph)), OWNER)
+        added = owned_parameters(graph, OWNER)
         sites = sum(len(t.states) for t in threads)
         return PassResult(
             changed=True,

@@ -27,19 +27,18 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from archfx.ir import PassError
 from archfx.ir.ops import aten
 
 from ..engines.residual import (
     SITES_RETHREADED,
-    WIDE_INSIDE_BLOCKS,
     Emitter,
     Scheme,
     mean_of_channels,
+    owned_parameters,
+    refuse_after_block_scheme,
     replicate,
     rethread,
-    scale_eps,
-    sum_readout_norms,
+    stream_of,
 )
 from ..infra.base import Option, Pass, PassResult, register
 
@@ -141,20 +140,14 @@ class HyperConnections(Pass):
     )
 
     def check_order(self, before) -> None:
-        if self.opts["n"] > 1 and any("block-residual" in p.invalidates for p in before):
-            raise PassError(WIDE_INSIDE_BLOCKS)
+        if self.opts["n"] > 1:
+            refuse_after_block_scheme(before)
 
     def run(self, graph) -> PassResult:
         o = self.opts
-        structure = graph.structure
-        x = structure.blocks[0].input.meta["val"]
-        scheme = HCScheme(o, structure.hidden_size, x.dim(), x.dtype)
-        finals = sum_readout_norms(graph, o["n"]) if o["readout"] == "sum" else []
-        threads = rethread(graph, scheme, OWNER)
-        for norm in finals:
-            scale_eps(norm, o["n"] ** 2)
-        graph.gm.recompile()
-        added = sum(p.numel() for n, p in graph.gm.named_parameters() if n.startswith(OWNER + "."))
+        sum_of = o["n"] if o["readout"] == "sum" else 1
+        threads = rethread(graph, HCScheme(o, *stream_of(graph)), OWNER, sum_of)
+        added = owned_parameters(graph, OWNER)
         return PassResult(
             changed=True,
             details={"sites": sum(len(t.states) for t in threads), "parameters_added": added},

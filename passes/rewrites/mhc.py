@@ -37,16 +37,17 @@ from __future__ import annotations
 
 import torch
 
-from archfx.ir import PassError
 from archfx.ir.ops import aten
 
 from ..engines.residual import (
     SITES_RETHREADED,
-    WIDE_INSIDE_BLOCKS,
     Scheme,
     mean_of_channels,
+    owned_parameters,
+    refuse_after_block_scheme,
     replicate,
     rethread,
+    stream_of,
 )
 from ..infra.base import Option, Pass, PassResult, Remark, register
 
@@ -186,16 +187,13 @@ class ManifoldHyperConnections(Pass):
     )
 
     def check_order(self, before) -> None:
-        if any("block-residual" in p.invalidates for p in before):
-            raise PassError(WIDE_INSIDE_BLOCKS)
+        refuse_after_block_scheme(before)
 
     def run(self, graph) -> PassResult:
-        structure = graph.structure
-        x = structure.blocks[0].input.meta["val"]
-        scheme = MHCScheme(self.opts, structure.hidden_size, x.dim(), x.dtype)
+        scheme = MHCScheme(self.opts, *stream_of(graph))
         threads = rethread(graph, scheme, OWNER)
         remarks = [] if scheme.alternating else [Remark("every stream", SYMMETRIC)]
-        added = sum(p.numel() for n, p in graph.gm.named_parameters() if n.startswith(OWNER + "."))
+        added = owned_parameters(graph, OWNER)
         return PassResult(
             changed=True,
             remarks=remarks,

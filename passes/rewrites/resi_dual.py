@@ -24,7 +24,7 @@ import torch
 from archfx.ir import PassError
 from archfx.ir.ops import aten
 
-from ..engines.residual import SITES_RETHREADED, Scheme, rethread
+from ..engines.residual import SITES_RETHREADED, Scheme, rethread, stream_of
 from ..infra.base import Pass, PassResult, register
 
 OWNER = "resi_dual"
@@ -35,8 +35,9 @@ class ResiDualScheme(Scheme):
     granularity = "site"
     stream_shaped = True  # the state is the post-LN stream; the accumulator is kept here
 
-    def __init__(self, d: int, kind: str, eps: float, dtype: torch.dtype):
-        self.d, self.kind, self.eps, self.dtype = d, kind, eps, dtype
+    def __init__(self, opts: dict, d: int, rank: int, dtype: torch.dtype):
+        self.kind, self.eps = opts["kind"], opts["eps"]  # the post-norms'
+        self.d, self.dtype = d, dtype
         self.acc: dict[int, object] = {}  # per stack: the accumulator after the last site
 
     def init(self, em, x, stack):
@@ -87,10 +88,8 @@ class ResiDual(Pass):
             )
         norms = {(r.post_norm.kind, r.post_norm.eps) for _, r in sites}
         kind, eps = sorted(norms, key=str)[0]
-        x = structure.blocks[0].input.meta["val"]
-        scheme = ResiDualScheme(structure.hidden_size, kind, eps or 1e-5, x.dtype)
+        scheme = ResiDualScheme({"kind": kind, "eps": eps or 1e-5}, *stream_of(graph))
         threads = rethread(graph, scheme, OWNER)
-        graph.gm.recompile()
         return PassResult(
             changed=True,
             details={"sites": sum(len(t.states) for t in threads), "stacks": len(threads)},
