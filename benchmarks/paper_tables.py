@@ -96,6 +96,7 @@ class Settings:
     eval_every: int
     val_windows: int
     large: Shape = Shape(layers=4, hidden=128, heads=4, head_dim=32, mlp=384)
+    wide: Shape = Shape(layers=4, hidden=256, heads=4, head_dim=64, mlp=768)  # `large` at 2d
     small: Shape = Shape(layers=2, hidden=64, heads=2, head_dim=32, mlp=192)
     grow_at: float = 1 / 3  # fraction of the steps trained small before growing
     rewarm: int = 10  # grown-rewarm: steps of linear learning-rate re-warm after growing
@@ -127,6 +128,7 @@ def settings(smoke: bool) -> Settings:
             throughput_steps=1,
             rewarm=2,
             large=Shape(layers=2, hidden=32, heads=4, head_dim=8, mlp=64),
+            wide=Shape(layers=2, hidden=64, heads=4, head_dim=16, mlp=128),
             small=Shape(layers=1, hidden=16, heads=2, head_dim=8, mlp=32),
             ft_steps=6,
             ft_batch=2,
@@ -209,10 +211,34 @@ def lr_at(step: int, s: Settings, steps: int | None = None, peak: float | None =
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def build_graph(shape: Shape, seq: int, seed: int, pipeline: str | None):
+def build_graph(shape: Shape, seq: int, seed: int, pipeline: str | None, post_ln: bool = False):
+    """`shape` as a Hugging Face Llama, or (`post_ln`) as archfx's hand-written RandomArch with
+    the same sizes, RMSNorm, RoPE and gated MLP, but post-LN sites: x ← Norm(x + F(x))."""
     torch.manual_seed(seed)
-    model = tf.LlamaForCausalLM(shape.config(seq)).float()
-    example = {"input_ids": torch.randint(0, VOCAB, (2, 8)), "use_cache": False}
+    if post_ln:
+        from archfx.passes.io.zoo.random_arch import ArchConfig, build_random
+
+        model = build_random(
+            ArchConfig(
+                vocab_size=VOCAB,
+                max_positions=seq,
+                hidden=shape.hidden,
+                layers=shape.layers,
+                heads=shape.heads,
+                kv_heads=shape.heads,
+                head_dim=shape.head_dim,
+                mlp_hidden=shape.mlp,
+                placement="post",
+            ),
+            seed=seed,
+        ).train()
+    else:
+        model = tf.LlamaForCausalLM(shape.config(seq)).float()
+    example = (
+        (torch.randint(0, VOCAB, (2, 8)),)
+        if post_ln
+        else {"input_ids": torch.randint(0, VOCAB, (2, 8)), "use_cache": False}
+    )
     graph = capture(model, example)
     records = []
     if pipeline:
@@ -246,23 +272,37 @@ def train_step(graph, opt, x, y, lr: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # Table 1: residual schemes at equal tokens
 
+# name → (pipeline, model): `d` the table's tiny Llama, `2d` the same at twice the width (AltUp's
+# own comparison: K = 2 blocks of width d against the plain model at d and at 2d), `post-LN`
+# the same sizes with post-LN sites (ResiDual starts from one)
 RESIDUAL = {
-    "baseline": None,
-    "altup(k=2)": "altup(k=2)",
-    "ddl(dv=1,value=paper)": "ddl(dv=1,value=paper,seed={seed})",
-    "ddl(dv=4,value=paper)": "ddl(dv=4,value=paper,seed={seed})",
+    "baseline": (None, "d"),
+    "altup(k=2)": ("altup(k=2)", "d"),
+    "ddl(dv=1,value=paper)": ("ddl(dv=1,value=paper,seed={seed})", "d"),
+    "ddl(dv=4,value=paper)": ("ddl(dv=4,value=paper,seed={seed})", "d"),
+    "baseline (2d)": (None, "2d"),
+    "hc(n=4)": ("hc(n=4)", "d"),
+    "mhc(n=4,pre=alternating)": ("mhc(n=4,pre=alternating)", "d"),
+    "baseline (post-LN)": (None, "post-LN"),
+    "resi-dual (post-LN)": ("resi-dual", "post-LN"),
 }
+BASELINE_OF = {"d": "baseline", "2d": "baseline", "post-LN": "baseline (post-LN)"}
 
 
-def run_residual(s: Settings, log=print) -> dict:
+def residual_graph(s: Settings, name: str, seed: int):
+    pipeline, model = RESIDUAL[name]
+    shape = s.wide if model == "2d" else s.large
+    text = pipeline.format(seed=seed) if pipeline else None
+    return build_graph(shape, s.seq, seed, text, post_ln=model == "post-LN")[0], shape
+
+
+def run_residual(s: Settings, log=print, schemes: tuple[str, ...] = tuple(RESIDUAL)) -> dict:
     corpus = byte_corpus()
     val = corpus.val_batch(s.val_windows, s.seq)
     runs = []
     for seed in s.seeds:  # interleaved: each seed runs every scheme back to back
-        for name, pipeline in RESIDUAL.items():
-            graph, _ = build_graph(
-                s.large, s.seq, seed, pipeline.format(seed=seed) if pipeline else None
-            )
+        for name in schemes:
+            graph, shape = residual_graph(s, name, seed)
             opt = optimizer(graph, s.lr)
             data = corpus.batches(s.batch, s.seq, seed)
             curve, train, seconds = [(0, val_loss(graph, val))], [], 0.0
@@ -283,21 +323,39 @@ def run_residual(s: Settings, log=print) -> dict:
                 "train_seconds": seconds,
                 "tokens": s.steps * s.batch * s.seq,
                 "tokens_per_s": s.steps * s.batch * s.seq / seconds,
+                "flops_per_token": flops_per_token(graph.num_parameters(), shape, s.seq),
             }
             runs.append(run)
             log(
                 f"[residual] seed {seed} {name:24s} val {run['final_val']:.4f} "
                 f"{run['tokens_per_s']:.0f} tok/s ({seconds:.1f} s)"
             )
+    res = {"settings": _jsonable(s), "runs": runs}
+    summarize_residual(res)
+    interleaved = interleaved_throughput(s, corpus, log, schemes)
+    for row in res["rows"]:
+        if row["scheme"] in interleaved:
+            base = BASELINE_OF[RESIDUAL[row["scheme"]][1]]
+            row["interleaved_ratio"] = interleaved[row["scheme"]] / interleaved[base]
+    res["interleaved"] = interleaved
+    return res
+
+
+def summarize_residual(res: dict) -> None:
+    """Per scheme (in RESIDUAL's order): parameters, FLOPs, val loss mean ± std, tokens/s
+    against its baseline run of the same seed."""
+    runs = res["runs"]
     rows = []
-    for name in RESIDUAL:
+    for name in [n for n in RESIDUAL if any(r["scheme"] == n for r in runs)]:
         mine = [r for r in runs if r["scheme"] == name]
+        base = BASELINE_OF[RESIDUAL[name][1]]
         ratios = [
             r["tokens_per_s"]
-            / next(b for b in runs if b["scheme"] == "baseline" and b["seed"] == r["seed"])[
+            / next(b for b in runs if b["scheme"] == base and b["seed"] == r["seed"])[
                 "tokens_per_s"
             ]
             for r in mine
+            if any(b["scheme"] == base and b["seed"] == r["seed"] for b in runs)
         ]
         finals = [r["final_val"] for r in mine]
         rows.append(
@@ -307,27 +365,32 @@ def run_residual(s: Settings, log=print) -> dict:
                 "val_mean": statistics.mean(finals),
                 "val_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                 "val_per_seed": finals,
+                "baseline": base,
                 "throughput_ratio_mean": statistics.mean(ratios),
                 "throughput_ratio_std": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
                 "tokens_per_s_mean": statistics.mean(r["tokens_per_s"] for r in mine),
+                "train_seconds_mean": statistics.mean(r["train_seconds"] for r in mine),
+                "flops_per_token": mine[0].get("flops_per_token"),
             }
         )
-    interleaved = interleaved_throughput(s, corpus, log)
-    for row in rows:
-        row["interleaved_ratio"] = interleaved[row["scheme"]] / interleaved["baseline"]
-    return {"settings": _jsonable(s), "runs": runs, "rows": rows, "interleaved": interleaved}
+    old = {r["scheme"]: r for r in res.get("rows", [])}
+    for row in rows:  # keep interleaved ratios measured for these schemes before
+        if "interleaved_ratio" in old.get(row["scheme"], {}):
+            row["interleaved_ratio"] = old[row["scheme"]]["interleaved_ratio"]
+    res["rows"] = rows
 
 
-def interleaved_throughput(s: Settings, corpus: Corpus, log=print) -> dict[str, float]:
-    """Training tokens/s of every scheme measured side by side: `throughput_rounds` rounds,
-    each timing `throughput_steps` steps of every scheme (rotating the order) on the same
-    batch; the median round per scheme. Less exposed to a shared machine's load than the
-    training runs' totals, which run minutes apart."""
+def interleaved_throughput(
+    s: Settings, corpus: Corpus, log=print, schemes: tuple[str, ...] = tuple(RESIDUAL)
+) -> dict[str, float]:
+    """Training tokens/s of `schemes` and their baselines measured side by side:
+    `throughput_rounds` rounds, each timing `throughput_steps` steps of every scheme (rotating
+    the order) on the same batch; the median round per scheme. Less exposed to a shared
+    machine's load than the training runs' totals, which run minutes apart."""
     graphs = {}
-    for name, pipeline in RESIDUAL.items():
-        graph, _ = build_graph(
-            s.large, s.seq, s.seeds[0], pipeline.format(seed=s.seeds[0]) if pipeline else None
-        )
+    names = list(dict.fromkeys([*schemes, *(BASELINE_OF[RESIDUAL[n][1]] for n in schemes)]))
+    for name in names:
+        graph, _ = residual_graph(s, name, s.seeds[0])
         graphs[name] = (graph, optimizer(graph, s.lr))
     x, y = next(corpus.batches(s.batch, s.seq, s.seeds[0]))
     for graph, opt in graphs.values():  # warm up
@@ -345,10 +408,7 @@ def interleaved_throughput(s: Settings, corpus: Corpus, log=print) -> dict[str, 
         name: s.throughput_steps * s.batch * s.seq / statistics.median(t)
         for name, t in times.items()
     }
-    log(
-        "[residual] interleaved tokens/s: "
-        + ", ".join(f"{n} {v:.0f} ({v / tps['baseline']:.3f}x)" for n, v in tps.items())
-    )
+    log("[residual] interleaved tokens/s: " + ", ".join(f"{n} {v:.0f}" for n, v in tps.items()))
     return tps
 
 
@@ -359,21 +419,28 @@ def residual_markdown(res: dict) -> str:
         f"bytes = {s['steps'] * s['batch'] * s['seq']:,} tokens per run, seeds {s['seeds']}; "
         f"validation: {s['val_windows']} fixed windows of the held-out 10%.",
         "",
-        "| scheme | parameters | val loss (mean ± std) | per seed | tokens/s vs baseline, "
-        "training runs (mean ± std) | tokens/s vs baseline, interleaved |",
-        "|---|---|---|---|---|---|",
+        "| scheme | parameters | training FLOPs / token | train time (s, mean) | val loss "
+        "(mean ± std) | per seed | tokens/s vs its baseline, training runs (mean ± std) | "
+        "tokens/s vs its baseline, interleaved |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
+        flops = f"{r['flops_per_token']:.3g}" if r.get("flops_per_token") else "—"
+        secs = f"{r['train_seconds_mean']:.1f}" if r.get("train_seconds_mean") else "—"
         lines.append(
-            f"| `{r['scheme']}` | {r['params']:,} | {r['val_mean']:.4f} ± {r['val_std']:.4f} | "
+            f"| `{r['scheme']}` | {r['params']:,} | {flops} | {secs} | "
+            f"{r['val_mean']:.4f} ± {r['val_std']:.4f} | "
             f"{', '.join(f'{v:.4f}' for v in r['val_per_seed'])} | "
             f"{r['throughput_ratio_mean']:.3f} ± {r['throughput_ratio_std']:.3f} | "
             + (f"{r['interleaved_ratio']:.3f} |" if "interleaved_ratio" in r else "— |")
         )
     lines += [
         "",
+        "Baselines: `baseline` for the schemes on the tiny Llama and for `baseline (2d)`; "
+        "`baseline (post-LN)` for `resi-dual (post-LN)`. FLOPs: 6 × non-embedding parameters "
+        "+ attention (Kaplan et al.), per training token. "
         "Training runs: each run's tokens/s over its own training steps (evaluation excluded), "
-        "divided by that of the baseline run of the same seed (run 1–3 runs, i.e. minutes, earlier)."
+        "divided by that of its baseline's run of the same seed (minutes apart)."
         + (
             f" Interleaved: {s['throughput_rounds']} rounds, each timing {s['throughput_steps']} "
             "training steps of every scheme on one batch (order rotated), median round per "
@@ -391,7 +458,7 @@ def residual_plot(res: dict, path: Path) -> None:
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     tokens_per_step = res["settings"]["batch"] * res["settings"]["seq"]
-    for name in RESIDUAL:
+    for name in [r["scheme"] for r in res["rows"]]:
         mine = [r for r in res["runs"] if r["scheme"] == name]
         steps = [p[0] for p in mine[0]["val_curve"]]
         mean, std = _mean_std([[p[1] for p in r["val_curve"]] for r in mine])
@@ -965,19 +1032,51 @@ def merge_growth(out: Path, kinds: tuple[str, ...], log=print) -> dict:
     return res
 
 
+def merge_residual(out: Path, schemes: tuple[str, ...], log=print) -> dict:
+    """Run more schemes with a stored residual table's settings and add them to it (runs of
+    the same scheme and seed are replaced); their interleaved throughput is measured beside
+    their baselines in this run."""
+    res = json.loads((out / "residual.json").read_text())
+    s = _settings_from(res)
+    t0 = time.perf_counter()
+    new = run_residual(s, log=log, schemes=schemes)
+    done = {(r["scheme"], r["seed"]) for r in new["runs"]}
+    res["runs"] = [r for r in res["runs"] if (r["scheme"], r["seed"]) not in done] + new["runs"]
+    for r in res["runs"]:  # runs stored before FLOPs were recorded
+        shape = s.wide if RESIDUAL[r["scheme"]][1] == "2d" else s.large
+        r.setdefault("flops_per_token", flops_per_token(r["params"], shape, s.seq))
+    summarize_residual(res)
+    for row in new["rows"]:
+        if "interleaved_ratio" in row:
+            next(r for r in res["rows"] if r["scheme"] == row["scheme"])["interleaved_ratio"] = row[
+                "interleaved_ratio"
+            ]
+    res.setdefault("merged", []).append(
+        {
+            "schemes": list(schemes),
+            "interleaved": new["interleaved"],
+            "wall_seconds": time.perf_counter() - t0,
+            "command": " ".join(["python", "benchmarks/paper_tables.py", *sys.argv[1:]]),
+        }
+    )
+    (out / "residual.json").write_text(json.dumps(res, indent=1))
+    render("residual", res, out)
+    return res
+
+
 def add_throughput(out: Path, log=print) -> dict:
     """Measure the interleaved throughput for a residual table already in `out` (same
     settings) and add it to its JSON and markdown, without training again."""
     res = json.loads((out / "residual.json").read_text())
     s = _settings_from(res)
     t0 = time.perf_counter()
-    res["interleaved"] = interleaved_throughput(s, byte_corpus(), log)
+    schemes = tuple(r["scheme"] for r in res["rows"])
+    res["interleaved"] = interleaved_throughput(s, byte_corpus(), log, schemes)
     res["interleaved_seconds"] = time.perf_counter() - t0
     res["interleaved_command"] = " ".join(["python", "benchmarks/paper_tables.py", *sys.argv[1:]])
     for row in res["rows"]:
-        row["interleaved_ratio"] = (
-            res["interleaved"][row["scheme"]] / res["interleaved"]["baseline"]
-        )
+        base = BASELINE_OF[RESIDUAL[row["scheme"]][1]]
+        row["interleaved_ratio"] = res["interleaved"][row["scheme"]] / res["interleaved"][base]
     (out / "residual.json").write_text(json.dumps(res, indent=1))
     render("residual", res, out)
     return res
@@ -986,7 +1085,11 @@ def add_throughput(out: Path, log=print) -> dict:
 def run_table(name: str, s: Settings, out: Path, log=print) -> dict:
     run, markdown, plot = TABLES[name]
     t0 = time.perf_counter()
-    res = run(s, log=log, **({"kinds": s.extra["growth_kinds"]} if name == "growth" else {}))
+    extra = {
+        "growth": {"kinds": s.extra.get("growth_kinds")},
+        "residual": {"schemes": s.extra.get("residual_schemes")},
+    }
+    res = run(s, log=log, **{k: v for k, v in extra.get(name, {}).items() if v})
     res["wall_seconds"] = time.perf_counter() - t0
     res["command"] = " ".join(["python", "benchmarks/paper_tables.py", *sys.argv[1:]])
     out.mkdir(parents=True, exist_ok=True)
@@ -1024,15 +1127,29 @@ def main(argv=None) -> dict:
         help="growth: which runs (scratch, grown, grown-rewarm)",
     )
     ap.add_argument(
+        "--schemes",
+        nargs="+",
+        choices=list(RESIDUAL),
+        default=list(RESIDUAL),
+        help="residual: which rows of Table 1",
+    )
+    ap.add_argument(
         "--merge",
         action="store_true",
-        help="growth: add --kinds to the table already in --out (same settings)",
+        help="growth / residual: add --kinds / --schemes to the table already in --out (same "
+        "settings)",
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.table == "growth" and args.merge:
         return {
             "growth": merge_growth(args.out, tuple(args.kinds), log=lambda m: print(m, flush=True))
+        }
+    if args.table == "residual" and args.merge:
+        return {
+            "residual": merge_residual(
+                args.out, tuple(args.schemes), log=lambda m: print(m, flush=True)
+            )
         }
     if args.table == "throughput":
         return {"residual": add_throughput(args.out, log=lambda m: print(m, flush=True))}
@@ -1054,6 +1171,7 @@ def main(argv=None) -> dict:
     if args.ft_steps:
         s.ft_steps = args.ft_steps
     s.extra["growth_kinds"] = tuple(args.kinds)
+    s.extra["residual_schemes"] = tuple(args.schemes)
     return {n: run_table(n, s, args.out, log=lambda m: print(m, flush=True)) for n in names}
 
 

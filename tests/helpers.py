@@ -13,6 +13,11 @@ from .families import FAMILIES, build_family
 
 ZOO = [name for name, b in BUILTINS.items() if not b.real]
 EVERY = [*ZOO, *(f"family:{f}" for f in sorted(FAMILIES))]
+# every zoo model in the default run, the held-out families under `make test-all`
+EVERY_SLOW_FAMILIES = [
+    *ZOO,
+    *(pytest.param(f"family:{f}", marks=pytest.mark.slow) for f in sorted(FAMILIES)),
+]
 # ONNX exports are the slow part of the suite: every run exports a LayerNorm decoder, an RMSNorm
 # decoder with RoPE and GQA, and an encoder-decoder; `make test-all` exports every model
 ONNX_SAMPLE = ("tiny-gpt2", "tiny-llama", "tiny-t5")

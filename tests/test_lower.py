@@ -298,3 +298,36 @@ def test_smollm2_passes_the_onnx_check(tmp_path):
     (logits,) = result.outputs
     assert result.ok and result.fp64_model == "raw" and logits.fp64_error < 1e-9
     assert logits.onnx_error < FP32_LIMIT
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ddl(dv=4,value=paper)",
+        pytest.param("altup(k=2),ddl(dv=1,value=paper)", marks=pytest.mark.slow),
+        pytest.param("mhc(n=2,pre=alternating)", marks=pytest.mark.slow),
+        pytest.param("hc(n=2,dynamic=true)", marks=pytest.mark.slow),
+    ],
+)
+def test_a_compiled_training_step_matches_eager(text):
+    """torch.compile of a rewritten graph trains: the loss and every parameter's gradient of
+    one step (forward, cross-entropy, backward; Inductor's generated kernels both ways) equal
+    eager PyTorch's (benchmarks/compiled_training.py times it)."""
+    from archfx.passes import Pipeline
+
+    out = Pipeline.parse(text).run(capture(build("tiny-llama"))).graph
+    x = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def step(module):
+        out.gm.zero_grad(set_to_none=True)
+        logits = module(x)[0]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in out.gm.named_parameters()}
+
+    want_loss, want = step(out.gm)
+    got_loss, got = step(torch.compile(out.gm, dynamic=False))
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -30,6 +30,10 @@ def tables(tmp_path_factory):
         ["growth", "--smoke", "--kinds", "grown-rewarm", "--merge", "--out", str(out)]
     )["growth"]
     results["growth"] = merged
+    merge = ["residual", "--smoke", "--schemes", "hc(n=4)", "--merge", "--out", str(out / "m")]
+    (out / "m").mkdir()
+    (out / "m" / "residual.json").write_text((out / "residual.json").read_text())
+    results["residual_merged"] = module.main(merge)["residual"]
     return out, results
 
 
@@ -50,8 +54,13 @@ def test_residual_table(tables):
         "altup(k=2)",
         "ddl(dv=1,value=paper)",
         "ddl(dv=4,value=paper)",
+        "baseline (2d)",
+        "hc(n=4)",
+        "mhc(n=4,pre=alternating)",
+        "baseline (post-LN)",
+        "resi-dual (post-LN)",
     ]
-    assert len(res["runs"]) == 4 * len(res["settings"]["seeds"])
+    assert len(res["runs"]) == 9 * len(res["settings"]["seeds"])
     tokens = {r["tokens"] for r in res["runs"]}
     assert len(tokens) == 1  # equal tokens per configuration
     for run in res["runs"]:
@@ -59,9 +68,9 @@ def test_residual_table(tables):
         first, last = run["val_curve"][0][1], run["val_curve"][-1][1]
         assert math.isfinite(last) and last < first, run["scheme"]
         assert run["tokens_per_s"] > 0
-    baseline = res["rows"][0]
-    assert baseline["throughput_ratio_mean"] == 1.0 and baseline["throughput_ratio_std"] == 0.0
-    assert baseline["interleaved_ratio"] == 1.0
+    for baseline in (res["rows"][0], res["rows"][7]):  # the tiny Llama's, the post-LN model's
+        assert baseline["throughput_ratio_mean"] == 1.0 and baseline["throughput_ratio_std"] == 0
+        assert baseline["interleaved_ratio"] == 1.0
     assert all(0 < r["interleaved_ratio"] < 10 for r in res["rows"])
     # altup adds K² + K scalars per layer; ddl adds parameters too
     params = {r["scheme"]: r["params"] for r in res["rows"]}
@@ -70,6 +79,20 @@ def test_residual_table(tables):
     assert params["ddl(dv=4,value=paper)"] > params["ddl(dv=1,value=paper)"] > params["baseline"]
     for row in res["rows"]:
         assert f"{row['val_mean']:.4f}" in md
+    # AltUp's own comparison: the plain model at 2d costs about 4× the FLOPs of width d
+    flops = {r["scheme"]: r["flops_per_token"] for r in res["rows"]}
+    assert flops["altup(k=2)"] < 1.01 * flops["baseline"] < flops["baseline (2d)"] / 2
+
+
+def test_residual_rows_merge_into_a_stored_table(tables):
+    out, results = tables
+    before = json.loads((out / "residual.json").read_text())
+    merged = results["residual_merged"]
+    assert [r["scheme"] for r in merged["rows"]] == [r["scheme"] for r in before["rows"]]
+    again = [r for r in merged["runs"] if r["scheme"] == "hc(n=4)"]
+    assert len(again) == len(merged["settings"]["seeds"]) and merged["merged"][-1]["schemes"] == [
+        "hc(n=4)"
+    ]
 
 
 def test_growth_table(tables):

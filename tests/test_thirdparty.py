@@ -86,6 +86,9 @@ def _rewrites_all_sites(text: str, record, structure) -> None:
     expected = {
         "altup": ("layers", len(blocks)),
         "ddl": ("sites", sum(len(b.residuals) for b in blocks)),
+        "hc": ("sites", sum(len(b.residuals) for b in blocks)),
+        "mhc": ("sites", sum(len(b.residuals) for b in blocks)),
+        "resi-dual": ("sites", sum(len(b.residuals) for b in blocks)),
         "sdnc": ("sites", sum(1 for b in blocks for r in b.residuals if r.attention)),
     }.get(name)
     if expected is None:

@@ -136,7 +136,7 @@ def _coverage(text: str, details: dict, found: dict | None, block_paths: list[st
 
     if name == "altup":
         return f"{details.get('layers')}/{sites.get('blocks')} layers"
-    if name == "ddl":
+    if name in ("ddl", "hc", "mhc", "resi-dual"):
         return f"{details.get('sites')}/{sites.get('residual')} residual sites"
     if name == "sdnc":
         return f"{details.get('sites')}/{sites.get('attention')} attention sites"
