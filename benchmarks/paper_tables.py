@@ -366,7 +366,8 @@ def summarize_residual(res: dict) -> None:
                 "val_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                 "val_per_seed": finals,
                 "baseline": base,
-                "throughput_ratio_mean": statistics.mean(ratios),
+                # None until its baseline's runs are in the table (rows merged into it)
+                "throughput_ratio_mean": statistics.mean(ratios) if ratios else None,
                 "throughput_ratio_std": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
                 "tokens_per_s_mean": statistics.mean(r["tokens_per_s"] for r in mine),
                 "train_seconds_mean": statistics.mean(r["train_seconds"] for r in mine),
@@ -431,7 +432,11 @@ def residual_markdown(res: dict) -> str:
             f"| `{r['scheme']}` | {r['params']:,} | {flops} | {secs} | "
             f"{r['val_mean']:.4f} ± {r['val_std']:.4f} | "
             f"{', '.join(f'{v:.4f}' for v in r['val_per_seed'])} | "
-            f"{r['throughput_ratio_mean']:.3f} ± {r['throughput_ratio_std']:.3f} | "
+            + (
+                f"{r['throughput_ratio_mean']:.3f} ± {r['throughput_ratio_std']:.3f} | "
+                if r["throughput_ratio_mean"] is not None
+                else "— | "
+            )
             + (f"{r['interleaved_ratio']:.3f} |" if "interleaved_ratio" in r else "— |")
         )
     lines += [
@@ -1003,8 +1008,9 @@ def _jsonable(s: Settings) -> dict:
 def _settings_from(res: dict) -> Settings:
     """The settings a stored table ran with (fields added since take their defaults)."""
     fields = dict(res["settings"])
-    for key in ("large", "small"):
-        fields[key] = Shape(**fields[key])
+    for key in ("large", "small", "wide"):
+        if key in fields:
+            fields[key] = Shape(**fields[key])
     s = Settings(**fields)
     res["settings"] = _jsonable(s)
     return s
