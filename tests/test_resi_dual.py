@@ -11,10 +11,10 @@ from archfx.passes import Pipeline
 from archfx.passes.io.artifact import load, save
 from archfx.passes.io.zoo import build
 
-from .helpers import EVERY_SLOW_FAMILIES, byte_gpt, model
+from .helpers import EVERY_SAMPLED, byte_gpt, model
 
 
-@pytest.mark.parametrize("name", [*EVERY_SLOW_FAMILIES, "minilm"])
+@pytest.mark.parametrize("name", EVERY_SAMPLED)
 def test_exact_on_post_ln_models_and_refused_on_the_others(name):
     graph = capture(model(name))
     placements = {r.placement for b in graph.structure.blocks for r in b.residuals}
