@@ -31,7 +31,11 @@ PIPELINES = [
     "sdnc(addressing=cosine)",
     "sdnc(write=delta)",
     "sdnc(persistent=true)",
+    "hc(n=2,dynamic=true)",
+    "mhc(n=2,pre=alternating)",
+    "resi-dual",
 ]
+MODEL_OF = {"resi-dual": "tiny-bert"}  # post-LN only; every other pipeline runs on tiny-llama
 
 
 def test_every_registered_pass_is_covered():
@@ -40,9 +44,12 @@ def test_every_registered_pass_is_covered():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_models_keep_their_dtype(dtype):
-    graph = capture(model("tiny-llama").to(dtype))
+    graphs = {}
     for text in PIPELINES:
-        result = Pipeline.parse(text).run(graph)
+        name = MODEL_OF.get(text, "tiny-llama")
+        if name not in graphs:
+            graphs[name] = capture(model(name).to(dtype))
+        result = Pipeline.parse(text).run(graphs[name])
         out, record = result.graph, result.records[-1]
         assert out.run()[0].dtype == dtype, text
         for name, p in out.gm.named_parameters():  # DDL's gates: fp32 by design (docs/passes.md)
@@ -123,9 +130,10 @@ def test_one_percent_growth_error_rejected_in_every_dtype(dtype, text):
 def test_every_exact_pass_gets_a_tight_fp64_certificate():
     """The math of an exact rewrite agrees in fp64 to ~1e-15: the certificate holds it to 1e-9
     of each output's own scale, and reports the model's own dtype beside it."""
-    graph = capture(model("tiny-gpt2"))
+    graphs = {"tiny-gpt2": capture(model("tiny-gpt2")), "tiny-bert": capture(model("tiny-bert"))}
     for text in PIPELINES:
         text = text.replace("expand-hidden(size=96)", "expand-hidden(factor=2)")  # LayerNorm
+        graph = graphs["tiny-bert" if text in MODEL_OF else "tiny-gpt2"]
         record = Pipeline.parse(text).run(graph).records[-1]
         if not record.preserves:
             continue
