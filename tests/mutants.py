@@ -132,8 +132,8 @@ MUTANTS = [
         "altup-readout-sum-eps",
         "altup(readout=sum): the final norm's eps × K²",
         "passes/engines/residual.py",
-        "scale_eps(norm, sum_of**2)",
-        "scale_eps(norm, sum_of)",
+        "_scale_eps(norm, sum_of**2)",
+        "_scale_eps(norm, sum_of)",
         ("tests/test_altup.py::test_readout_sum_rescales_the_final_norm",),
     ),
     # hc, mhc, resi-dual --------------------------------------------------------------------

@@ -195,7 +195,7 @@ def mean_of_channels(em: Emitter, state: fx.Node) -> fx.Node:
     return em.op(aten.add.Tensor, x0, spread)
 
 
-def sum_readout_norms(graph: Graph, n: int) -> list[Norm]:
+def _sum_readout_norms(graph: Graph, n: int) -> list[Norm]:
     """The final norms a `readout=sum` of n channels relies on: every stack must end in one
     (LN(n·y; n²ε) = LN(y; ε)), else the readout is refused."""
     stacks = graph.structure.stacks
@@ -208,7 +208,7 @@ def sum_readout_norms(graph: Graph, n: int) -> list[Norm]:
     return [s.final_norm for s in stacks] if n > 1 else []
 
 
-def scale_eps(norm: Norm, factor: int) -> None:
+def _scale_eps(norm: Norm, factor: int) -> None:
     """Multiply a norm's eps by `factor` (in the op's arguments or in its `+ eps` node)."""
     for n in norm.nodes:
         if is_call(n, NORM_OPS):
@@ -257,7 +257,7 @@ def rethread(graph: Graph, scheme: Scheme, owner: str, sum_of: int = 1) -> list[
     """Thread every stack of `graph` through `scheme`; the graph is edited in place. `sum_of`:
     the readout sums that many equal channels, which every stack's final norm absorbs (its
     eps × sum_of²; refused where a stack has none)."""
-    finals = sum_readout_norms(graph, sum_of) if sum_of > 1 else []
+    finals = _sum_readout_norms(graph, sum_of) if sum_of > 1 else []
     present = {n.meta["archfx_scheme"] for n in graph.gm.graph.nodes if "archfx_scheme" in n.meta}
     if scheme.granularity == "block" and present & BLOCK_OWNERS:
         raise PassError(BLOCKS_WRAPPED)
@@ -277,7 +277,7 @@ def rethread(graph: Graph, scheme: Scheme, owner: str, sum_of: int = 1) -> list[
     for s_idx, stack in enumerate(graph.structure.stacks):
         done.append(_thread_stack(em, scheme, units(stack, s_idx, scheme.granularity), stack))
     for norm in finals:
-        scale_eps(norm, sum_of**2)
+        _scale_eps(norm, sum_of**2)
     graph.gm.graph.eliminate_dead_code()
     graph.gm.recompile()
     return done
@@ -286,7 +286,7 @@ def rethread(graph: Graph, scheme: Scheme, owner: str, sum_of: int = 1) -> list[
 def _thread_stack(em: Emitter, scheme: Scheme, todo: list[Unit], stack: Stack) -> StackThreading:
     state = scheme.init(em.at(todo[0].input), todo[0].input, todo[0].stack)
     state.meta["archfx_start"] = stack.path  # the state before the first unit
-    states = []
+    states, readout = [], None
     for i, unit in enumerate(todo):
         prev = todo[i - 1].replaces if i else unit.input
         if unit.input is not prev and not _same(unit.input, prev):
@@ -325,10 +325,9 @@ def _thread_stack(em: Emitter, scheme: Scheme, todo: list[Unit], stack: Stack) -
             src, at = unit.replaces, em.cursor
         else:  # the last block's post-norm acts on the state too: read out after it
             lifted = _lift(unit, unit.block.output, state, scheme, strict=False)
-            src, at = (
-                (unit.block.output, unit.block.output) if lifted else (unit.replaces, em.cursor)
-            )
-            state = src if lifted else state
+            src, at = unit.replaces, em.cursor
+            if lifted:
+                src = at = state = unit.block.output
         after = [
             n
             for n in list(src.users)
@@ -341,6 +340,7 @@ def _thread_stack(em: Emitter, scheme: Scheme, todo: list[Unit], stack: Stack) -
             out = scheme.readout(em.at(at), state, unit.stack)
             if nxt is None:
                 out.meta["archfx_readout"] = stack.path  # where the analysis finds the stream again
+                readout = out
             for n in after:
                 n.replace_input_with(src, out)
     end = stack.blocks[-1].output
@@ -349,9 +349,8 @@ def _thread_stack(em: Emitter, scheme: Scheme, todo: list[Unit], stack: Stack) -
         for n in list(end.users):
             if n not in em.created:
                 n.replace_input_with(end, closed)
-        for n in em.created:
-            if n.meta.get("archfx_readout") == stack.path:
-                del n.meta["archfx_readout"]
+        if readout is not None:  # the stream continues after the close instead
+            del readout.meta["archfx_readout"]
         closed.meta["archfx_readout"] = stack.path
     return StackThreading(stack, states)
 
