@@ -10,9 +10,10 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from archfx.ir import Graph, PassError, capture
 from archfx.ir.verify import refresh_shapes
 from archfx.passes import Pipeline
+from archfx.passes.io.zoo import BUILTINS
 
-from .helpers import meta_llama, model
-from .test_precision import PIPELINES
+from .helpers import model
+from .test_precision import MODEL_OF, PIPELINES
 
 
 def shapes(graph) -> dict[str, str]:
@@ -29,10 +30,19 @@ def shapes(graph) -> dict[str, str]:
     return {n.name: one(n.meta.get("val")) for n in graph.gm.graph.nodes}
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def on_meta(name: str) -> Graph:
+    """A built-in model built on the meta device (structure only) and captured there."""
+    with torch.device("meta"):
+        return capture(BUILTINS[name].factory().eval())
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
 def test_incremental_shapes_equal_a_full_propagation(name):
     graph = capture(model(name))
-    for text in [*PIPELINES, "expand-hidden(size=96),add-layers(n=1),expand-mlp(factor=2)"]:
+    growth = "expand-hidden(size=96),add-layers(n=1),expand-mlp(factor=2)"
+    for text in [*PIPELINES, growth]:
+        if MODEL_OF.get(text, name) != name or (name == "tiny-bert" and text not in MODEL_OF):
+            continue  # tiny-bert runs the post-LN pipelines, the decoders every other one
         if name == "tiny-gpt2":  # LayerNorm: hidden growth by duplication only
             text = text.replace("expand-hidden(size=96)", "expand-hidden(size=128)")
         out = Pipeline.parse(text).run(graph, verify=False).graph
@@ -42,8 +52,9 @@ def test_incremental_shapes_equal_a_full_propagation(name):
 
 
 def test_every_pass_runs_on_the_meta_device():
-    graph = meta_llama()
+    graphs = {name: on_meta(name) for name in {"tiny-llama", *MODEL_OF.values()}}
     for text in PIPELINES:
+        graph = graphs[MODEL_OF.get(text, "tiny-llama")]
         if text in ("sdnc(write=delta)", "sdnc(persistent=true)"):  # check by running: refused
             with pytest.raises(PassError, match="meta device"):
                 Pipeline.parse(text).run(graph, verify=False)
