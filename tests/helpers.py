@@ -13,6 +13,12 @@ from .families import FAMILIES, build_family
 
 ZOO = [name for name, b in BUILTINS.items() if not b.real]
 EVERY = [*ZOO, *(f"family:{f}" for f in sorted(FAMILIES))]
+# the zoo and MiniLM in the default run, the held-out families under `make test-all`
+ZOO_FIRST = [
+    *ZOO,
+    "minilm",
+    *(pytest.param(f"family:{f}", marks=pytest.mark.slow) for f in sorted(FAMILIES)),
+]
 # a sample in the default run (a pre-LN decoder, RoPE + GQA, an encoder-decoder, a post-LN
 # encoder and a post-LN encoder-decoder), every other zoo model and family under `make test-all`
 SCHEME_SAMPLE = ("tiny-gpt2", "tiny-llama", "tiny-t5", "tiny-bert", "tiny-bart")
@@ -24,9 +30,9 @@ EVERY_SAMPLED = [
 ONNX_SAMPLE = ("tiny-gpt2", "tiny-llama", "tiny-t5")
 
 
-def onnx_params(names: list[str]) -> list:
-    """`names` as test parameters: those in `ONNX_SAMPLE` in every run, the others marked slow."""
-    return [n if n in ONNX_SAMPLE else pytest.param(n, marks=pytest.mark.slow) for n in names]
+def onnx_params(names: list[str], sample: tuple[str, ...] = ONNX_SAMPLE) -> list:
+    """`names` as test parameters: those in `sample` in every run, the others marked slow."""
+    return [n if n in sample else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
 def model(name: str) -> torch.nn.Module:

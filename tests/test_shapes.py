@@ -36,7 +36,9 @@ def on_meta(name: str) -> Graph:
         return capture(BUILTINS[name].factory().eval())
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
+@pytest.mark.parametrize(
+    "name", ["tiny-llama", pytest.param("tiny-gpt2", marks=pytest.mark.slow), "tiny-bert"]
+)
 def test_incremental_shapes_equal_a_full_propagation(name):
     graph = capture(model(name))
     growth = "expand-hidden(size=96),add-layers(n=1),expand-mlp(factor=2)"
