@@ -9,7 +9,9 @@ captured GraphModule: Inductor generates the forward and, through AOTAutograd, t
 one step is forward, cross-entropy, backward and AdamW. After a warm-up (compilation), every
 round times `--steps` steps of every scheme in a rotating order on the same batch; the ratio
 is the median round's tokens/s against the baseline's, compiled and eager. The issue's
-targets: altup(k=2), ddl(dv=1) ≥ 0.95×, ddl(dv=4) ≥ 0.85×, mhc(n=4) ≥ 0.90× (compiled).
+targets: altup(k=2), ddl(dv=1) ≥ 0.95×, ddl(dv=4) ≥ 0.85×, mhc(n=4) ≥ 0.90× (compiled). The
+last row replaces every attention by the delta-rule fast-weight memory (`sdnc(write=delta)`,
+the rule DDL applies over layers, here over tokens, in chunks: archfx/ir/memory.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ SCHEMES = {
     "hc(n=4)": "hc(n=4)",
     "hc(n=4,dynamic)": "hc(n=4,dynamic=true)",
     "mhc(n=4)": "mhc(n=4,pre=alternating)",
+    "sdnc(write=delta)": "sdnc(write=delta)",  # the delta-rule memory over tokens, chunked
 }
 TARGETS = {"altup(k=2)": 0.95, "ddl(dv=1)": 0.95, "ddl(dv=4)": 0.85, "mhc(n=4)": 0.90}
 

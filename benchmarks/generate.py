@@ -6,6 +6,9 @@ interleaved runs of `--prompt` prompt tokens and `--new` new tokens (no early st
 - transformers `generate` with its KV cache on the original model (the reference);
 - archfx in PyTorch: the decode form (passes/engines/decode.py) of the canonicalized graph, and of
   `altup(k=2)` and `ddl(dv=1,value=compat)` applied to it;
+- archfx compiled: the same three decode forms through torch.compile (`runtime="compile"`),
+  compiled again for each thread count (Inductor fixes a kernel's threads when it compiles
+  it) and warmed up on each batch size before the timed rounds;
 - archfx in ONNX Runtime: the same three decode forms exported, the cache bound on ONNX
   Runtime's side (I/O binding).
 
@@ -44,6 +47,9 @@ PIPELINES = {  # column name: pipeline (the schemes on the canonicalized graph)
     " altup(k=2)": "canonicalize,altup(k=2)",
     " ddl(dv=1)": "canonicalize,ddl(dv=1,value=compat)",
 }
+
+
+BASES = ("archfx ONNX", "archfx compile")  # the canonicalized graph a row's ratio is against
 
 
 def _hf(model, ids: torch.Tensor, new: int) -> float:
@@ -150,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lengths", default="128,1024,2048,3072,4096,5120,6144,7168,8191")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--out", default="docs/results-generate")
+    p.add_argument("--no-compile", action="store_true", help="leave out the compiled decode")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,9 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = build("smollm2").eval()
     graph = capture(model)
     with tempfile.TemporaryDirectory() as tmp:
-        torch_sessions, onnx_sessions = {}, {}
+        torch_sessions, onnx_sessions, rewritten_of = {}, {}, {}
         for suffix, text in PIPELINES.items():
-            rewritten = Pipeline.parse(text).run(graph).graph
+            rewritten = rewritten_of[suffix] = Pipeline.parse(text).run(graph).graph
             t0 = time.perf_counter()
             torch_sessions["archfx torch" + suffix] = Session(rewritten)
             t1 = time.perf_counter()
@@ -174,9 +181,24 @@ def main(argv: list[str] | None = None) -> dict:
         for threads in sorted({1, cores}):
             torch.set_num_threads(threads)
             ort = {name: s.with_threads(threads) for name, s in onnx_sessions.items()}
+            compiled = {}
+            if not args.no_compile:
+                compiled = {
+                    "archfx compile" + s: Session(g, "compile") for s, g in rewritten_of.items()
+                }
             for batch in map(int, args.batches.split(",")):
+                for name, session in compiled.items():  # compile for this batch size
+                    t0 = time.perf_counter()
+                    warm = torch.randint(100, 49000, (batch, args.prompt))
+                    generate(session, warm.tolist(), max_new_tokens=3)
+                    print(f"{name}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
                 runs = measure(
-                    model, {**torch_sessions, **ort}, args.prompt, args.new, batch, args.rounds
+                    model,
+                    {**torch_sessions, **compiled, **ort},
+                    args.prompt,
+                    args.new,
+                    batch,
+                    args.rounds,
                 )
                 table.append({"threads": threads, "batch": batch, "runs": runs})
                 _print_row(table[-1])
@@ -216,7 +238,7 @@ def _print_row(row: dict) -> None:
     print(f"\nthreads {row['threads']}, batch {row['batch']}")
     print(f"{'':24} {'tokens/s':>9} {'× tf':>6} {'ms/token':>9} {'× canonicalized':>16}")
     for name, r in runs.items():
-        base = runs["archfx ONNX" if "ONNX" in name else "archfx torch"]
+        base = runs[next((b for b in BASES if b in name), "archfx torch")]
         print(
             f"{name:24} {r['tokens_per_s']:9.2f} {r['tokens_per_s'] / ref['tokens_per_s']:6.2f} "
             f"{r['decode_ms_per_token']:9.2f} "

@@ -27,6 +27,7 @@ from .fuse import fuse as fuse_for_ort
 from .graph import Graph
 from .inputs import Inputs
 from .layout import explicit_reshape_copies
+from .memory import DELTA
 from .ops import aten, is_assert, is_call, is_dropout_identity
 from .verify import compare, in_fp64
 
@@ -257,6 +258,11 @@ def to_onnx(
     import onnx
 
     path = Path(path)
+    if any(n.target is DELTA for n in graph.gm.graph.nodes):
+        raise LoweringError(
+            "sdnc(write=delta): the delta-rule memory (a triangular solve per chunk of tokens, "
+            "a loop over the chunks) has no ONNX form yet; torch.compile runs it"
+        )
     empty = [
         n for n, t in zip(graph.inputs.names, graph.inputs.tensors, strict=True) if 0 in t.shape
     ]

@@ -168,19 +168,55 @@ def delta_update(state, k, v, beta):
     return state + beta[..., None, None] * k[..., :, None] * error[..., None, :]
 
 
+CHUNK = 32  # tokens per chunk of the delta-rule scan
+
+
 def _delta(query, keys, values, strength):
     """A fast-weight memory written by the delta rule token by token, read after each write:
-    per key head X_t = update(X_{t−1}, k_t, v_t, β_t) ∈ R^{d_k×d_v}, r_t = X_tᵀ q_t; query heads
-    of a GQA group read their key head's memory. (batch, heads, tokens, dim) layouts."""
+    per key head X_t = delta_update(X_{t−1}, k_t, v_t, β_t) ∈ R^{d_k×d_v}, X_0 = 0,
+    r_t = X_tᵀ q_t; query heads of a GQA group read their key head's memory.
+    (batch, heads, tokens, dim) layouts.
+
+    Computed chunk by chunk (the WY form of the delta rule, Yang et al. 2024): inside a chunk
+    of C tokens starting from X, the written values u_t = β_t(v_t − X_{t−1}ᵀk_t) solve the unit
+    lower-triangular system (I + tril(diag(β) K Kᵀ, −1)) U = diag(β)(V − K X), which forward
+    substitution solves in the order the token loop would; then every read of the chunk is
+    Q X + tril(Q Kᵀ) U and X ← X + Kᵀ U. A chunk is a few matmuls and one triangular solve,
+    so T tokens take ⌈T/C⌉ sequential steps instead of T."""
     b, hk, n, dk = keys.shape
-    groups = query.shape[1] // hk
-    state = keys.new_zeros(b, hk, dk, values.shape[-1])
-    q = query.reshape(b, hk, groups, n, dk)
+    dv, groups = values.shape[-1], query.shape[1] // hk
+    dtype = query.dtype
+    wide = torch.promote_types(dtype, torch.float32)  # the solve needs fp32 or fp64
+    pad = -n % CHUNK  # padding tokens write nothing (β = 0, k = 0) and are never read
+    c = (n + pad) // CHUNK
+
+    def chunks(t, last):  # [b, hk, tokens, last] → [b, hk, chunk, C, last]
+        t = F.pad(t.to(wide), (0, 0, 0, pad))
+        return t.reshape(b, hk, c, CHUNK, last)
+
+    k, v = chunks(keys, dk), chunks(values, dv)
+    beta = F.pad(strength.to(wide), (0, pad)).reshape(b, hk, c, CHUNK, 1)
+    q = query.reshape(b, hk, groups, n, dk).transpose(2, 3).reshape(b, hk, n, groups * dk)
+    q = chunks(q, groups * dk).reshape(b, hk, c, CHUNK, groups, dk).transpose(3, 4)
+    ones = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=keys.device)
+    system = (beta * k @ k.transpose(-1, -2)).masked_fill(~ones.tril(-1), 0) + torch.eye(
+        CHUNK, dtype=wide, device=keys.device
+    )
+    # W = A⁻¹ diag(β) K and Ũ = A⁻¹ diag(β) V, so that U = Ũ − W X for the chunk's start X
+    solved = torch.linalg.solve_triangular(
+        system, beta * torch.cat([k, v], -1), upper=False, unitriangular=True
+    )
+    w, u0 = solved[..., :dk], solved[..., dk:]
+    causal = (q @ k.unsqueeze(3).transpose(-1, -2)).masked_fill(~ones.tril(), 0)
+    state = keys.new_zeros(b, hk, dk, dv, dtype=wide)
     reads = []
-    for t in range(n):
-        state = delta_update(state, keys[:, :, t], values[:, :, t], strength[:, :, t])
-        reads.append(torch.einsum("bhgk,bhkv->bhgv", q[:, :, :, t], state))
-    return torch.stack(reads, 3).reshape(b, hk * groups, n, values.shape[-1])
+    for i in range(c):
+        u = u0[:, :, i] - w[:, :, i] @ state  # [b, hk, C, dv]
+        reads.append(q[:, :, i] @ state.unsqueeze(2) + causal[:, :, i] @ u.unsqueeze(2))
+        state = state + k[:, :, i].transpose(-1, -2) @ u
+    out = torch.stack(reads, 2)  # [b, hk, chunk, groups, C, dv]
+    out = out.transpose(2, 3).reshape(b, hk * groups, c * CHUNK, dv)[:, :, :n]
+    return out.to(dtype)
 
 
 _LIB.impl("memory_write", _write, "CompositeImplicitAutograd")

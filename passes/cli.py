@@ -22,6 +22,7 @@ from archfx.ir.verify import certify
 from . import REGISTRY, Pipeline
 from .engines.residual import schemes
 from .infra.base import markdown_overview, markdown_reference
+from .io.generate import RUNTIMES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--input-ids", metavar="IDS", help="token ids: comma-separated, ';' between sequences"
     )
     s.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
-    s.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
+    s.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torch",
+        help="torch (eager), compile (torch.compile of the decode form: compiles on the first "
+        "calls) or onnx (ONNX Runtime)",
+    )
     s.add_argument(
         "--onnx", metavar="FILE", help="with --runtime onnx: where to export the decoder"
     )
@@ -609,7 +616,9 @@ def cmd_generate(args, err: Console) -> int:
         out.print(text[len(printed[0]) :], end="", soft_wrap=True)
         printed[0] = text
 
-    what = "generating" + (" (ONNX Runtime)" if args.runtime == "onnx" else "")
+    what = "generating" + {"onnx": " (ONNX Runtime)", "compile": " (torch.compile)"}.get(
+        args.runtime, ""
+    )
     with _step(err, what) if not streaming else contextlib.nullcontext():
         result = generate(
             graph,

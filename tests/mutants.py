@@ -441,6 +441,22 @@ MUTANTS = [
         ("tests/test_sdnc.py::test_cosine_addressing_is_the_dncs",),
     ),
     Mutant(
+        "delta-reads-before-write",
+        "sdnc(write=delta): token t reads the memory after its own write",
+        "ir/memory.py",
+        "masked_fill(~ones.tril(), 0)",
+        "masked_fill(~ones.tril(-1), 0)",
+        ("tests/test_sdnc.py::test_the_chunked_delta_scan_is_the_token_by_token_delta_rule",),
+    ),
+    Mutant(
+        "delta-chunk-start",
+        "sdnc(write=delta): a chunk's written values are measured against its starting memory",
+        "ir/memory.py",
+        "u = u0[:, :, i] - w[:, :, i] @ state",
+        "u = u0[:, :, i]",
+        ("tests/test_sdnc.py::test_the_chunked_delta_scan_is_the_token_by_token_delta_rule",),
+    ),
+    Mutant(
         "certificate-math-tolerance",
         "certificate: the fp64 math agrees within 1e-9 of each output's scale",
         "ir/verify.py",

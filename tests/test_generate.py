@@ -148,6 +148,21 @@ def test_onnx_runtime_generates_the_same_tokens(family, pipeline, tmp_path):
     assert past[2].dim_param and not past[2].dim_value  # the cached length is dynamic
 
 
+@pytest.mark.parametrize(
+    "pipeline", ["ddl(dv=1,value=compat)", pytest.param("altup(k=2)", marks=pytest.mark.slow)]
+)
+def test_compiled_decoding_generates_the_same_tokens(pipeline):
+    """runtime="compile": torch.compile of the decode form (prefill, one-token steps, a cache
+    that grows) gives transformers' tokens for a left-padded batch."""
+    m = model("tiny-llama").eval()
+    graph = Pipeline.parse(pipeline).run(capture(m), verify=False).graph
+    session = Session(graph, "compile")
+    got = generate(
+        session, PROMPTS, max_new_tokens=NEW, eos_token_id=m.generation_config.eos_token_id
+    )
+    assert got.runtime == "compile" and got.new_tokens == reference(m, PROMPTS)
+
+
 def test_smollm2_generates_transformers_tokens_after_altup():
     m = model("smollm2").eval()
     graph = Pipeline.parse("altup(k=2)").run(capture(m), verify=False).graph

@@ -1,14 +1,15 @@
 """sdnc: attention as explicit memory write / read ops (docs/passes.md, sdnc)."""
 
+import functools
 import itertools
 import json
 
 import pytest
 import torch
 
-from archfx.ir import PassError, capture
+from archfx.ir import LoweringError, PassError, capture
 from archfx.ir.lower import compile_graph, to_onnx
-from archfx.ir.memory import READ, WRITE, _grouped, delta_update
+from archfx.ir.memory import DELTA, READ, WRITE, _grouped, delta_update
 from archfx.passes import Pipeline
 from archfx.passes.cli import main as cli
 from archfx.passes.engines.decode import MemoryStream, first_call
@@ -310,6 +311,45 @@ def test_delta_update_shrinks_the_error_along_k_by_one_minus_beta():
     torch.testing.assert_close(after, (1 - beta)[..., None] * before, atol=1e-5, rtol=1e-5)
 
 
+def token_by_token(query, keys, values, strength):
+    """The delta-rule memory as its definition: one `delta_update` per token, read after it."""
+    b, hk, n, dk = keys.shape
+    groups = query.shape[1] // hk
+    state = keys.new_zeros(b, hk, dk, values.shape[-1])
+    q = query.reshape(b, hk, groups, n, dk)
+    reads = []
+    for t in range(n):
+        state = delta_update(state, keys[:, :, t], values[:, :, t], strength[:, :, t])
+        reads.append(torch.einsum("bhgk,bhkv->bhgv", q[:, :, :, t], state))
+    return torch.stack(reads, 3).reshape(b, hk * groups, n, values.shape[-1])
+
+
+@pytest.mark.parametrize("tokens", [1, 31, 32, 77])
+def test_the_chunked_delta_scan_is_the_token_by_token_delta_rule(tokens):
+    """`archfx::memory_delta` runs chunks of CHUNK tokens (a triangular solve per chunk): its
+    reads and every gradient equal the per-token recurrence in fp64 (to rounding), for lengths
+    inside one chunk, exactly one, and across chunks, with GQA groups and β over (0, 2)."""
+    gen = torch.Generator().manual_seed(tokens)
+    unit = functools.partial(torch.nn.functional.normalize, dim=-1)
+    args = [
+        unit(torch.randn(2, 6, tokens, 8, generator=gen, dtype=torch.float64)),
+        unit(torch.randn(2, 3, tokens, 8, generator=gen, dtype=torch.float64)),
+        torch.randn(2, 3, tokens, 5, generator=gen, dtype=torch.float64),
+        torch.rand(2, 3, tokens, generator=gen, dtype=torch.float64) * 2,
+    ]
+    got_args = [a.clone().requires_grad_() for a in args]
+    want_args = [a.clone().requires_grad_() for a in args]
+    got, want = DELTA(*got_args), token_by_token(*want_args)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    weights = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(
+        torch.autograd.grad((got * weights).sum(), got_args),
+        torch.autograd.grad((want * weights).sum(), want_args),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
 def test_delta_write_is_causal_and_trains():
     graph = capture(model("tiny-llama"))
     result = Pipeline.parse("sdnc(write=delta)").run(graph)
@@ -323,6 +363,22 @@ def test_delta_write_is_causal_and_trains():
     assert torch.equal(a[:, :-1], b[:, :-1]) and not torch.equal(a[:, -1], b[:, -1])
     losses = train(byte_gpt("sdnc(write=delta)"), steps=40)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+
+
+@pytest.mark.slow
+def test_delta_write_compiles():
+    from archfx.ir.lower import compile_graph
+
+    out = Pipeline.parse("sdnc(write=delta)").run(capture(model("tiny-llama"))).graph
+    assert compile_graph(out, dynamic=True).max_abs_diff <= 1e-5
+
+
+def test_delta_write_refuses_onnx_export(tmp_path):
+    from archfx.ir.lower import to_onnx
+
+    out = Pipeline.parse("sdnc(write=delta)").run(capture(model("tiny-llama"))).graph
+    with pytest.raises(LoweringError, match="no ONNX form yet"):
+        to_onnx(out, tmp_path / "m.onnx")
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -504,15 +505,19 @@ class MemoryStream:
     token by token as in generation. `attention_mask` marks the new tokens that are padding
     (0); positions count the tokens that are not, as transformers' `generate` counts them.
     Gradients flow within a call; earlier calls' slots are kept detached (truncated
-    backpropagation through time). `reset()` forgets everything."""
+    backpropagation through time). `reset()` forgets everything. `module` runs the calls
+    instead of the graph's own module (torch.compile of it)."""
 
-    def __init__(self, graph: Graph, names: list[str] | None = None):
+    def __init__(
+        self, graph: Graph, names: list[str] | None = None, *, module: Callable | None = None
+    ):
         names = names or graph.inputs.names
         if f"{PAST}.0.key" not in names:
             raise PassError(
                 "MemoryStream needs a graph in decode form (decode_form, or sdnc(persistent=true))"
             )
         self.graph = graph
+        self.module = graph.gm if module is None else module
         self.count = sum(n.startswith(f"{PAST}.") for n in names)
         self.memory: list[torch.Tensor] | None = None
         self.mask: torch.Tensor | None = None
@@ -544,7 +549,7 @@ class MemoryStream:
             else attention_mask.to(torch.int64)
         )
         mask = torch.cat([self.mask, new], 1)
-        out = self.graph(tokens, mask, positions(mask, q), *self.memory)
+        out = tuple(self.module(tokens, mask, positions(mask, q), *self.memory))
         self.memory = [m.detach() for m in out[-self.count :]]
         self.mask = mask
         return out[: -self.count]

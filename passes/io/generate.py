@@ -1,4 +1,5 @@
-"""Text generation with a rewritten causal language model, in PyTorch or ONNX Runtime.
+"""Text generation with a rewritten causal language model, in PyTorch (eager, or compiled by
+torch.compile) or ONNX Runtime.
 
 `generate(graph, prompts, …)` decodes with the graph's decode form (passes/engines/decode.py): the
 prompts, left-padded into one batch, are prefilled in one call; each new token is one call
@@ -7,6 +8,12 @@ not padding, as transformers' `generate` counts them, so greedy decoding gives i
 Greedy unless a temperature is given; then temperature, top-k and top-p are transformers'
 logits warpers, sampled with a seeded generator. A sequence that emits an end-of-sequence
 token is finished (its later positions are padding); generation stops when all are.
+
+`compile` runs the same decode form through torch.compile (Inductor, dynamic shapes): the
+first calls compile it (the prefill, the first one-token step and the first growing cache:
+a few compilations, seconds each on small models, minutes on large ones), later calls reuse it.
+Inductor fuses the element-wise ops a residual scheme adds per site, which eager PyTorch
+dispatches one by one.
 
 ONNX Runtime keeps the cache on its side: each call's `present.*` outputs are bound as the
 next call's `past_key_values.*` inputs (I/O binding), never copied through Python.
@@ -50,11 +57,15 @@ class Generation:
         return out
 
 
+RUNTIMES = ("torch", "compile", "onnx")
+
+
 class Session:
     """A causal language model ready to generate: its decode form (built and checked once; its
-    outputs at the last position only, which is all generation reads) in PyTorch, or exported to ONNX (`onnx`: the file; by default one of the Session's own,
-    deleted with it; checked
-    against PyTorch) and loaded in ONNX Runtime with `threads` intra-op threads."""
+    outputs at the last position only, which is all generation reads) in PyTorch (`torch`:
+    eager; `compile`: torch.compile of it), or exported to ONNX (`onnx`: the file; by default
+    one of the Session's own, deleted with it; checked against PyTorch) and loaded in ONNX
+    Runtime with `threads` intra-op threads."""
 
     def __init__(
         self,
@@ -64,8 +75,8 @@ class Session:
         onnx: str | Path | None = None,
         threads: int | None = None,
     ):
-        if runtime not in ("torch", "onnx"):
-            raise PassError(f"unknown runtime {runtime!r}: torch or onnx")
+        if runtime not in RUNTIMES:
+            raise PassError(f"unknown runtime {runtime!r}: {', '.join(RUNTIMES)}")
         self.runtime = runtime
         form = decode_form(graph)
         try:  # generation reads the last position's logits only
@@ -73,9 +84,11 @@ class Session:
         except PassError as exc:
             warnings.warn(f"{exc}: the prefill computes every position's outputs", stacklevel=2)
             self.decoder = form
-        self.onnx = self.ort = None
-        if runtime == "torch":
+        self.onnx = self.ort = self.compiled = None
+        if runtime != "onnx":
             self.eager = eager(self.decoder)
+            if runtime == "compile":
+                self.compiled = torch.compile(self.eager.gm, dynamic=True)
         else:
             from archfx.ir.lower import ort_session
 
@@ -97,7 +110,7 @@ class Session:
     def stream(self):
         """A fresh cache: a callable (new tokens, their attention mask) → last logits."""
         if self.ort is None:
-            return _TorchStep(self.eager)
+            return _TorchStep(self.eager, self.compiled)
         return _OrtStep(self.ort, self.decoder.device)
 
 
@@ -120,8 +133,8 @@ def generate(
     """Generate up to `max_new_tokens` after each prompt (token id lists, one batch).
 
     `model`: a causal language model, captured and rewritten by any pipeline (or already in
-    decode form), run with `runtime` ("torch", the default, or "onnx": exported to `onnx`, a
-    temporary file by default); or a `Session` prepared once for many generations (which
+    decode form), run with `runtime` ("torch", the default; "compile": torch.compile of the
+    decode form; or "onnx": exported to `onnx`, a temporary file by default); or a `Session` prepared once for many generations (which
     fixes the runtime). `on_tokens` receives each step's new ids (one per sequence)."""
     if max_new_tokens < 1:
         raise PassError("max_new_tokens must be at least 1")
@@ -230,8 +243,8 @@ def _chooser(temperature, top_k, top_p, seed):
 class _TorchStep:
     """One call of the decode form in PyTorch: the last position's logits."""
 
-    def __init__(self, decoder: Graph):
-        self.stream = MemoryStream(decoder)
+    def __init__(self, decoder: Graph, compiled: Callable | None):
+        self.stream = MemoryStream(decoder, module=compiled)
 
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
