@@ -160,22 +160,15 @@ _LIB.define(
 )
 
 
-def delta_update(state, k, v, beta):
-    """The delta rule (DDL over layers, a delta-rule memory over tokens; docs/passes.md):
-    state ← state + β k (vᵀ − kᵀ state), k of unit norm.
-    The error of the readout along k shrinks by (1 − β); β = 1 overwrites it with v."""
-    error = v - torch.einsum("...k,...kv->...v", k, state)
-    return state + beta[..., None, None] * k[..., :, None] * error[..., None, :]
-
-
 CHUNK = 32  # tokens per chunk of the delta-rule scan
 
 
 def _delta(query, keys, values, strength):
     """A fast-weight memory written by the delta rule token by token, read after each write:
-    per key head X_t = delta_update(X_{t−1}, k_t, v_t, β_t) ∈ R^{d_k×d_v}, X_0 = 0,
-    r_t = X_tᵀ q_t; query heads of a GQA group read their key head's memory.
-    (batch, heads, tokens, dim) layouts.
+    per key head X_t = X_{t−1} + β_t k_t (v_tᵀ − k_tᵀ X_{t−1}) ∈ R^{d_k×d_v} (k_t of unit norm:
+    the error of the readout along k_t shrinks by 1 − β_t, β_t = 1 overwrites it with v_t; the
+    update DDL applies over layers), X_0 = 0, r_t = X_tᵀ q_t; query heads of a GQA group read
+    their key head's memory. (batch, heads, tokens, dim) layouts.
 
     Computed chunk by chunk (the WY form of the delta rule, Yang et al. 2024): inside a chunk
     of C tokens starting from X, the written values u_t = β_t(v_t − X_{t−1}ᵀk_t) solve the unit

@@ -9,7 +9,7 @@ import torch
 
 from archfx.ir import LoweringError, PassError, capture
 from archfx.ir.lower import compile_graph, to_onnx
-from archfx.ir.memory import DELTA, READ, WRITE, _grouped, delta_update
+from archfx.ir.memory import DELTA, READ, WRITE, _grouped
 from archfx.passes import Pipeline
 from archfx.passes.cli import main as cli
 from archfx.passes.engines.decode import MemoryStream, first_call
@@ -300,15 +300,23 @@ def test_cosine_addressing_trains_on_shakespeare():
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
 
 
-def test_delta_update_shrinks_the_error_along_k_by_one_minus_beta():
+def delta_update(state, k, v, beta):
+    """The delta rule, SPEC's form: state ← state + β k (vᵀ − kᵀ state), k of unit norm."""
+    error = v - torch.einsum("...k,...kv->...v", k, state)
+    return state + beta[..., None, None] * k[..., :, None] * error[..., None, :]
+
+
+def test_the_delta_memory_shrinks_the_error_along_k_by_one_minus_beta():
+    """Two tokens, both queries k_2: r_1 = X_1ᵀk_2 and r_2 = X_2ᵀk_2 are the readouts along k_2
+    before and after its write, so v_2 − r_2 = (1 − β_2)(v_2 − r_1)."""
     gen = torch.Generator().manual_seed(0)
-    state = torch.randn(2, 3, 8, 5, generator=gen)
-    k = torch.nn.functional.normalize(torch.randn(2, 3, 8, generator=gen), dim=-1)
-    v = torch.randn(2, 3, 5, generator=gen)
-    beta = torch.rand(2, 3, generator=gen) * 2
-    before = v - torch.einsum("bhk,bhkv->bhv", k, state)
-    after = v - torch.einsum("bhk,bhkv->bhv", k, delta_update(state, k, v, beta))
-    torch.testing.assert_close(after, (1 - beta)[..., None] * before, atol=1e-5, rtol=1e-5)
+    k = torch.nn.functional.normalize(torch.randn(2, 3, 2, 8, generator=gen), dim=-1)
+    v = torch.randn(2, 3, 2, 5, generator=gen)
+    beta = torch.rand(2, 3, 2, generator=gen) * 2
+    q = k[:, :, 1:].expand(-1, -1, 2, -1)
+    r = DELTA(q, k, v, beta)
+    before, after = v[:, :, 1] - r[:, :, 0], v[:, :, 1] - r[:, :, 1]
+    torch.testing.assert_close(after, (1 - beta[:, :, 1, None]) * before, atol=1e-5, rtol=1e-5)
 
 
 def token_by_token(query, keys, values, strength):

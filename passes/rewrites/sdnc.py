@@ -217,7 +217,7 @@ def _unit(g: fx.Graph, like: fx.Node, x: fx.Node) -> fx.Node:
 
 def _delta(graph, read: fx.Node, a, owner: str, beta0: float) -> None:
     """read(q, write(k, v)) → memory_delta(q/‖q‖, k/‖k‖, v, β): the slots become a fast-weight
-    memory written by the delta rule (`archfx.ir.memory.delta_update`, DDL's update over
+    memory written by the delta rule (`archfx.ir.memory`, DDL's update over
     tokens instead of layers), β = 2σ(W x + b) per key head and token (W = 0,
     b = logit(β0/2))."""
     g = graph.gm.graph
