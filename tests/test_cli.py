@@ -72,7 +72,12 @@ def test_inspect_a_rewritten_model_shows_its_residual_schemes(capsys):
 
 
 @pytest.mark.parametrize(
-    "name", [*onnx_params(ZOO), "minilm", pytest.param("smollm2", marks=pytest.mark.slow)]
+    "name",
+    [
+        *onnx_params(ZOO, ("tiny-llama",)),
+        "minilm",
+        pytest.param("smollm2", marks=pytest.mark.slow),
+    ],
 )
 def test_apply_canonicalize_verify_onnx(capsys, tmp_path, name):
     onnx = str(tmp_path / "m.onnx")

@@ -16,7 +16,7 @@ from archfx.passes.io.hf_export import save_pretrained
 from archfx.passes.io.optimizer import grow_optimizer
 from archfx.passes.io.zoo.random_arch import ArchConfig, build_random
 
-from .helpers import ZOO_FIRST, byte_gpt, hamlet, loss_of, meta_llama, model, train
+from .helpers import ZOO_FIRST, byte_gpt, hamlet, loss_of, meta_llama, model, onnx_params, train
 
 PASSES = [
     "expand-mlp(factor=1.5)",
@@ -363,7 +363,9 @@ def test_bad_options_say_what_to_do():
             Pipeline.parse(text).run(graph)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-t5"])
+@pytest.mark.parametrize(
+    "name", onnx_params(["tiny-llama", "tiny-gpt2", "tiny-t5"], ("tiny-llama",))
+)
 def test_grown_models_export_to_onnx(tmp_path, name):
     from archfx.ir.lower import to_onnx
 

@@ -73,7 +73,16 @@ def test_memory_oracles(name):
         assert layers[0].addresses.shape[-3] == 2 and layers[0].weightings.shape[-3] == 4
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-t5", "nanogpt", "family:gemma2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny-llama",
+        *(
+            pytest.param(n, marks=pytest.mark.slow)
+            for n in ["tiny-gpt2", "tiny-t5", "nanogpt", "family:gemma2"]
+        ),
+    ],
+)
 def test_sdnc_composes_with_head_growth(name):
     graph = capture(model(name))
     for text in [
