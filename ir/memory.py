@@ -189,8 +189,8 @@ def _delta(query, keys, values, strength):
 
     k, v = chunks(keys, dk), chunks(values, dv)
     beta = F.pad(strength.to(wide), (0, pad)).reshape(b, hk, c, CHUNK, 1)
-    q = query.reshape(b, hk, groups, n, dk).transpose(2, 3).reshape(b, hk, n, groups * dk)
-    q = chunks(q, groups * dk).reshape(b, hk, c, CHUNK, groups, dk).transpose(3, 4)
+    q = F.pad(query.to(wide).reshape(b, hk, groups, n, dk), (0, 0, 0, pad))
+    q = q.reshape(b, hk, groups, c, CHUNK, dk).transpose(2, 3)  # [b, hk, chunk, groups, C, dk]
     ones = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=keys.device)
     system = (beta * k @ k.transpose(-1, -2)).masked_fill(~ones.tril(-1), 0) + torch.eye(
         CHUNK, dtype=wide, device=keys.device

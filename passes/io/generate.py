@@ -134,8 +134,8 @@ def generate(
 
     `model`: a causal language model, captured and rewritten by any pipeline (or already in
     decode form), run with `runtime` ("torch", the default; "compile": torch.compile of the
-    decode form; or "onnx": exported to `onnx`, a temporary file by default); or a `Session` prepared once for many generations (which
-    fixes the runtime). `on_tokens` receives each step's new ids (one per sequence)."""
+    decode form; or "onnx": exported to `onnx`, a temporary file by default); or a `Session`
+    prepared once for many generations (which fixes the runtime). `on_tokens` receives each step's new ids (one per sequence)."""
     if max_new_tokens < 1:
         raise PassError("max_new_tokens must be at least 1")
     if not prompts or any(len(p) == 0 for p in prompts):
