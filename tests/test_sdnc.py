@@ -382,6 +382,36 @@ def test_delta_write_is_causal_and_trains():
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
 
 
+class _SequenceFirstLM(torch.nn.Module):
+    """torch.nn's encoder in its default (tokens, batch, features) layout, causal."""
+
+    def __init__(self):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0)
+        self.emb, self.head = torch.nn.Embedding(50, 32), torch.nn.Linear(32, 50)
+        self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, ids):
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(ids.shape[1])
+        x = self.enc(self.emb(ids).transpose(0, 1), mask=mask, is_causal=True)
+        return self.head(x.transpose(0, 1))
+
+
+@pytest.mark.parametrize("text", ["sdnc(write=delta)", "sdnc(addressing=cosine)"])
+def test_learned_rates_on_sequence_first_inputs(text):
+    """β per head and token comes from the attention's input x; in a (tokens, batch, features)
+    layout it is permuted onto the queries' (batch, heads, tokens) axes, and the memory stays
+    causal."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 8))
+    out = Pipeline.parse(text).run(capture(_SequenceFirstLM().eval(), (ids,))).graph
+    later = ids.clone()
+    later[:, -1] = (later[:, -1] + 1) % 50
+    with torch.no_grad():
+        a, b = out(ids)[0], out(later)[0]
+    assert torch.equal(a[:, :-1], b[:, :-1]) and not torch.equal(a[:, -1], b[:, -1])
+
+
 @pytest.mark.slow
 def test_delta_write_compiles():
     from archfx.ir.lower import compile_graph

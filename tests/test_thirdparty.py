@@ -133,6 +133,30 @@ def test_every_pass_is_exact_or_refused(name):
         _rewrites_all_sites(text, record, graph.structure)
 
 
+@pytest.mark.parametrize("name", _params(sorted(set(ENTRIES) - set(REFUSED_MODELS))))
+def test_dnc_options_run_or_refuse(name):
+    """sdnc's options that change the function (cosine addressing, the delta-rule write) run on
+    every model or are refused naming the reason; a delta-rule memory stays causal: a later
+    token leaves the outputs at earlier positions as they were."""
+    _, graph = _captured(name)
+    for text in ("sdnc(addressing=cosine)", "sdnc(write=delta)"):
+        try:
+            out = Pipeline.parse(text).run(graph).graph
+        except (PassError, AnalysisError) as exc:
+            assert str(exc).startswith("sdnc") or "structure is partial" in str(exc), exc
+            continue
+        ids = out.inputs.tensors[0]
+        a = out.run()[0]
+        assert a.isfinite().all(), (name, text)
+        if text == "sdnc(write=delta)" and a.shape[:2] == ids.shape:  # per-token outputs
+            later = ids.clone()
+            later[:, -1] = (later[:, -1] + 1) % int(ids.max() + 1)
+            with torch.no_grad():
+                b = out(later, *out.inputs.tensors[1:])[0]
+            # equal up to rounding: experts batch the tokens routed to them, which moves bits
+            torch.testing.assert_close(a[:, :-1], b[:, :-1], atol=1e-5, rtol=0)
+
+
 def test_the_zoo_spans_four_libraries_and_twelve_models():
     libraries = {e.library for e in THIRDPARTY.values()}
     assert len(THIRDPARTY) >= 12 and len(libraries - {"torch"}) >= 4, libraries

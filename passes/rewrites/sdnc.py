@@ -35,6 +35,7 @@ from torch import fx
 from archfx.ir import PassError
 from archfx.ir.memory import DELTA, READ
 from archfx.ir.ops import SOFTMAX, aten, is_call, op_arg
+from archfx.ir.verify import refresh_shapes
 
 from ..engines.attention_memory import (
     SDPA,
@@ -116,9 +117,13 @@ class SDNC(Pass):
                 raise PassError(
                     f"{block.path}: attention kernel {a.core.target} has no memory-read form"
                 )
-        if self.opts["addressing"] == "cosine":
-            for (block, a), (_, plan) in zip(sites, plans, strict=True):
-                _strength_input(a, a.core.args[0] if plan is None else plan.query, block.path)
+        learned = {"addressing": "cosine", "write": "delta"}  # a strength, a write rate from x
+        option = ",".join(f"{k}={v}" for k, v in learned.items() if self.opts[k] == v)
+        orders = [
+            _per_token_input(a, a.core.args[0] if plan is None else plan.query, b.path, option)
+            for (b, a), (_, plan) in zip(sites, plans, strict=True)
+            if option
+        ]
         kinds = {"sdpa": 0, "hand-written": 0, "cross": 0}
         reads = []
         for a, plan in plans:
@@ -127,8 +132,8 @@ class SDNC(Pass):
             kinds["sdpa" if plan is None else "hand-written"] += 1
             kinds["cross"] += a.cross
         if self.opts["addressing"] == "cosine":
-            for (block, a), read in zip(sites, reads, strict=True):
-                _cosine(graph, read, a, _owner(block, a))
+            for (block, a), read, order in zip(sites, reads, orders, strict=True):
+                _cosine(graph, read, a, _owner(block, a), order)
         g.eliminate_dead_code()
         graph.gm.recompile()
         kinds["shared_banks"] = sum(op_arg(r, "enable_gqa") for r in reads)
@@ -138,8 +143,9 @@ class SDNC(Pass):
             persist(graph, reads)
         if self.opts["write"] == "delta":
             check_causal(graph, reads, [block.path for block, _ in sites])
-            for (block, a), read in zip(sites, reads, strict=True):
-                _delta(graph, read, a, _owner(block, a), self.opts["beta0"])
+            refresh_shapes(graph)  # the nodes a hand-written site's read was built from
+            for (block, a), read, order in zip(sites, reads, orders, strict=True):
+                _delta(graph, read, a, _owner(block, a), order, self.opts["beta0"])
             g.eliminate_dead_code()
             graph.gm.recompile()
         return PassResult(changed=True, details={"sites": len(plans), **kinds})
@@ -153,15 +159,25 @@ def _owner(block, a) -> str:
 # cosine addressing -----------------------------------------------------------------------------
 
 
-def _strength_input(a, query: fx.Node, path: str) -> None:
-    if len(query.meta["val"].shape) != 4 or len(a.q.input.meta["val"].shape) != 3:
-        raise PassError(
-            f"sdnc(addressing=cosine): {path} needs (batch, heads, tokens, dim) queries "
-            "computed from (batch, tokens, features) inputs"
-        )
+def _per_token_input(a, query: fx.Node, path: str, option: str) -> list[int]:
+    """How a per-token map of the attention's input x, [*x's two leading axes, heads], is
+    permuted into the query's [batch, heads, tokens]: x is (batch, tokens, features) or
+    sequence-first (tokens, batch, features), on the query's batch and token axes."""
+    x, q = a.q.input.meta["val"].shape, query.meta["val"].shape
+    if len(q) == 4 and len(x) == 3:
+        axes = (str(x[0]), str(x[1]))
+        if axes == (str(q[0]), str(q[2])):
+            return [0, 2, 1]
+        if axes == (str(q[2]), str(q[0])):
+            return [1, 2, 0]
+    raise PassError(
+        f"{path} needs (batch, heads, tokens, dim) queries computed from (batch, tokens, "
+        f"features) or (tokens, batch, features) inputs for {option}, not {tuple(q)} from "
+        f"{tuple(x)}"
+    )
 
 
-def _cosine(graph, read: fx.Node, a, owner: str) -> None:
+def _cosine(graph, read: fx.Node, a, owner: str, order: list[int]) -> None:
     """The DNC's content addressing: addresses and queries of unit norm, and a read strength
     β = 1 + softplus(W x + b) ≥ 1 per head and token from the attention's input x (W = 0,
     b = softplus⁻¹(√d_k − 1) at first, so β starts at √d_k); the read's own scale becomes 1."""
@@ -176,7 +192,10 @@ def _cosine(graph, read: fx.Node, a, owner: str) -> None:
             g, read, aten.add.Tensor, (_node(g, read, aten.softplus.default, (logits,)), 1)
         )
         beta = _node(
-            g, read, aten.unsqueeze.default, (_node(g, read, aten.transpose.int, (beta, 1, 2)), -1)
+            g,
+            read,
+            aten.unsqueeze.default,
+            (_node(g, read, aten.permute.default, (beta, order)), -1),
         )
         query = _node(g, read, aten.mul.Tensor, (_unit(g, read, q), beta))
     read.args = (query, *read.args[1:])
@@ -184,7 +203,7 @@ def _cosine(graph, read: fx.Node, a, owner: str) -> None:
 
 
 def _per_head_logits(graph, read: fx.Node, x: fx.Node, name: str, heads: int, bias: float):
-    """W x + b, [batch, tokens, heads], from new parameters `name`_weight = 0 and
+    """W x + b, [*x's leading axes, heads], from new parameters `name`_weight = 0 and
     `name`_bias = `bias`, inserted before `read`."""
     g = graph.gm.graph
     d, dtype = x.meta["val"].shape[-1], x.meta["val"].dtype
@@ -215,14 +234,12 @@ def _unit(g: fx.Graph, like: fx.Node, x: fx.Node) -> fx.Node:
 # delta-rule write ------------------------------------------------------------------------------
 
 
-def _delta(graph, read: fx.Node, a, owner: str, beta0: float) -> None:
+def _delta(graph, read: fx.Node, a, owner: str, order: list[int], beta0: float) -> None:
     """read(q, write(k, v)) → memory_delta(q/‖q‖, k/‖k‖, v, β): the slots become a fast-weight
     memory written by the delta rule (`archfx.ir.memory`, DDL's update over
     tokens instead of layers), β = 2σ(W x + b) per key head and token (W = 0,
     b = logit(β0/2))."""
     g = graph.gm.graph
-    if len(read.args[0].meta["val"].shape) != 4:
-        raise PassError(f"sdnc(write=delta): {owner} needs (batch, heads, tokens, dim) queries")
     banks = read.args[1].args[0].args[0].meta["val"].shape[1]  # the keys written
     logits = _per_head_logits(
         graph, read, a.q.input, f"{owner}.write", banks, math.log(beta0 / (2 - beta0))
@@ -230,7 +247,7 @@ def _delta(graph, read: fx.Node, a, owner: str, beta0: float) -> None:
     _unit_addresses(g, read.args[1].args[0])
     with g.inserting_before(read):
         beta = _node(g, read, aten.mul.Tensor, (_node(g, read, aten.sigmoid.default, (logits,)), 2))
-        beta = _node(g, read, aten.transpose.int, (beta, 1, 2))
+        beta = _node(g, read, aten.permute.default, (beta, order))
         q = _unit(g, read, read.args[0])
         delta = _node(g, read, DELTA, (q, read.args[1], read.args[2], beta))
     read.replace_all_uses_with(delta)
