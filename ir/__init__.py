@@ -9,6 +9,7 @@ from .errors import (
     LoweringError,
     ModelSpecError,
     PassError,
+    PassFailure,
     VerificationError,
 )
 from .graph import Graph
@@ -24,6 +25,7 @@ __all__ = [
     "LoweringError",
     "ModelSpecError",
     "PassError",
+    "PassFailure",
     "VerificationError",
     "capture",
 ]

@@ -24,6 +24,11 @@ class PassError(ArchfxError):
     """A pass could not run, or its options are invalid."""
 
 
+class PassFailure(ArchfxError):
+    """A pass broke on this model in a way it does not check for: a bug in archfx, not a
+    refusal. The message names the reproducer to report."""
+
+
 class VerificationError(ArchfxError):
     """A rewrite that claims to preserve the function did not, or the graph is malformed."""
 

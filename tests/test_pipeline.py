@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from archfx.ir import PassError, VerificationError, capture
+from archfx.ir import PassError, PassFailure, VerificationError, capture
 from archfx.passes import REGISTRY, Option, Pass, PassResult, Pipeline, register
 
 from .helpers import model
@@ -176,7 +176,7 @@ def test_a_failing_pass_leaves_the_ir_it_received(breaking_pass, tmp_path, verif
     graph = capture(model("tiny-llama"))
     code = graph.gm.code
     received = Pipeline.parse("canonicalize,altup(k=2)").run(graph, verify=False).graph.gm.code
-    with pytest.raises(PassError, match="bug in the pass; reproducer in") as err:
+    with pytest.raises(PassFailure, match="bug in the pass; reproducer in") as err:
         Pipeline.parse("canonicalize,altup(k=2),breaking-pass").run(
             graph, verify=verify, dump_dir=tmp_path
         )

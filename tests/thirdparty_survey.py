@@ -48,20 +48,15 @@ def _emit(**event) -> None:
 
 
 def _error(exc: BaseException) -> dict:
-    from archfx.ir.errors import ArchfxError, CaptureError, VerificationError
+    from archfx.ir.errors import ArchfxError, PassFailure, VerificationError
 
+    # a pass's unexpected exception is a PassFailure: a bug, not a refusal
+    crashed = isinstance(exc, PassFailure) or not isinstance(exc, ArchfxError)
     cause = exc.__cause__
-    # a pass's unexpected exception is wrapped in an archfx error: a bug, not a refusal;
-    # capture always wraps torch.export's error in an explained CaptureError
-    crashed = (
-        cause is not None
-        and not isinstance(cause, ArchfxError)
-        and not isinstance(exc, CaptureError)
-    )
-    refused = isinstance(exc, ArchfxError) and not isinstance(exc, VerificationError)
-    kind = "refused" if refused and not crashed else "failed"
+    refused = not crashed and not isinstance(exc, VerificationError)
+    kind = "refused" if refused else "failed"
     msg = f"{type(exc).__name__}: {exc}"
-    if crashed:
+    if crashed and cause is not None:
         msg += f" [cause {type(cause).__name__}: {cause}]"
     out = {"outcome": kind, "message": msg.replace("\n", " ")[:600]}
     if kind == "failed" and not isinstance(exc, ArchfxError):

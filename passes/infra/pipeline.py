@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from archfx.ir import AnalysisError, ArchfxError, Graph, PassError
+from archfx.ir import AnalysisError, ArchfxError, Graph, PassError, PassFailure
 from archfx.ir.errors import first_line
 from archfx.ir.serialize import cache_dir
 from archfx.ir.verify import Certificate
@@ -227,7 +227,7 @@ class Pipeline:
         where = self._reproduce(i, p, graph, code, exc, dump_dir)
         if isinstance(exc, ArchfxError):
             return type(exc)(f"{p}: {exc}; reproducer in {where}")
-        return PassError(f"{p}: failed: {first_line(exc)}; reproducer in {where}")
+        return PassFailure(f"{p}: failed: {first_line(exc)}; reproducer in {where}")
 
     def _reproduce(
         self, i: int, p: Pass, graph: Graph, code: str, exc: BaseException | None, dump_dir
