@@ -347,7 +347,10 @@ def _check(graph: Graph, tokens, whole, row, alone) -> None:
 
 def _compare(name: str, got: torch.Tensor, ref: torch.Tensor, how: str) -> None:
     diff = float((got - ref).abs().max())
-    if not diff <= TOLERANCE * max(1.0, float(ref.abs().max())):
+    # a cache computes the same sums in other chunks: in bf16 and fp16 their rounding alone
+    # differs by a few units of the dtype's precision (a broken cache differs by the scale)
+    tolerance = max(TOLERANCE, 4 * torch.finfo(ref.dtype).eps) if ref.is_floating_point() else 0
+    if not diff <= tolerance * max(1.0, float(ref.abs().max())):
         raise PassError(
             f"decode form: {name} {how} differs from the whole sequence's by {diff:.2e} on the "
             f"example tokens: {WHY}"
