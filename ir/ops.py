@@ -421,3 +421,32 @@ def is_heavy(node) -> bool:
         node.target in (aten.embedding.default, aten.conv2d.default, aten.convolution.default)
         or node.target in LINEAR_OPS
     )
+
+
+# the public torch function that runs an op on the same positional and keyword arguments (the
+# same kernel, bit-equal): in eager PyTorch it skips the OpOverload's Python dispatch, which
+# costs about as much again per call (3.4 µs against 1.9 µs for a mul of 576 floats)
+PUBLIC = {
+    aten.mul.Tensor: torch.mul,
+    aten.add.Tensor: torch.add,
+    aten.sub.Tensor: torch.sub,
+    aten.div.Tensor: torch.div,
+    aten.rsub.Scalar: torch.rsub,
+    aten.addcmul.default: torch.addcmul,
+    aten.neg.default: torch.neg,
+    aten.rsqrt.default: torch.rsqrt,
+    aten.sigmoid.default: torch.sigmoid,
+    aten.pow.Tensor_Scalar: torch.pow,
+    aten.sum.dim_IntList: torch.sum,
+    aten.mean.dim: torch.mean,
+    aten.linear.default: torch._C._nn.linear,
+    aten.silu.default: torch._C._nn.silu,
+    aten.scaled_dot_product_attention.default: torch._C._nn.scaled_dot_product_attention,
+    aten.view.default: torch.Tensor.view,
+    aten.reshape.default: torch.reshape,
+    aten.transpose.int: torch.transpose,
+    aten.unsqueeze.default: torch.unsqueeze,
+    aten.select.int: torch.select,
+    aten.cat.default: torch.cat,
+    aten.clone.default: torch.clone,
+}

@@ -457,6 +457,17 @@ MUTANTS = [
         ("tests/test_sdnc.py::test_the_chunked_delta_scan_is_the_token_by_token_delta_rule",),
     ),
     Mutant(
+        "public-op-wrong-function",
+        "generation in eager PyTorch: an op retargeted to a public function that computes another",
+        "ir/ops.py",
+        "aten.sub.Tensor: torch.sub,",
+        "aten.sub.Tensor: torch.add,",
+        (
+            "tests/test_generate.py::"
+            "test_the_eager_form_calls_public_torch_functions_and_computes_the_same_bits",
+        ),
+    ),
+    Mutant(
         "certificate-math-tolerance",
         "certificate: the fp64 math agrees within 1e-9 of each output's scale",
         "ir/verify.py",

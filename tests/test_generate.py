@@ -347,6 +347,33 @@ def test_generation_projects_the_last_position_only(name):
     assert float((last - whole[:, -1:]).abs().max()) <= 1e-5 * float(whole.abs().max())
 
 
+@pytest.mark.parametrize(
+    ("name", "pipeline"),
+    [
+        ("tiny-llama", "ddl(dv=1,value=compat)"),
+        ("tiny-gpt2", "altup(k=2)"),
+        ("family:gemma2", "sdnc"),
+    ],
+)
+def test_the_eager_form_calls_public_torch_functions_and_computes_the_same_bits(name, pipeline):
+    """Session.eager runs the decode form with ops retargeted to their public torch functions
+    (archfx.ir.ops.PUBLIC): the same kernels, so every call's outputs are bit-equal."""
+    from archfx.ir.ops import PUBLIC
+
+    session = Session(Pipeline.parse(pipeline).run(capture(model(name))).graph)
+    targets = {n.target for n in session.eager.gm.graph.nodes if n.op == "call_function"}
+    assert not targets & set(PUBLIC) and targets & set(PUBLIC.values())
+    ours, theirs = MemoryStream(session.eager), MemoryStream(session.decoder)
+    tokens = torch.tensor([PROMPTS[2], PROMPTS[2][::-1]])
+    mask = torch.ones_like(tokens)
+    with torch.no_grad():
+        for _ in range(4):
+            a, b = ours(tokens, mask), theirs(tokens, mask)
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+            tokens = a[0][:, -1:].argmax(-1)
+            mask = torch.ones_like(tokens)
+
+
 def test_a_model_without_a_vocabulary_head_generates_every_position_and_says_so():
     from transformers import LlamaConfig, LlamaModel
 

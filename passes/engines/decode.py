@@ -43,7 +43,7 @@ from torch.utils._sympy.value_ranges import ValueRanges
 from archfx.ir import AnalysisError, Graph, Inputs, PassError
 from archfx.ir.errors import first_line
 from archfx.ir.memory import DELTA, READ, WRITE
-from archfx.ir.ops import ARANGES, IDENTITY, SOFTMAX, aten, is_call, is_pointwise, op_arg
+from archfx.ir.ops import ARANGES, IDENTITY, PUBLIC, SOFTMAX, aten, is_call, is_pointwise, op_arg
 from archfx.ir.verify import refresh_shapes, shape_signature
 
 from .attention_memory import _needs_values, _node, check_causal, from_sdpa, parse_attention
@@ -253,7 +253,9 @@ def last_position(decoder: Graph) -> Graph:
 def eager(decoder: Graph) -> Graph:
     """`decoder` as eager PyTorch runs it fastest, a new graph on the same parameters: each
     memory write becomes the keys and values it holds and each read without soft-capping the
-    SDPA call it runs — the same ops, without a custom op's dispatch per call."""
+    SDPA call it runs — the same ops, without a custom op's dispatch per call — and ops with a
+    public torch function call that function (`archfx.ir.ops.PUBLIC`: the same kernel
+    without the OpOverload's Python dispatch)."""
     g = copy.deepcopy(decoder.gm.graph)
     for n in list(g.nodes):
         if (
@@ -272,6 +274,9 @@ def eager(decoder: Graph) -> Graph:
             u.replace_all_uses_with(n.args[u.args[1]])
             g.erase_node(u)
         g.erase_node(n)
+    for n in g.nodes:
+        if n.op == "call_function" and n.target in PUBLIC:
+            n.target = PUBLIC[n.target]
     return _sharing(decoder, g, decoder.inputs, decoder.output_names)
 
 

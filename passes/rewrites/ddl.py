@@ -105,9 +105,7 @@ class DDLScheme(Scheme):
             f"{name}.beta_bias", torch.tensor([math.log(self.beta0 / (2 - self.beta0))], dtype=F32)
         )
         logit = em.op(
-            aten.add.Tensor,
-            em.op(aten.sum.dim_IntList, em.op(aten.mul.Tensor, cf, w_beta), [-1], True),
-            b_beta,
+            aten.linear.default, cf, em.op(aten.view.default, w_beta, [1, self.d]), b_beta
         )
         beta = em.op(aten.mul.Tensor, em.op(aten.sigmoid.default, logit), 2.0)  # [*tok, 1]
         v = self._value(em, cf, unit_in, name)  # [*tok, dv]
@@ -125,7 +123,7 @@ class DDLScheme(Scheme):
         if self.value == "compat":  # X + λh + (1 − λ)·βk(v − kᵀX), λ = 1 at init
             lam = em.param(f"{name}.lam", torch.ones(1, dtype=self.dtype))
             gate = em.op(aten.mul.Tensor, em.op(aten.rsub.Scalar, lam, 1.0), beta)
-            base = em.op(aten.add.Tensor, state, em.op(aten.mul.Tensor, lam, h))
+            base = em.op(aten.addcmul.default, state, lam, h)
         else:
             gate, base = beta, state
         direction = em.op(aten.mul.Tensor, gate, k)  # [*tok, d]
