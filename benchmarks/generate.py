@@ -16,7 +16,8 @@ Printed: end-to-end tokens/s (prefill + decode, all sequences) and decode time p
 with the ratios the targets name — archfx torch / transformers ≥ 1.0, archfx ONNX /
 transformers ≥ 1.5, a scheme's decode time per token / the canonicalized graph's in the same
 runtime ≤ 1.10. transformers' decode time is its whole time less a one-token run's (its
-prefill). Then the time of one decode step against the cached length it reads (`--lengths`,
+prefill). The schemes' ratios come from a lockstep run (`lockstep`): the three decode forms
+of a runtime generate one token each in turn, and each one's median step is compared. Then the time of one decode step against the cached length it reads (`--lengths`,
 batch 1, every core) for archfx torch and ONNX, interleaved: a linear fit (slope per 1k
 tokens, R²) and a plot.
 
@@ -75,7 +76,9 @@ def _ours(session: Session, ids: torch.Tensor, new: int) -> tuple[float, float]:
     return total, per_step
 
 
-def measure(model, sessions: dict, prompt: int, new: int, batch: int, rounds: int) -> dict:
+def measure(
+    model, sessions: dict, prompt: int, new: int, batch: int, rounds: int, threads: int
+) -> dict:
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(100, 49000, (batch, prompt), generator=gen)
     best: dict[str, list[float]] = {}
@@ -88,10 +91,36 @@ def measure(model, sessions: dict, prompt: int, new: int, batch: int, rounds: in
             total, step = _ours(session, ids, new)
             row = best.setdefault(name, [float("inf"), float("inf")])
             row[0], row[1] = min(row[0], total), min(row[1], step)
-    return {
+    runs = {
         name: {"tokens_per_s": batch * new / total, "decode_ms_per_token": step * 1e3}
         for name, (total, step) in best.items()
     }
+    for base in ("archfx torch", "archfx compile", "archfx ONNX"):
+        group = {n: s for n, s in sessions.items() if n.startswith(base)}
+        if base == "archfx ONNX":  # a spinning session's threads would take the next one's cores
+            group = {n: s.with_threads(threads, spinning=False) for n, s in group.items()}
+        for name, seconds in (lockstep(group, ids, new) if group else {}).items():
+            runs[name]["lockstep_ms_per_token"] = seconds * 1e3
+    return runs
+
+
+def lockstep(sessions: dict, ids: torch.Tensor, new: int) -> dict[str, float]:
+    """The median decode step (seconds) of sessions that generate after the same prompt one
+    token each in turn, the order rotating, so that the machine's slow spells fall on all of
+    them alike: the time per token the ratios to the canonicalized graph are taken from."""
+    streams = {name: s.stream() for name, s in sessions.items()}
+    tokens = {name: step(ids, torch.ones_like(ids)).argmax(-1) for name, step in streams.items()}
+    times: dict[str, list[float]] = {name: [] for name in streams}
+    order = list(streams)
+    for _ in range(new - 1):
+        order = order[1:] + order[:1]
+        for name in order:
+            t = tokens[name][:, None]
+            t0 = time.perf_counter()
+            logits = streams[name](t, torch.ones_like(t))
+            times[name].append(time.perf_counter() - t0)
+            tokens[name] = logits.argmax(-1)
+    return {name: float(np.median(v)) for name, v in times.items()}
 
 
 def per_step(sessions: dict, lengths: list[int], repeats: int = 9) -> dict:
@@ -199,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
                     args.new,
                     batch,
                     args.rounds,
+                    threads,
                 )
                 table.append({"threads": threads, "batch": batch, "runs": runs})
                 _print_row(table[-1])
@@ -236,13 +266,17 @@ def _print_row(row: dict) -> None:
     runs = row["runs"]
     ref = runs["transformers"]
     print(f"\nthreads {row['threads']}, batch {row['batch']}")
-    print(f"{'':24} {'tokens/s':>9} {'× tf':>6} {'ms/token':>9} {'× canonicalized':>16}")
+    print(
+        f"{'':24} {'tokens/s':>9} {'× tf':>6} {'ms/token':>9} {'lockstep ms':>12} "
+        f"{'× canonicalized':>16}"
+    )
     for name, r in runs.items():
         base = runs[next((b for b in BASES if b in name), "archfx torch")]
+        step = r.get("lockstep_ms_per_token")
+        ratio = f"{step / base['lockstep_ms_per_token']:16.2f}" if step else ""
         print(
             f"{name:24} {r['tokens_per_s']:9.2f} {r['tokens_per_s'] / ref['tokens_per_s']:6.2f} "
-            f"{r['decode_ms_per_token']:9.2f} "
-            f"{r['decode_ms_per_token'] / base['decode_ms_per_token']:16.2f}",
+            f"{r['decode_ms_per_token']:9.2f} {f'{step:12.2f}' if step else '':>12} {ratio}",
             flush=True,
         )
 

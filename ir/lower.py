@@ -61,8 +61,11 @@ def ort_session(
     threads: int | None = None,
     providers_: list[str] | None = None,
     level: str = "all",
+    spinning: bool = True,
 ):
-    """An InferenceSession on `path` with full graph optimisation (or `level`)."""
+    """An InferenceSession on `path` with full graph optimisation (or `level`). `spinning=False`:
+    its worker threads sleep between runs instead of spinning (for sessions that take turns
+    on the same cores)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -71,6 +74,8 @@ def ort_session(
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     chosen = providers_ or providers()
     try:
         return ort.InferenceSession(

@@ -26,3 +26,29 @@ def test_quick_run_writes_the_tables_and_plots(tmp_path):
     assert "Matrix products (MatMul, FusedMatMul, Gemm) take" in text
     assert (tmp_path / "backends.png").stat().st_size > 1000
     assert (tmp_path / "pipeline_cost.png").stat().st_size > 1000
+
+
+def test_generation_lockstep_steps_every_session_in_turn(tmp_path):
+    """benchmarks/generate.py's lockstep: torch and ONNX Runtime decode forms (the latter with
+    threads that sleep between runs) each generate after the same prompt, one token in turn."""
+    import torch
+
+    from archfx.ir import capture
+    from archfx.passes import Pipeline
+    from archfx.passes.io.generate import Session
+
+    from .helpers import model
+
+    sys.path.insert(0, str(RUN.parent))
+    spec = importlib.util.spec_from_file_location("generate_bench", RUN.parent / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    graph = capture(model("tiny-llama"))
+    ddl = Pipeline.parse("ddl(dv=1,value=compat)").run(graph).graph
+    sessions = {
+        "torch": Session(graph),
+        "torch ddl": Session(ddl),
+        "onnx": Session(graph, "onnx", onnx=tmp_path / "m.onnx").with_threads(2, spinning=False),
+    }
+    medians = module.lockstep(sessions, torch.tensor([[5, 17, 33, 2, 9]]), new=6)
+    assert set(medians) == set(sessions) and all(0 < s < 1 for s in medians.values())

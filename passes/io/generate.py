@@ -98,13 +98,14 @@ class Session:
             self.onnx = onnx_decoder(self.decoder, onnx)
             self.ort = ort_session(self.onnx, threads=threads)
 
-    def with_threads(self, threads: int | None) -> Session:
-        """The same decode form (and ONNX file) in a new ONNX Runtime session."""
+    def with_threads(self, threads: int | None, *, spinning: bool = True) -> Session:
+        """The same decode form (and ONNX file) in a new ONNX Runtime session (`spinning`:
+        `archfx.ir.lower.ort_session`'s)."""
         other = copy.copy(self)
         if self.onnx is not None:
             from archfx.ir.lower import ort_session
 
-            other.ort = ort_session(self.onnx, threads=threads)
+            other.ort = ort_session(self.onnx, threads=threads, spinning=spinning)
         return other
 
     def stream(self):
