@@ -17,9 +17,10 @@ with the ratios the targets name — archfx torch / transformers ≥ 1.0, archfx
 transformers ≥ 1.5, a scheme's decode time per token / the canonicalized graph's in the same
 runtime ≤ 1.10. transformers' decode time is its whole time less a one-token run's (its
 prefill). The schemes' ratios come from a lockstep run (`lockstep`): the three decode forms
-of a runtime generate one token each in turn, and each one's median step is compared. Then the time of one decode step against the cached length it reads (`--lengths`,
-batch 1, every core) for archfx torch and ONNX, interleaved: a linear fit (slope per 1k
-tokens, R²) and a plot.
+of a runtime generate one token each in turn, and each one's median step is compared. Then
+the time of one decode step against the cached length it reads (`--lengths`, batch 1, every
+core) for archfx torch and ONNX, interleaved: a linear fit (slope per 1k tokens, R²) and a
+plot.
 
     python benchmarks/generate.py [--prompt 128] [--new 128] [--rounds 3]
                                   [--lengths 128,1024,...,8192] [--batches 1,8]

@@ -35,7 +35,6 @@ from torch import fx
 from archfx.ir import PassError
 from archfx.ir.memory import DELTA, READ
 from archfx.ir.ops import SOFTMAX, aten, is_call, op_arg
-from archfx.ir.verify import refresh_shapes
 
 from ..engines.attention_memory import (
     SDPA,
@@ -119,11 +118,14 @@ class SDNC(Pass):
                 )
         learned = {"addressing": "cosine", "write": "delta"}  # a strength, a write rate from x
         option = ",".join(f"{k}={v}" for k, v in learned.items() if self.opts[k] == v)
-        orders = [
-            _per_token_input(a, a.core.args[0] if plan is None else plan.query, b.path, option)
-            for (b, a), (_, plan) in zip(sites, plans, strict=True)
+        orders = (
+            [
+                _per_token_input(a, a.core.args[0] if plan is None else plan.query, b.path, option)
+                for (b, a), (_, plan) in zip(sites, plans, strict=True)
+            ]
             if option
-        ]
+            else []
+        )
         kinds = {"sdpa": 0, "hand-written": 0, "cross": 0}
         reads = []
         for a, plan in plans:
@@ -143,7 +145,6 @@ class SDNC(Pass):
             persist(graph, reads)
         if self.opts["write"] == "delta":
             check_causal(graph, reads, [block.path for block, _ in sites])
-            refresh_shapes(graph)  # the nodes a hand-written site's read was built from
             for (block, a), read, order in zip(sites, reads, orders, strict=True):
                 _delta(graph, read, a, _owner(block, a), order, self.opts["beta0"])
             g.eliminate_dead_code()
@@ -240,7 +241,8 @@ def _delta(graph, read: fx.Node, a, owner: str, order: list[int], beta0: float) 
     tokens instead of layers), β = 2σ(W x + b) per key head and token (W = 0,
     b = logit(β0/2))."""
     g = graph.gm.graph
-    banks = read.args[1].args[0].args[0].meta["val"].shape[1]  # the keys written
+    # the values written: existing nodes (a hand-written site's keys may be a new transpose)
+    banks = read.args[1].args[0].args[1].meta["val"].shape[1]
     logits = _per_head_logits(
         graph, read, a.q.input, f"{owner}.write", banks, math.log(beta0 / (2 - beta0))
     )
