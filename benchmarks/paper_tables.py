@@ -27,6 +27,7 @@ given seed (equal tokens). Table 3 uses SmolLM2's own tokenizer (packaged in its
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -213,7 +214,21 @@ def lr_at(step: int, s: Settings, steps: int | None = None, peak: float | None =
 
 def build_graph(shape: Shape, seq: int, seed: int, pipeline: str | None, post_ln: bool = False):
     """`shape` as a Hugging Face Llama, or (`post_ln`) as archfx's hand-written RandomArch with
-    the same sizes, RMSNorm, RoPE and gated MLP, but post-LN sites: x ← Norm(x + F(x))."""
+    the same sizes, RMSNorm, RoPE and gated MLP, but post-LN sites: x ← Norm(x + F(x));
+    rewritten by `pipeline`. A fresh copy every call."""
+    captured, rng = _captured(shape, seq, seed, post_ln)
+    torch.set_rng_state(rng)  # as if the model had just been built: the same draws follow
+    graph, records = captured.copy(), []
+    if pipeline:
+        result = Pipeline.parse(pipeline).run(graph)
+        graph, records = result.graph, result.records
+    return graph, records
+
+
+@functools.lru_cache(maxsize=8)
+def _captured(shape: Shape, seq: int, seed: int, post_ln: bool):
+    """The model built from `seed` and captured (a table's configurations and rounds share
+    it: one capture per model, not per configuration), with the RNG state after building it."""
     torch.manual_seed(seed)
     if post_ln:
         from archfx.passes.io.zoo.random_arch import ArchConfig, build_random
@@ -239,12 +254,7 @@ def build_graph(shape: Shape, seq: int, seed: int, pipeline: str | None, post_ln
         if post_ln
         else {"input_ids": torch.randint(0, VOCAB, (2, 8)), "use_cache": False}
     )
-    graph = capture(model, example)
-    records = []
-    if pipeline:
-        result = Pipeline.parse(pipeline).run(graph)
-        graph, records = result.graph, result.records
-    return graph, records
+    return capture(model, example), torch.get_rng_state()
 
 
 def flops_per_token(params: int, shape: Shape, seq: int) -> float:

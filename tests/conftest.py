@@ -1,7 +1,7 @@
 """Test-session set-up: transformers' log handler, and the hypothesis profiles.
 
 Hypothesis profiles (select with HYPOTHESIS_PROFILE=<name>, or pytest's --hypothesis-profile):
-`ci` (the default) runs a few examples per property test, so the suite stays fast; `long` runs
+`ci` (the default) runs 4 examples per property test, so the suite stays fast; `long` runs
 300 per test (tests/test_random_architectures.py: well over half an hour on one core).
 HYPOTHESIS_MAX_EXAMPLES=N sets another number under either profile. Tests that set
 max_examples themselves keep it.
@@ -24,7 +24,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
-settings.register_profile("ci", max_examples=6, deadline=None, suppress_health_check=_SLOW_OK)
+settings.register_profile("ci", max_examples=4, deadline=None, suppress_health_check=_SLOW_OK)
 settings.register_profile("long", max_examples=300, deadline=None, suppress_health_check=_SLOW_OK)
 _profile = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 if os.environ.get("HYPOTHESIS_MAX_EXAMPLES"):  # the profile, with another number of examples

@@ -1,10 +1,12 @@
 """Shared test utilities: every zoo model, and a short training loop on real text."""
 
+import functools
+
 import pytest
 import torch
 import transformers as tf
 
-from archfx.ir import capture
+from archfx.ir import Graph, capture
 from archfx.passes import Pipeline
 from archfx.passes.io.zoo import BUILTINS, build
 from archfx.passes.io.zoo.text import batches, byte_tokens, shakespeare
@@ -13,30 +15,49 @@ from .families import FAMILIES, build_family
 
 ZOO = [name for name, b in BUILTINS.items() if not b.real]
 EVERY = [*ZOO, *(f"family:{f}" for f in sorted(FAMILIES))]
-# the zoo and MiniLM in the default run, the held-out families under `make test-all`
-ZOO_FIRST = [
-    *ZOO,
-    "minilm",
-    *(pytest.param(f"family:{f}", marks=pytest.mark.slow) for f in sorted(FAMILIES)),
-]
-# a sample in the default run (a pre-LN decoder, RoPE + GQA, an encoder-decoder, a post-LN
-# encoder and a post-LN encoder-decoder), every other zoo model and family under `make test-all`
-SCHEME_SAMPLE = ("tiny-gpt2", "tiny-llama", "tiny-t5", "tiny-bert", "tiny-bart")
-EVERY_SAMPLED = [
-    n if n in SCHEME_SAMPLE else pytest.param(n, marks=pytest.mark.slow) for n in [*EVERY, "minilm"]
-]
-# ONNX exports are the slow part of the suite: every run exports a LayerNorm decoder, an RMSNorm
-# decoder with RoPE and GQA, and an encoder-decoder; `make test-all` exports every model
-ONNX_SAMPLE = ("tiny-gpt2", "tiny-llama", "tiny-t5")
+# The default run (`make test`) checks a sample of the zoo: a pre-LN decoder, RoPE + GQA, an
+# encoder-decoder and a post-LN encoder; `make test-all` checks every zoo model, MiniLM and
+# the held-out families too.
+ZOO_SAMPLE = ("tiny-gpt2", "tiny-llama", "tiny-t5", "tiny-bert")
 
 
-def onnx_params(names: list[str], sample: tuple[str, ...] = ONNX_SAMPLE) -> list:
+def sampled(names, sample: tuple = ZOO_SAMPLE) -> list:
     """`names` as test parameters: those in `sample` in every run, the others marked slow."""
     return [n if n in sample else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
+EVERY_SAMPLED = sampled([*EVERY, "minilm"])
+
+
+def diagonal(rows: list, columns: list) -> list:
+    """Every (row, column) pair as test parameters; the default run takes each row once, with
+    the columns in turn, and marks the other pairs slow."""
+    return [
+        (r, c) if i % len(columns) == j else pytest.param(r, c, marks=pytest.mark.slow)
+        for i, r in enumerate(rows)
+        for j, c in enumerate(columns)
+    ]
+
+
 def model(name: str) -> torch.nn.Module:
     return build_family(name.split(":", 1)[1]) if name.startswith("family:") else build(name)
+
+
+def captured(name: str) -> Graph:
+    """capture(model(name)), captured once per test process (torch.export takes seconds, the
+    copy milliseconds): a copy of its own every call, the RNG left as the build and capture
+    left it. The zoo's and the families' models are built from seed 0, so every build has the
+    same weights; the real models (SmolLM2, MiniLM) are captured afresh, not kept."""
+    if name in BUILTINS and BUILTINS[name].real:
+        return capture(model(name))
+    graph, rng = _captured(name)
+    torch.set_rng_state(rng)
+    return graph.copy()
+
+
+@functools.cache
+def _captured(name: str) -> tuple[Graph, torch.Tensor]:
+    return capture(model(name)), torch.get_rng_state()
 
 
 def hamlet(batch: int = 8, seq: int = 64, seed: int = 0):

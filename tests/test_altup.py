@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from archfx.ir import PassError, capture
+from archfx.ir import PassError
 from archfx.ir.verify import certify
 from archfx.passes import Pipeline
 
-from .helpers import ZOO, ZOO_FIRST, byte_gpt, model, onnx_params, train
+from .helpers import EVERY_SAMPLED, ZOO, byte_gpt, captured, sampled, train
 
 ACCEPTANCE = ["altup(k=2)", "altup(k=4,schedule=same)", "altup(k=4,coefficients=router)"]
 
@@ -17,9 +17,9 @@ def states(graph):
     return nodes, graph.probe(nodes)
 
 
-@pytest.mark.parametrize("name", ZOO_FIRST)
+@pytest.mark.parametrize("name", EVERY_SAMPLED)
 def test_exact_at_init_with_replicated_blocks(name):
-    graph = capture(model(name))
+    graph = captured(name)
     for text in ACCEPTANCE:
         result = Pipeline.parse(text).run(graph)
         cert = result.records[-1].certificate
@@ -38,7 +38,7 @@ HEADLINE = [ACCEPTANCE[0], *(pytest.param(t, marks=pytest.mark.slow) for t in AC
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return capture(model("smollm2"))
+    return captured("smollm2")
 
 
 @pytest.mark.parametrize("text", HEADLINE)
@@ -49,18 +49,20 @@ def test_exact_on_smollm2(smollm2, text):
     assert cert.max_abs_diff <= 1e-5 and len(cert.input_sets) == 2
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5", "tiny-bert"])
+@pytest.mark.parametrize(
+    "name", ["tiny-llama", pytest.param("tiny-t5", marks=pytest.mark.slow), "tiny-bert"]
+)
 def test_k1_is_the_identity(name):
-    graph = capture(model(name))
+    graph = captured(name)
     out = Pipeline.parse("altup(k=1)").run(graph).graph
     assert certify(graph, out, tolerance=0.0).max_abs_diff == 0.0
 
 
-@pytest.mark.parametrize("name", onnx_params(ZOO))
+@pytest.mark.parametrize("name", sampled(ZOO, ("tiny-gpt2", "tiny-t5")))
 def test_onnx(tmp_path, name):
     from archfx.ir.lower import to_onnx
 
-    graph = capture(model(name))
+    graph = captured(name)
     for i, text in enumerate(ACCEPTANCE if name == "tiny-llama" else ACCEPTANCE[:1]):
         out = Pipeline.parse(text).run(graph).graph
         assert to_onnx(out, tmp_path / f"m{i}.onnx").max_abs_diff <= 1e-4
@@ -70,7 +72,7 @@ def test_onnx(tmp_path, name):
 def test_torch_compile(text):
     from archfx.ir.lower import compile_graph
 
-    out = Pipeline.parse(text).run(capture(model("tiny-llama"))).graph
+    out = Pipeline.parse(text).run(captured("tiny-llama")).graph
     assert compile_graph(out).max_abs_diff <= 1e-5
 
 
@@ -82,13 +84,13 @@ def _grads(graph, prefix="altup."):
 
 
 def test_static_coefficients_get_gradients():
-    out = Pipeline.parse("altup(k=2)").run(capture(model("tiny-llama"))).graph
+    out = Pipeline.parse("altup(k=2)").run(captured("tiny-llama")).graph
     grads = _grads(out)
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
 def test_router_weights_get_gradients():
-    out = Pipeline.parse("altup(k=4,coefficients=router)").run(capture(model("tiny-llama"))).graph
+    out = Pipeline.parse("altup(k=4,coefficients=router)").run(captured("tiny-llama")).graph
     grads = _grads(out)
     predict = {n: g for n, g in grads.items() if n.endswith((".predict", ".correct"))}
     assert predict and all(g.abs().sum() > 0 for g in predict.values())
@@ -110,16 +112,16 @@ def test_training_on_shakespeare_diverges_the_blocks():
 
 
 def test_bad_options_and_order():
-    graph = capture(model("tiny-gpt2"))
+    graph = captured("tiny-gpt2")
     with pytest.raises(PassError, match="active=2 must be < k=2"):
         Pipeline.parse("altup(k=2,schedule=same,active=2)").run(graph)
     with pytest.raises(PassError, match="already run inside a block scheme"):  # before any model
         Pipeline.parse("altup(k=2),altup(k=2)")
     with pytest.raises(PassError, match="readout=sum is exact only before a final norm"):
-        Pipeline.parse("altup(k=2,readout=sum)").run(capture(model("tiny-bert")))
+        Pipeline.parse("altup(k=2,readout=sum)").run(captured("tiny-bert"))
 
 
 def test_readout_sum_rescales_the_final_norm():
-    graph = capture(model("tiny-llama"))
+    graph = captured("tiny-llama")
     out = Pipeline.parse("altup(k=4,readout=sum)").run(graph)
     assert out.records[-1].certificate.max_abs_diff <= 1e-5

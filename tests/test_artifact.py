@@ -1,6 +1,7 @@
 """Save → load: identical outputs, no pickle, clear errors for damaged or mismatched artifacts."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from archfx.passes import Pipeline
 from archfx.passes.io.artifact import load, save
 from archfx.passes.io.zoo import build
 from archfx.passes.io.zoo.random_arch import build_random
+
+from .helpers import sampled
 
 
 def saved(tmp_path, name="tiny-gpt2", pipeline="canonicalize"):
@@ -28,7 +31,16 @@ def saved(tmp_path, name="tiny-gpt2", pipeline="canonicalize"):
     return result, out
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5", "tiny-vit", "nanogpt", "minilm"])
+@pytest.fixture(scope="module")
+def gpt2_artifact(tmp_path_factory):
+    """tiny-gpt2 canonicalized, saved once for the tests that damage a copy of it."""
+    return saved(tmp_path_factory.mktemp("artifact"))[1]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["tiny-gpt2", "tiny-vit", "nanogpt", *sampled(["tiny-t5", "minilm"], ())],
+)
 def test_round_trip_is_identical(tmp_path, name):
     result, out = saved(tmp_path, name)
     again = load(out)
@@ -77,8 +89,8 @@ def test_truncated_weights_are_refused_even_without_checksum(tmp_path):
         (lambda r: r.update(dtype="float16"), "is torch.float32, the rebuilt model torch.float16"),
     ],
 )
-def test_mismatched_recipes_are_refused(tmp_path, edit, fragment):
-    _, out = saved(tmp_path)
+def test_mismatched_recipes_are_refused(tmp_path, gpt2_artifact, edit, fragment):
+    out = shutil.copytree(gpt2_artifact, tmp_path / "copy")
     recipe = json.loads((out / "recipe.json").read_text())
     edit(recipe)
     (out / "recipe.json").write_text(json.dumps(recipe))

@@ -8,8 +8,8 @@ from archfx.ir.ops import aten
 from archfx.passes import Pipeline
 from archfx.passes.io.zoo import build
 
-from .families import FAMILIES, build_family
-from .helpers import ZOO
+from .families import build_family
+from .helpers import EVERY_SAMPLED, captured
 
 
 def run(model):
@@ -29,7 +29,7 @@ def _projection_free(j):
     return j
 
 
-@pytest.mark.parametrize("name", ZOO + ["minilm"] + [f"family:{f}" for f in sorted(FAMILIES)])
+@pytest.mark.parametrize("name", EVERY_SAMPLED)
 def test_exact_and_structure_kept(name):
     model = build_family(name.split(":")[1]) if name.startswith("family:") else build(name)
     graph, result = run(model)
@@ -69,7 +69,7 @@ def test_input_model_and_graph_are_never_mutated():
 
 
 def test_idempotent():
-    graph = capture(build("tiny-llama"))
+    graph = captured("tiny-llama")
     once = Pipeline.parse("canonicalize").run(graph).graph
     twice = Pipeline.parse("canonicalize").run(once)
     assert not twice.records[0].changed

@@ -24,12 +24,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from archfx.ir import capture
 from archfx.passes import Pipeline
 from archfx.passes.io.artifact import load, save
 from archfx.passes.io.zoo import build
 
-from .helpers import byte_gpt, hamlet
+from .helpers import byte_gpt, captured, hamlet
 
 WORLD = 2
 STEPS = 5
@@ -46,7 +45,7 @@ def rewritten(case: str, verify: bool = False):
     name, pipeline = CASES[case]
     if name == "byte-gpt2":
         return byte_gpt(pipeline)
-    result = Pipeline.parse(pipeline).run(capture(build(name)), verify=verify)
+    result = Pipeline.parse(pipeline).run(captured(name), verify=verify)
     if verify:
         assert all(r.certificate.ok for r in result.records)
     return result.graph

@@ -9,19 +9,17 @@ import pytest
 import torch
 from onnxscript.rewriter import pattern
 
-from archfx.ir import capture
 from archfx.ir.fuse import fuse
 from archfx.ir.lower import TOLERANCE, ort_session, run_onnx, to_onnx
 from archfx.ir.verify import compare
 from archfx.passes import Pipeline
-from archfx.passes.io.zoo import build
 
-from .helpers import model
+from .helpers import captured
 
 
 @functools.cache
 def graph(name):
-    return Pipeline.parse("canonicalize").run(capture(build(name))).graph
+    return Pipeline.parse("canonicalize").run(captured(name)).graph
 
 
 def ops(path):
@@ -31,7 +29,9 @@ def ops(path):
 @pytest.mark.parametrize(
     "name, attention, fused_kinds",
     [
-        ("tiny-llama", "MultiHeadAttention", {"attention", "norm"}),
+        pytest.param(
+            "tiny-llama", "MultiHeadAttention", {"attention", "norm"}, marks=pytest.mark.slow
+        ),
         ("tiny-gpt2", "MultiHeadAttention", {"attention", "norm"}),
         ("tiny-bert", "Attention", {"attention", "norm", "gelu"}),
     ],
@@ -64,7 +64,7 @@ def test_hand_written_attention_fuses_through_masked_fill_as_bias(tmp_path):
 
 def test_unfused_sites_say_why(tmp_path):
     # BLOOM adds ALiBi through baddbmm on 3-D scores: no attention pattern takes it
-    g = Pipeline.parse("canonicalize").run(capture(model("family:bloom"))).graph
+    g = Pipeline.parse("canonicalize").run(captured("family:bloom")).graph
     report = to_onnx(g, tmp_path / "m.onnx").fusions
     missed = [s for s in report.sites if s.kind == "attention"]
     assert len(missed) == 2 and all(s.fused is None for s in missed)
@@ -73,7 +73,7 @@ def test_unfused_sites_say_why(tmp_path):
 
 def test_a_model_onnxscripts_clean_up_breaks_is_fused_as_exported(tmp_path):
     # OPT: onnxscript's pre-fusion optimisation yields a Reshape ONNX Runtime refuses
-    g = Pipeline.parse("canonicalize").run(capture(model("family:opt"))).graph
+    g = Pipeline.parse("canonicalize").run(captured("family:opt")).graph
     result = to_onnx(g, tmp_path / "m.onnx")
     assert result.max_abs_diff <= TOLERANCE
     assert any("pre-fusion optimisation broke" in n for n in result.fusions.notes)
@@ -132,7 +132,9 @@ def test_fuse_can_be_turned_off(tmp_path):
     assert result.fusions is None and "MultiHeadAttention" not in ops(result.path)
 
 
-@pytest.mark.parametrize("pipeline", ["altup(k=2)", "ddl(dv=4)"])
+@pytest.mark.parametrize(
+    "pipeline", ["altup(k=2)", pytest.param("ddl(dv=4)", marks=pytest.mark.slow)]
+)
 def test_rewritten_models_fuse_the_same_sites(tmp_path, pipeline):
     g = Pipeline.parse(pipeline + ",canonicalize").run(graph("tiny-llama")).graph
     result = to_onnx(g, tmp_path / "m.onnx")

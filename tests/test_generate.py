@@ -14,7 +14,7 @@ from archfx.passes.cli import main as cli
 from archfx.passes.engines.decode import MemoryStream, decode_form, is_decoder, last_position
 from archfx.passes.io.generate import Session, generate, left_padded
 
-from .helpers import model
+from .helpers import captured, model
 
 PIPELINES = [
     "canonicalize",
@@ -40,10 +40,9 @@ NEW = 32
 
 def cases():
     """Every family × pipeline; a representative few in the default run."""
-    default = {("tiny-llama", p) for p in PIPELINES[1:4]} | {
+    default = {("tiny-llama", p) for p in PIPELINES[1:3]} | {
         ("tiny-llama", PIPELINES[-1]),
         ("tiny-gpt2", "altup(k=2)"),
-        ("family:gemma2", "canonicalize"),
     }
     return [
         (f, p) if (f, p) in default else pytest.param(f, p, marks=pytest.mark.slow)
@@ -99,9 +98,10 @@ def test_greedy_tokens_equal_transformers_generate(family, pipeline):
     m = model(family).eval()
     graph = Pipeline.parse(pipeline).run(capture(m), verify=False).graph
     assert ours(graph, m, PROMPTS) == reference(m, PROMPTS)  # one padded batch
+    session = Session(graph)  # the same decode form, built once for the other calls
     for p in PROMPTS:
-        assert ours(graph, m, [p]) == reference(m, [p])
-    check_steps(Session(graph), m, PROMPTS[2])
+        assert ours(session, m, [p]) == reference(m, [p])
+    check_steps(session, m, PROMPTS[2])
 
 
 @pytest.mark.parametrize(
@@ -167,8 +167,9 @@ def test_smollm2_generates_transformers_tokens_after_altup():
     m = model("smollm2").eval()
     graph = Pipeline.parse("altup(k=2)").run(capture(m), verify=False).graph
     prompts = [[504, 3575, 282, 4649, 314], [1, 4093, 28, 2, 314, 2593], [504, 1978]]
-    assert ours(graph, m, prompts) == reference(m, prompts)
-    check_steps(Session(graph), m, prompts[0], steps=4)
+    session = Session(graph)
+    assert ours(session, m, prompts) == reference(m, prompts)
+    check_steps(session, m, prompts[0], steps=4)
 
 
 @pytest.mark.slow
@@ -207,7 +208,7 @@ def test_hand_written_attention_decodes_like_the_whole_sequence():
     [
         ("nanogpt", "ddl(dv=1,value=compat)"),
         ("tiny-llama", "altup(k=2),ddl(dv=1,value=compat)"),
-        ("tiny-llama", "ddl(dv=4,value=compat),altup(k=2)"),
+        pytest.param("tiny-llama", "ddl(dv=4,value=compat),altup(k=2)", marks=pytest.mark.slow),
     ],
 )
 def test_nested_schemes_and_hand_written_attention_after_ddl_generate(name, pipeline):
@@ -227,13 +228,13 @@ def test_nested_schemes_and_hand_written_attention_after_ddl_generate(name, pipe
     ],
 )
 def test_models_that_cannot_decode_are_refused_with_the_reason(name, pipeline, why):
-    graph = Pipeline.parse(pipeline).run(capture(model(name))).graph
+    graph = Pipeline.parse(pipeline).run(captured(name)).graph
     with pytest.raises(PassError, match=why):
         decode_form(graph)
 
 
 def test_sampling_options():
-    graph = decode_form(capture(model("tiny-llama")))
+    graph = decode_form(captured("tiny-llama"))
     assert is_decoder(graph) and decode_form(graph) is graph
     sample = dict(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9)
     a = generate(graph, PROMPTS, seed=1, **sample).new_tokens
@@ -336,7 +337,7 @@ def test_held_out_hugging_face_families_decode(name):
 def test_generation_projects_the_last_position_only(name):
     # the prefill projects one row per sequence onto the vocabulary (through Gemma 2's
     # soft-capping too), and that row is the decode form's last one
-    graph = capture(model(name))
+    graph = captured(name)
     form, session = decode_form(graph), Session(graph)
     tokens = torch.tensor([PROMPTS[2], PROMPTS[2][::-1]])
     mask = torch.ones_like(tokens)
@@ -360,7 +361,7 @@ def test_the_eager_form_calls_public_torch_functions_and_computes_the_same_bits(
     (archfx.ir.ops.PUBLIC): the same kernels, so every call's outputs are bit-equal."""
     from archfx.ir.ops import PUBLIC
 
-    session = Session(Pipeline.parse(pipeline).run(capture(model(name))).graph)
+    session = Session(Pipeline.parse(pipeline).run(captured(name)).graph)
     targets = {n.target for n in session.eager.gm.graph.nodes if n.op == "call_function"}
     assert not targets & set(PUBLIC) and targets & set(PUBLIC.values())
     ours, theirs = MemoryStream(session.eager), MemoryStream(session.decoder)

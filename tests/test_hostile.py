@@ -6,10 +6,10 @@ import functools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from archfx.ir import PassError, capture
+from archfx.ir import PassError
 from archfx.passes import REGISTRY, Pipeline
 
-from .helpers import model
+from .helpers import captured
 
 VALID = [
     "canonicalize",
@@ -23,7 +23,7 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz-_(),=.0123456789 \t'\"[]{}+*/\\é"
 
 @functools.cache
 def llama():
-    return capture(model("tiny-llama"))
+    return captured("tiny-llama")
 
 
 @settings(max_examples=200, deadline=None)

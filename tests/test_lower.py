@@ -18,6 +18,8 @@ from archfx.ir.lower import (
 )
 from archfx.passes.io.zoo import build
 
+from .helpers import captured
+
 
 def test_provider_and_device_selection():
     assert providers()[-1] == "CPUExecutionProvider"
@@ -27,7 +29,7 @@ def test_provider_and_device_selection():
 
 
 def test_onnx_files_sessions_and_dynamic_shapes(tmp_path):
-    g = capture(build("tiny-llama"))
+    g = captured("tiny-llama")
     result = to_onnx(g, tmp_path / "m.onnx", keep_intermediate=True)
     assert result.path.exists() and result.raw_path.exists() and result.max_abs_diff <= 1e-4
     assert result.nodes["optimized"] <= result.nodes["raw"]
@@ -63,7 +65,7 @@ def _run_alone(file, graph, tmp_path, *, data=False):
 def test_the_onnx_file_is_self_contained(tmp_path):
     """The exported file alone, copied to another directory, runs and matches PyTorch; no
     intermediate is left beside it."""
-    g = capture(build("tiny-llama"))
+    g = captured("tiny-llama")
     out = tmp_path / "out"
     result = to_onnx(g, out / "m.onnx")
     assert [p.name for p in out.iterdir()] == ["m.onnx"]
@@ -80,7 +82,7 @@ def test_past_the_protobuf_limit_the_weights_go_to_one_data_file(tmp_path, monke
     from archfx.ir import lower
 
     monkeypatch.setattr(lower, "PROTOBUF_LIMIT", 1)  # as if the model were past 2 GB
-    g = capture(build("tiny-gpt2"))
+    g = captured("tiny-gpt2")
     out = tmp_path / "out"
     result = to_onnx(g, out / "m.onnx")
     assert sorted(p.name for p in out.iterdir()) == ["m.onnx", "m.onnx.data"]
@@ -100,7 +102,7 @@ def test_cpu_sessions_leave_out_the_slow_skip_layer_norm(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    result = to_onnx(capture(build("tiny-gpt2")), tmp_path / "m.onnx", keep_intermediate=True)
+    result = to_onnx(captured("tiny-gpt2"), tmp_path / "m.onnx", keep_intermediate=True)
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "ort-default.onnx")
     ort.InferenceSession(str(result.raw_path), so, providers=["CPUExecutionProvider"])
@@ -131,14 +133,14 @@ def test_broken_file_is_a_lowering_error(tmp_path):
 
 @pytest.mark.slow
 def test_torch_compile():
-    result = compile_graph(capture(build("tiny-gpt2")))
+    result = compile_graph(captured("tiny-gpt2"))
     assert result.max_abs_diff <= 1e-5
 
 
 def test_fp64_reference_runs_on_raw_graphs():
     from archfx.ir.lower import _against_fp64
 
-    g = capture(build("tiny-llama"))  # not canonicalized: dtype asserts and fp32 casts inside
+    g = captured("tiny-llama")  # not canonicalized: dtype asserts and fp32 casts inside
     outputs = g.run()
     reference, other = _against_fp64(g, [(g.inputs, outputs, outputs)])
     assert reference == other and 0 <= reference < 1e-5
@@ -315,7 +317,7 @@ def test_a_compiled_training_step_matches_eager(text):
     eager PyTorch's (benchmarks/compiled_training.py times it)."""
     from archfx.passes import Pipeline
 
-    out = Pipeline.parse(text).run(capture(build("tiny-llama"))).graph
+    out = Pipeline.parse(text).run(captured("tiny-llama")).graph
     x = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
 
     def step(module):

@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from archfx.ir import PassError, PassFailure, VerificationError, capture
+from archfx.ir import PassError, PassFailure, VerificationError
 from archfx.passes import REGISTRY, Option, Pass, PassResult, Pipeline, register
 
-from .helpers import model
+from .helpers import captured
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ def _state(graph):
 
 @pytest.mark.parametrize("verify", [False, True])
 def test_the_input_graph_is_never_modified(verify):
-    graph = capture(model("tiny-llama"))
+    graph = captured("tiny-llama")
     code, tensors = _state(graph)
     # ddl(value=paper) claims no exactness: with verify on too, it edits the copy add-layers made
     text = "canonicalize,expand-mlp(factor=2),add-layers(n=1),ddl(dv=1,value=paper)"
@@ -173,7 +173,7 @@ def test_the_input_graph_is_never_modified(verify):
 
 @pytest.mark.parametrize("verify", [False, True])
 def test_a_failing_pass_leaves_the_ir_it_received(breaking_pass, tmp_path, verify):
-    graph = capture(model("tiny-llama"))
+    graph = captured("tiny-llama")
     code = graph.gm.code
     received = Pipeline.parse("canonicalize,altup(k=2)").run(graph, verify=False).graph.gm.code
     with pytest.raises(PassFailure, match="bug in the pass; reproducer in") as err:
@@ -188,7 +188,7 @@ def test_a_failing_pass_leaves_the_ir_it_received(breaking_pass, tmp_path, verif
 
 
 def test_a_refusal_names_the_pass_once():
-    graph = capture(model("tiny-gpt2"))  # LayerNorm: only duplication is exact
+    graph = captured("tiny-gpt2")  # LayerNorm: only duplication is exact
     with pytest.raises(PassError) as err:
         Pipeline.parse("canonicalize,expand-hidden(size=96)").run(graph)
     message = str(err.value)
@@ -212,7 +212,7 @@ def test_a_broken_ir_names_the_pass_and_its_reproducer(tmp_path, monkeypatch):
             graph.gm.recompile()
             return PassResult(changed=True)
 
-    graph = capture(model("tiny-llama"))
+    graph = captured("tiny-llama")
     with pytest.raises(VerificationError) as err:
         Pipeline([BadExpand()]).run(graph, verify=False)
     message = str(err.value)
@@ -277,7 +277,7 @@ def test_orders_the_passes_allow_parse():
 
 
 def test_a_graph_remembers_its_passes_and_refuses_an_order_after_them():
-    first = Pipeline.parse("ddl").run(capture(model("tiny-llama")), verify=False).graph
+    first = Pipeline.parse("ddl").run(captured("tiny-llama"), verify=False).graph
     assert first.provenance["pipeline"] == "ddl"
     with pytest.raises(PassError, match="ddl\\(dv=2\\): needs residual adds.*ddl before it"):
         Pipeline.parse("ddl(dv=2)").run(first)

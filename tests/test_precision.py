@@ -9,7 +9,7 @@ from archfx.ir import VerificationError, capture
 from archfx.passes import REGISTRY, Pipeline
 from archfx.passes.rewrites.altup import AltUp
 
-from .helpers import model
+from .helpers import captured, diagonal, model
 
 GROWTHS = [
     "expand-mlp(factor=2)",
@@ -42,7 +42,9 @@ def test_every_registered_pass_is_covered():
     assert {text.split("(")[0] for text in PIPELINES} == set(REGISTRY)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)]
+)
 def test_low_precision_models_keep_their_dtype(dtype):
     graphs = {}
     for text in PIPELINES:
@@ -87,7 +89,7 @@ def _bugged(base, edit, only_low_precision=False):
     return Bugged
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES[:2], pytest.param(DTYPES[2], marks=pytest.mark.slow)])
 def test_altup_gain_error_rejected_in_every_dtype(dtype):
     """AltUp's correction gain g = 0.98 instead of 1 changes the function by ~1e-2: in fp32,
     bf16 and fp16 alike the certificate must reject it (bf16's own rounding is larger)."""
@@ -102,9 +104,8 @@ def test_altup_gain_error_rejected_in_every_dtype(dtype):
         Pipeline([_bugged(AltUp, gain)(k=2)]).run(graph)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("text", GROWTHS)
-def test_one_percent_growth_error_rejected_in_every_dtype(dtype, text):
+@pytest.mark.parametrize(("text", "dtype"), diagonal(GROWTHS, DTYPES))
+def test_one_percent_growth_error_rejected_in_every_dtype(text, dtype):
     """A 1% error in the weights a growth creates or rescales: rejected in every dtype, both when
     the error is in the math (the fp64 rewrite differs) and when it is only in the model's
     dtype (the parameters are then not the fp64 rewrite rounded once)."""
@@ -130,7 +131,7 @@ def test_one_percent_growth_error_rejected_in_every_dtype(dtype, text):
 def test_every_exact_pass_gets_a_tight_fp64_certificate():
     """The math of an exact rewrite agrees in fp64 to ~1e-15: the certificate holds it to 1e-9
     of each output's own scale, and reports the model's own dtype beside it."""
-    graphs = {"tiny-gpt2": capture(model("tiny-gpt2")), "tiny-bert": capture(model("tiny-bert"))}
+    graphs = {"tiny-gpt2": captured("tiny-gpt2"), "tiny-bert": captured("tiny-bert")}
     for text in PIPELINES:
         text = text.replace("expand-hidden(size=96)", "expand-hidden(factor=2)")  # LayerNorm
         graph = graphs["tiny-bert" if text in MODEL_OF else "tiny-gpt2"]

@@ -4,7 +4,7 @@ and never touch the input graph or model."""
 import functools
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from archfx.ir import capture
@@ -41,7 +41,6 @@ pipelines = st.tuples(st.booleans(), st.one_of(st.none(), altup), st.booleans())
 )
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(MODELS), pipelines)
 def test_random_pipelines_are_exact_and_leave_the_input_alone(name, text):
     model, graph = captured(name)

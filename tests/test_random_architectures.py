@@ -30,7 +30,7 @@ from archfx.passes.io.zoo.random_arch import (
     build_random,
 )
 
-from .helpers import ZOO, model
+from .helpers import ZOO, captured
 from .random_configs import random_hf
 
 # -- drawing architectures -----------------------------------------------------------------
@@ -335,7 +335,7 @@ def test_random_hf_configs(seed, data):
 
 @functools.lru_cache(maxsize=4)
 def captured_zoo(name: str):
-    graph = capture(model(name))
+    graph = captured(name)
     s = graph.structure
     first = s.blocks[0]
     att = first.attention

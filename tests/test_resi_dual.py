@@ -5,18 +5,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from archfx.ir import PassError, capture
+from archfx.ir import PassError
 from archfx.ir.verify import certify
 from archfx.passes import Pipeline
 from archfx.passes.io.artifact import load, save
 from archfx.passes.io.zoo import build
 
-from .helpers import EVERY_SAMPLED, byte_gpt, model
+from .helpers import EVERY_SAMPLED, byte_gpt, captured
 
 
 @pytest.mark.parametrize("name", EVERY_SAMPLED)
 def test_exact_on_post_ln_models_and_refused_on_the_others(name):
-    graph = capture(model(name))
+    graph = captured(name)
     placements = {r.placement for b in graph.structure.blocks for r in b.residuals}
     if placements != {"post"}:
         with pytest.raises(PassError, match="not post-LN: .*a pre-LN stream already is"):
@@ -34,7 +34,7 @@ def test_exact_on_post_ln_models_and_refused_on_the_others(name):
 def trained_norm(name="tiny-bert", text="resi-dual"):
     """`text` applied and LN_f's gain and bias moved (as by training): the output now depends
     on the accumulator."""
-    graph = capture(model(name))
+    graph = captured(name)
     out = Pipeline.parse(text).run(graph).graph
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_accumulator_oracle():
 
 
 def test_ln_f_uses_the_models_norm_and_eps():
-    out = Pipeline.parse("resi-dual").run(capture(model("tiny-bert"))).graph
+    out = Pipeline.parse("resi-dual").run(captured("tiny-bert")).graph
     norms = [n for n in out.gm.graph.nodes if n.meta.get("archfx_scheme") == "resi_dual"]
     ln = [n for n in norms if n.target == torch.ops.aten.layer_norm.default]
     post = out.structure.blocks[0].residuals[0].post_norm
@@ -94,7 +94,7 @@ def test_other_schemes_are_refused_when_parsed(text, why):
 def test_the_norm_gain_gets_a_gradient_at_init_and_training_uses_the_accumulator():
     """LN_f(x_acc) ≠ 0, so its zero gain gets a gradient (no double zero); after training the
     gain has moved and the output differs from the post-LN stream alone."""
-    graph = capture(model("tiny-bert"))
+    graph = captured("tiny-bert")
     out = Pipeline.parse("resi-dual").run(graph).graph
     x = out.inputs.tensors
     (out(*x)[0].float() ** 2).mean().backward()
@@ -107,7 +107,7 @@ def test_training_a_post_ln_model_with_resi_dual():
     accumulator's norm gain moves off zero."""
     with pytest.raises(PassError, match="not post-LN"):
         byte_gpt("resi-dual")
-    out = Pipeline.parse("resi-dual").run(capture(model("tiny-bert"))).graph
+    out = Pipeline.parse("resi-dual").run(captured("tiny-bert")).graph
     x = out.inputs.tensors
     target = torch.randn(out(*x)[0].shape, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW([p for p in out.gm.parameters() if p.requires_grad], lr=3e-3)

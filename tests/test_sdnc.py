@@ -15,16 +15,16 @@ from archfx.passes.cli import main as cli
 from archfx.passes.engines.decode import MemoryStream, first_call
 from archfx.passes.io.memory_inspect import memories
 
-from .helpers import ZOO_FIRST, byte_gpt, model, train
+from .helpers import EVERY, byte_gpt, captured, model, sampled, train
 
 
 def reads(graph):
     return [n for n in graph.gm.graph.nodes if n.target is READ]
 
 
-@pytest.mark.parametrize("name", [n for n in ZOO_FIRST if n != "minilm"])
+@pytest.mark.parametrize("name", sampled(EVERY))
 def test_sdnc_is_exact_everywhere(name):
-    graph = capture(model(name))
+    graph = captured(name)
     result = Pipeline.parse("sdnc").run(graph)
     out = result.graph
     sites = [r.attention for b in graph.structure.blocks for r in b.residuals if r.attention]
@@ -40,7 +40,7 @@ def test_sdnc_is_exact_everywhere(name):
 
 
 def test_cross_attention_reads_the_encoders_memory():
-    out = Pipeline.parse("sdnc").run(capture(model("tiny-t5"))).graph
+    out = Pipeline.parse("sdnc").run(captured("tiny-t5")).graph
     layers = memories(out)
     cross = [m for m in layers if m.cross]
     assert len(cross) == 2 and len(layers) == 6
@@ -54,7 +54,7 @@ def test_cross_attention_reads_the_encoders_memory():
 def test_memory_oracles(name):
     """Reads are Vᵀw over the written slots; weightings are distributions, causal for decoders;
     GQA heads share banks; the addresses are the keys the original attention used."""
-    graph = capture(model(name))
+    graph = captured(name)
     out = Pipeline.parse("sdnc").run(graph).graph
     layers = memories(out)
     got = out.probe(reads(out))
@@ -84,7 +84,7 @@ def test_memory_oracles(name):
     ],
 )
 def test_sdnc_composes_with_head_growth(name):
-    graph = capture(model(name))
+    graph = captured(name)
     for text in [
         "sdnc,add-heads(n=2)",
         "add-heads(n=2),sdnc",
@@ -100,20 +100,20 @@ def test_sdnc_composes_with_head_growth(name):
     [
         "tiny-llama",
         pytest.param("tiny-t5", marks=pytest.mark.slow),
-        "nanogpt",
-        "family:gemma2",
-        "family:bloom",
+        pytest.param("nanogpt", marks=pytest.mark.slow),
+        pytest.param("family:gemma2", marks=pytest.mark.slow),
+        pytest.param("family:bloom", marks=pytest.mark.slow),
     ],
 )
 def test_sdnc_lowers_to_onnx(name, tmp_path):
-    out = Pipeline.parse("sdnc").run(capture(model(name))).graph
+    out = Pipeline.parse("sdnc").run(captured(name)).graph
     result = to_onnx(out, tmp_path / "m.onnx")
     assert result.max_abs_diff <= 1e-4
 
 
 @pytest.mark.slow
 def test_sdnc_compiles():
-    out = Pipeline.parse("sdnc").run(capture(model("tiny-llama"))).graph
+    out = Pipeline.parse("sdnc").run(captured("tiny-llama")).graph
     assert compile_graph(out).max_abs_diff <= 1e-5
 
 
@@ -121,7 +121,7 @@ def test_sdnc_trains_and_keeps_the_dtype():
     graph = capture(model("tiny-llama").to(torch.bfloat16))
     out = Pipeline.parse("sdnc").run(graph).graph
     assert out.run()[0].dtype == torch.bfloat16
-    fp32 = Pipeline.parse("sdnc").run(capture(model("nanogpt"))).graph
+    fp32 = Pipeline.parse("sdnc").run(captured("nanogpt")).graph
     logits = fp32(*fp32.inputs.tensors)[0]
     (logits**2).mean().backward()
     q_weights = [p for n, p in fp32.gm.named_parameters() if "c_attn" in n]
@@ -129,14 +129,14 @@ def test_sdnc_trains_and_keeps_the_dtype():
 
 
 def test_sdnc_twice_is_refused():
-    out = Pipeline.parse("sdnc").run(capture(model("tiny-llama"))).graph
+    out = Pipeline.parse("sdnc").run(captured("tiny-llama")).graph
     with pytest.raises(PassError, match="not yet a memory read"):
         Pipeline.parse("sdnc").run(out)
 
 
 def test_memories_need_sdnc():
     with pytest.raises(PassError, match="run the `sdnc` pass first"):
-        memories(capture(model("tiny-llama")))
+        memories(captured("tiny-llama"))
 
 
 def test_cli_memory_picture(tmp_path, capsys):
@@ -163,9 +163,9 @@ DECODERS = [
 ]
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", sampled(DECODERS, ("tiny-llama", "tiny-gpt2", "nanogpt")))
 def test_persistent_memory_segments_equal_the_whole(name):
-    graph = capture(model(name))
+    graph = captured(name)
     result = Pipeline.parse("sdnc(persistent=true)").run(graph)
     record = result.records[-1]
     assert not record.preserves and record.certificate is None
@@ -194,11 +194,11 @@ def test_persistent_memory_segments_equal_the_whole(name):
 )
 def test_persistent_memory_refusals(name, why):
     with pytest.raises(PassError, match=why):
-        Pipeline.parse("sdnc(persistent=true)").run(capture(model(name)))
+        Pipeline.parse("sdnc(persistent=true)").run(captured(name))
 
 
 def test_persistent_memory_is_the_decode_form_and_exports_with_the_ecosystems_names(tmp_path):
-    out = Pipeline.parse("sdnc(persistent=true)").run(capture(model("nanogpt"))).graph
+    out = Pipeline.parse("sdnc(persistent=true)").run(captured("nanogpt")).graph
     assert out.inputs.names[:5] == [
         "input_ids",
         "attention_mask",
@@ -215,7 +215,7 @@ def test_persistent_memory_is_the_decode_form_and_exports_with_the_ecosystems_na
 def test_persistent_graph_as_its_first_call_certifies_and_the_cli_verifies(capsys):
     from archfx.ir.verify import certify
 
-    graph = capture(model("tiny-llama"))
+    graph = captured("tiny-llama")
     out = Pipeline.parse("sdnc(persistent=true)").run(graph).graph
     first = first_call(out)  # empty memory in, memory out dropped: the model's own signature
     assert first.inputs.names == graph.inputs.names and first.output_names == graph.output_names
@@ -235,7 +235,7 @@ def test_persistent_graph_as_its_first_call_certifies_and_the_cli_verifies(capsy
 def test_a_certified_pass_after_persistent_memory_runs_on_the_memory_inputs():
     # sdnc(persistent=true) adds inputs: a later certified pass is checked on those inputs,
     # and the whole pipeline against the model as its first call
-    graph = capture(model("tiny-llama"))
+    graph = captured("tiny-llama")
     result = Pipeline.parse("sdnc(persistent=true),expand-mlp(factor=2)").run(graph)
     cert = result.records[-1].certificate
     assert cert is not None and cert.ok and cert.max_abs_diff <= 1e-5
@@ -252,12 +252,10 @@ def test_a_certified_pass_after_persistent_memory_runs_on_the_memory_inputs():
 
 
 def test_memory_stream_needs_a_persistent_graph():
-    out = Pipeline.parse("sdnc").run(capture(model("nanogpt"))).graph
+    out = Pipeline.parse("sdnc").run(captured("nanogpt")).graph
     with pytest.raises(PassError, match="persistent=true"):
         MemoryStream(out)
-    stream = MemoryStream(
-        Pipeline.parse("sdnc(persistent=true)").run(capture(model("nanogpt"))).graph
-    )
+    stream = MemoryStream(Pipeline.parse("sdnc(persistent=true)").run(captured("nanogpt")).graph)
     stream(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(PassError, match="batch 1"):
         stream(torch.zeros(1, 3, dtype=torch.long))
@@ -267,7 +265,7 @@ def test_memory_stream_needs_a_persistent_graph():
 def test_smollm2_memory_is_exact_and_persists():
     from archfx.ir.verify import in_fp64
 
-    graph = capture(model("smollm2"))
+    graph = captured("smollm2")
     assert Pipeline.parse("sdnc").run(graph).records[-1].certificate.max_abs_diff <= 1e-5
     out = Pipeline.parse("sdnc(persistent=true)").run(graph).graph
     out.gm = in_fp64(out.gm)  # segment equality is arithmetic; fp32 adds ~1e-4 of rounding
@@ -280,7 +278,7 @@ def test_smollm2_memory_is_exact_and_persists():
 
 
 def test_cosine_addressing_is_the_dncs():
-    graph = capture(model("tiny-llama"))
+    graph = captured("tiny-llama")
     result = Pipeline.parse("sdnc(addressing=cosine)").run(graph)
     assert result.records[-1].certificate is None and not result.records[-1].preserves
     out = result.graph
@@ -299,7 +297,7 @@ def test_cosine_addressing_is_the_dncs():
 def test_cosine_addressing_matches_dot_under_unit_gain_qk_norm():
     """With QK-norm (gains 1 in this random model) ‖q‖ = ‖k‖ = √d_k, so β = √d_k gives the
     model's own q·k/√d_k: the two addressings coincide up to the norm's ε."""
-    graph = capture(model("tiny-qwen3"))
+    graph = captured("tiny-qwen3")
     out = Pipeline.parse("sdnc(addressing=cosine)").run(graph).graph
     assert float((out.run()[0] - graph.run()[0]).abs().max()) <= 1e-4
 
@@ -368,7 +366,7 @@ def test_the_chunked_delta_scan_is_the_token_by_token_delta_rule(tokens):
 
 
 def test_delta_write_is_causal_and_trains():
-    graph = capture(model("tiny-llama"))
+    graph = captured("tiny-llama")
     result = Pipeline.parse("sdnc(write=delta)").run(graph)
     assert result.records[-1].certificate is None and not result.records[-1].preserves
     out = result.graph
@@ -416,14 +414,14 @@ def test_learned_rates_on_sequence_first_inputs(text):
 def test_delta_write_compiles():
     from archfx.ir.lower import compile_graph
 
-    out = Pipeline.parse("sdnc(write=delta)").run(capture(model("tiny-llama"))).graph
+    out = Pipeline.parse("sdnc(write=delta)").run(captured("tiny-llama")).graph
     assert compile_graph(out, dynamic=True).max_abs_diff <= 1e-5
 
 
 def test_delta_write_refuses_onnx_export(tmp_path):
     from archfx.ir.lower import to_onnx
 
-    out = Pipeline.parse("sdnc(write=delta)").run(capture(model("tiny-llama"))).graph
+    out = Pipeline.parse("sdnc(write=delta)").run(captured("tiny-llama")).graph
     with pytest.raises(LoweringError, match="no ONNX form yet"):
         to_onnx(out, tmp_path / "m.onnx")
 
@@ -438,7 +436,7 @@ def test_delta_write_refuses_onnx_export(tmp_path):
 )
 def test_dnc_option_refusals(text, name, why):
     with pytest.raises(PassError, match=why):
-        Pipeline.parse(text).run(capture(model(name)))
+        Pipeline.parse(text).run(captured(name))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -12,7 +12,7 @@ from archfx.ir.verify import refresh_shapes
 from archfx.passes import Pipeline
 from archfx.passes.io.zoo import BUILTINS
 
-from .helpers import model
+from .helpers import captured
 from .test_precision import MODEL_OF, PIPELINES
 
 
@@ -37,10 +37,10 @@ def on_meta(name: str) -> Graph:
 
 
 @pytest.mark.parametrize(
-    "name", ["tiny-llama", pytest.param("tiny-gpt2", marks=pytest.mark.slow), "tiny-bert"]
+    "name", [pytest.param("tiny-llama", marks=pytest.mark.slow), "tiny-gpt2", "tiny-bert"]
 )
 def test_incremental_shapes_equal_a_full_propagation(name):
-    graph = capture(model(name))
+    graph = captured(name)
     growth = "expand-hidden(size=96),add-layers(n=1),expand-mlp(factor=2)"
     for text in [*PIPELINES, growth]:
         if MODEL_OF.get(text, name) != name or (name == "tiny-bert" and text not in MODEL_OF):

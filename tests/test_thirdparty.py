@@ -28,6 +28,7 @@ import torch
 from archfx.ir import AnalysisError, PassError, VerificationError, capture
 from archfx.passes import Pipeline
 
+from .helpers import sampled
 from .thirdparty import (
     AVAILABLE,
     HF_HELD_OUT,
@@ -40,18 +41,14 @@ from .thirdparty import (
 
 # every pass on these in the default run (structures of the whole zoo are checked in every
 # run): einsum attention in alternating layer lists, litgpt's fused GQA with RoPE outside the
-# blocks, a ModuleList-pairs ViT whose adds run in the owner, Qwen2-MoE's experts, and Phi-3's
-# q | k | v slices of one GQA projection (new heads move the slices' bounds)
-SAMPLE = ("xt-gqa-swiglu", "litgpt-llama", "vitp-vit", "hf-qwen2-moe", "hf-phi3")
+# blocks, and a ModuleList-pairs ViT whose adds run in the owner (Qwen2-MoE's experts and
+# Phi-3's q | k | v slices of one GQA projection under `make test-all`)
+SAMPLE = ("xt-gqa-swiglu", "litgpt-llama", "vitp-vit")
 # models archfx refuses as a whole, and what the refusal must name
 REFUSED_MODELS = {
     "esm2": "branches on tensor values",  # capture: `padding_mask.any()` decides a branch
 }
 ENTRIES = {**THIRDPARTY, **HF_HELD_OUT}
-
-
-def _params(names) -> list:
-    return [n if n in SAMPLE else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
 @functools.cache
@@ -115,7 +112,7 @@ def test_hugging_face_families_outside_the_zoo(name):
             assert found[key] == truth[key], key
 
 
-@pytest.mark.parametrize("name", _params(sorted(set(ENTRIES) - set(REFUSED_MODELS))))
+@pytest.mark.parametrize("name", sampled(sorted(set(ENTRIES) - set(REFUSED_MODELS)), SAMPLE[:3]))
 def test_every_pass_is_exact_or_refused(name):
     truth, graph = _captured(name)
     found = graph.found_structure
@@ -133,7 +130,7 @@ def test_every_pass_is_exact_or_refused(name):
         _rewrites_all_sites(text, record, graph.structure)
 
 
-@pytest.mark.parametrize("name", _params(sorted(set(ENTRIES) - set(REFUSED_MODELS))))
+@pytest.mark.parametrize("name", sampled(sorted(set(ENTRIES) - set(REFUSED_MODELS)), SAMPLE[:3]))
 def test_dnc_options_run_or_refuse(name):
     """sdnc's options that change the function (cosine addressing, the delta-rule write) run on
     every model or are refused naming the reason; a delta-rule memory stays causal: a later
