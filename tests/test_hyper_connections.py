@@ -166,9 +166,8 @@ def test_add_layers_after_mhc_is_refused_when_parsed_and_allowed_after_hc():
     [
         pytest.param("tiny-llama", "hc(n=3,dynamic=true)", marks=pytest.mark.slow),
         ("tiny-llama", "mhc(n=2,pre=alternating)"),
-        pytest.param(
-            "tiny-bart", "hc(n=2)", marks=pytest.mark.slow
-        ),  # post-LN, tied head, two stacks
+        # post-LN, tied head, two stacks
+        pytest.param("tiny-bart", "hc(n=2)", marks=pytest.mark.slow),
     ],
 )
 @pytest.mark.parametrize(
