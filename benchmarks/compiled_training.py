@@ -1,7 +1,7 @@
 """Training step throughput of the residual schemes under torch.compile, against the plain
 model's compiled step, measured side by side in one run.
 
-    python benchmarks/compiled_training.py [--threads 1] [--rounds 7] [--steps 5] [--smoke]
+    python benchmarks/compiled_training.py [--threads 1] [--rounds 7] [--steps 5] [--width W] [--smoke]
 
 The model is Table 1's tiny Llama (benchmarks/paper_tables.py: 4 layers, width 128, batch 16 ×
 128 bytes of Shakespeare). Each scheme's graph is compiled whole (`torch.compile` of the
@@ -17,6 +17,7 @@ the rule DDL applies over layers, here over tokens, in chunks: archfx/ir/memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -67,15 +68,27 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--schemes", nargs="+", choices=list(SCHEMES), default=list(SCHEMES), help="which rows"
     )
+    ap.add_argument(
+        "--width",
+        type=int,
+        help="Table 1's model at this width (heads of 32, MLP 3× the width; default 128)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = settings(args.smoke)
     rounds, steps = (2, 1) if args.smoke else (args.rounds, args.steps)
+    shape = s.large
+    if args.width:
+        if args.width % 32:
+            ap.error(f"--width {args.width}: a multiple of 32 (heads of 32)")
+        shape = dataclasses.replace(
+            shape, hidden=args.width, heads=args.width // 32, head_dim=32, mlp=3 * args.width
+        )
     x, y = next(byte_corpus().batches(s.batch, s.seq, 0))
     steps_of = {}
     names = list(dict.fromkeys(["baseline", *args.schemes]))
     for name in names:
-        graph, _ = build_graph(s.large, s.seq, 0, SCHEMES[name])
+        graph, _ = build_graph(shape, s.seq, 0, SCHEMES[name])
         params = list(graph.gm.parameters())
         compiled = torch.compile(graph.gm, dynamic=False)
         steps_of[(name, "eager")] = step_fn(graph.gm, params)
@@ -95,7 +108,7 @@ def main(argv=None) -> dict:
     tps = {k: steps * s.batch * s.seq / statistics.median(t) for k, t in times.items()}
     rows = []
     print(
-        f"threads {args.threads}; {s.batch}×{s.seq} tokens per step; median of {rounds} rounds "
+        f"width {shape.hidden}; threads {args.threads}; {s.batch}×{s.seq} tokens per step; median of {rounds} rounds "
         f"of {steps} steps\n\n| scheme | eager tokens/s | vs eager baseline | compiled tokens/s "
         "| vs compiled baseline | target |\n|---|---|---|---|---|---|"
     )
