@@ -1,7 +1,8 @@
 """Training step throughput of the residual schemes under torch.compile, against the plain
 model's compiled step, measured side by side in one run.
 
-    python benchmarks/compiled_training.py [--threads 1] [--rounds 7] [--steps 5] [--width W] [--smoke]
+    python benchmarks/compiled_training.py [--threads 1] [--rounds 7] [--steps 5] [--width W]
+                                           [--smoke]
 
 The model is Table 1's tiny Llama (benchmarks/paper_tables.py: 4 layers, width 128, batch 16 ×
 128 bytes of Shakespeare). Each scheme's graph is compiled whole (`torch.compile` of the
@@ -71,7 +72,7 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--width",
         type=int,
-        help="Table 1's model at this width (heads of 32, MLP 3× the width; default 128)",
+        help="Table 1's model at this width (heads of 32, MLP 3× the width; default: Table 1's)",
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -108,9 +109,10 @@ def main(argv=None) -> dict:
     tps = {k: steps * s.batch * s.seq / statistics.median(t) for k, t in times.items()}
     rows = []
     print(
-        f"width {shape.hidden}; threads {args.threads}; {s.batch}×{s.seq} tokens per step; median of {rounds} rounds "
-        f"of {steps} steps\n\n| scheme | eager tokens/s | vs eager baseline | compiled tokens/s "
-        "| vs compiled baseline | target |\n|---|---|---|---|---|---|"
+        f"width {shape.hidden}; threads {args.threads}; {s.batch}×{s.seq} tokens per step; "
+        f"median of {rounds} rounds of {steps} steps\n\n| scheme | eager tokens/s "
+        "| vs eager baseline | compiled tokens/s | vs compiled baseline | target |\n"
+        "|---|---|---|---|---|---|"
     )
     for name in names:
         e, c = tps[(name, "eager")], tps[(name, "compiled")]
