@@ -129,3 +129,16 @@ def meta_llama(**sizes):
         llama = tf.LlamaForCausalLM(config).eval()
     ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
     return capture(llama, {"input_ids": ids, "use_cache": False})
+
+
+def perturb_ddl(out, seed: int = 1) -> None:
+    """Gates that vary per token, λ = 0.3 (compat), value biases ≠ 0 (code)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in out.gm.named_parameters():
+            if name.endswith(".beta_weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) / p.numel() ** 0.5)
+            elif name.endswith(".value_bias"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif name.endswith(".lam"):
+                p.fill_(0.3)

@@ -37,6 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ORACLE = "tests/test_oracles.py::"
 GENERATE = "tests/test_generate.py::test_greedy_tokens_equal_transformers_generate"
+ONE_TOKEN = (
+    "tests/test_generate.py::test_one_token_kernels_compute_every_ddl_update_of_a_batch_one_step"
+)
 TIMEOUT = 1200  # seconds per pytest run
 
 
@@ -282,6 +285,22 @@ MUTANTS = [
         "torch.full((dv - 1, d), 1.0 / dv, dtype=self.dtype)",
         "torch.full((dv - 1, d), 1.0 / (dv - 1), dtype=self.dtype)",
         (ORACLE + "test_ddl_blocks_read_the_mean_of_the_channels",),
+    ),
+    Mutant(
+        "ddl-one-token-k-unnormalised",
+        "ddl one-token kernel: the error v − kᵀX with k = r·h",
+        "passes/rewrites/ddl.py",
+        "s = beta * r * (v - r * torch.dot(hv, x).item())",
+        "s = beta * r * (v - torch.dot(hv, x).item())",
+        (ONE_TOKEN + "[ddl(value=paper,beta0=0.7)]",),
+    ),
+    Mutant(
+        "ddl-one-token-lambda",
+        "ddl one-token kernel, compat: s = λ + (1 − λ)·s",
+        "passes/rewrites/ddl.py",
+        "s = lam_ + (1.0 - lam_) * s",
+        "s = lam_ + s",
+        (ONE_TOKEN + "[ddl(dv=1,value=compat)]",),
     ),
     # growth --------------------------------------------------------------------------------
     Mutant(

@@ -11,10 +11,16 @@ import torch
 from archfx.ir import PassError, capture
 from archfx.passes import Pipeline
 from archfx.passes.cli import main as cli
-from archfx.passes.engines.decode import MemoryStream, decode_form, is_decoder, last_position
+from archfx.passes.engines.decode import (
+    MemoryStream,
+    decode_form,
+    is_decoder,
+    last_position,
+    one_token_sites,
+)
 from archfx.passes.io.generate import Session, generate, left_padded
 
-from .helpers import captured, model
+from .helpers import captured, model, perturb_ddl
 
 PIPELINES = [
     "canonicalize",
@@ -373,6 +379,49 @@ def test_the_eager_form_calls_public_torch_functions_and_computes_the_same_bits(
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
             tokens = a[0][:, -1:].argmax(-1)
             mask = torch.ones_like(tokens)
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        "ddl(dv=1,value=compat)",
+        "ddl(value=paper,beta0=0.7)",
+        "ddl(value=code)",
+        "altup(k=2),ddl(dv=1,value=compat)",
+        "ddl(dv=1,value=compat),expand-hidden(factor=2),add-layers(n=1)",
+    ],
+)
+def test_one_token_kernels_compute_every_ddl_update_of_a_batch_one_step(pipeline):
+    """Steps of one token of one sequence run Session.one_token: every d_v = 1 DDL update is a
+    kernel in Python floats (passes/rewrites/ddl.py), whose steps give the general graph's
+    logits, with gates, λ and value biases moved off their initial values so that every term
+    of the update counts."""
+    out = Pipeline.parse(pipeline).run(captured("tiny-llama")).graph
+    perturb_ddl(out)
+    session = Session(out)
+    updates = sum("archfx_ddl" in n.meta for n in out.gm.graph.nodes)
+    assert updates >= 4 and one_token_sites(session.one_token) == updates
+    general, step = MemoryStream(session.eager), session.stream()
+    tokens = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        ref, got = general(tokens)[0][:, -1], step(tokens, torch.ones_like(tokens))
+        for _ in range(6):
+            assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+            tokens = ref.argmax(-1, keepdim=True)
+            ref, got = general(tokens)[0][:, -1], step(tokens, torch.ones_like(tokens))
+
+
+def test_a_one_token_kernel_that_computes_something_else_is_refused(monkeypatch):
+    from archfx.passes.engines import decode
+
+    def wrong(node):  # the state, without the update
+        return (torch.clone, (node.args[0],)) if "archfx_ddl" in node.meta else None
+
+    monkeypatch.setattr(decode, "ONE_TOKEN", [wrong])
+    out = Pipeline.parse("ddl(value=paper)").run(captured("tiny-llama")).graph
+    with pytest.raises(PassError, match="one-token step by its kernels differs"):
+        Session(out)
+    assert Session(out, "compile").one_token is None  # compiled steps fuse the ops instead
 
 
 def test_a_model_without_a_vocabulary_head_generates_every_position_and_says_so():

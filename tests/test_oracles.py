@@ -33,7 +33,7 @@ from archfx.ir import capture
 from archfx.ir.verify import certify
 from archfx.passes import Pipeline
 
-from .helpers import model
+from .helpers import model, perturb_ddl
 
 # helpers -----------------------------------------------------------------------------------
 
@@ -199,19 +199,6 @@ def _ddl_sites(graph, out):
     ]
 
 
-def _perturb_ddl(out, seed: int = 1) -> None:
-    """Gates that vary per token, λ = 0.3 (compat), value biases ≠ 0 (code)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in out.gm.named_parameters():
-            if name.endswith(".beta_weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) / p.numel() ** 0.5)
-            elif name.endswith(".value_bias"):
-                p.copy_(torch.randn(p.shape, generator=gen))
-            elif name.endswith(".lam"):
-                p.fill_(0.3)
-
-
 def _ddl_expected(mode: str, eps: float, x, h, c, p, prefix):
     """Deep Delta Learning written out (docs/passes.md, ddl): k = h/√(‖h‖²+ε²), β = 2σ(w·c + b), v = W_v c (paper, compat) or
     4σ(W_v x_in + b) (code); X ← X + β k (v − kᵀX), or with compat X + λh + (1−λ)β(v − kᵀX)k."""
@@ -247,7 +234,7 @@ def _ddl_expected(mode: str, eps: float, x, h, c, p, prefix):
 def test_ddl_update_is_the_value_modes_formula(mode, dv, eps):
     graph = captured_llama(2)
     out = Pipeline.parse(f"ddl(value={mode},dv={dv},eps={eps})").run(graph, verify=False).graph
-    _perturb_ddl(out)
+    perturb_ddl(out)
     p = params(out)
     for x, h, c, new, prefix in _ddl_sites(graph, out):
         if dv > 1 and x.dim() == h.dim():  # the first site reads the embedding, replicated
@@ -304,7 +291,7 @@ def test_ddl_k_unit_norm_beta_in_range_and_lambda_gets_gradient():
     for k, beta in zip(got[::2], got[1::2], strict=True):
         close(k.norm(dim=-1), torch.ones(k.shape[:-1]), "‖k‖ = 1", rtol=1e-4)
         assert bool(((beta > 0) & (beta < 2)).all())
-    _perturb_ddl(out)  # β varies: check the range where the gate has moved too
+    perturb_ddl(out)  # β varies: check the range where the gate has moved too
     for beta in out.probe([m["beta"] for m in metas]):
         assert bool(((beta > 0) & (beta < 2)).all())
     out.gm.zero_grad()

@@ -250,13 +250,34 @@ def last_position(decoder: Graph) -> Graph:
     return result
 
 
-def eager(decoder: Graph) -> Graph:
+ONE_TOKEN: list[Callable[[fx.Node], tuple[Callable, tuple] | None]] = []
+"""Recognisers of one-token kernels, registered by the passes whose ops they read: given a node
+of a decode form, `(kernel, args)` — a Python function computing the node's value from the
+args' values for one token of one sequence (shapes [1, 1, …]) — or None when the node is not
+exactly what the pass emitted. At batch 1 a step's element-wise ops on a few hundred numbers
+cost their dispatch, not their arithmetic: a residual site's dozen ATen calls become a few dot
+products and Python float arithmetic."""
+
+
+def eager(decoder: Graph, *, one_token: bool = False) -> Graph:
     """`decoder` as eager PyTorch runs it fastest, a new graph on the same parameters: each
     memory write becomes the keys and values it holds and each read without soft-capping the
     SDPA call it runs — the same ops, without a custom op's dispatch per call — and ops with a
     public torch function call that function (`archfx.ir.ops.PUBLIC`: the same kernel
-    without the OpOverload's Python dispatch)."""
+    without the OpOverload's Python dispatch). `one_token`: also every node a recogniser of
+    `ONE_TOKEN` recognises calls its kernel (marked `archfx_one_token` in its meta), and what
+    only it read is dropped; the graph then runs one token of one sequence only."""
     g = copy.deepcopy(decoder.gm.graph)
+    if one_token:
+        for n in list(g.nodes):
+            found = next((k for k in (r(n) for r in ONE_TOKEN) if k is not None), None)
+            if found is not None:
+                with g.inserting_before(n):
+                    kernel = g.call_function(*found)
+                kernel.meta = {**n.meta, "archfx_one_token": True}
+                n.replace_all_uses_with(kernel)
+                g.erase_node(n)
+        g.eliminate_dead_code()
     for n in list(g.nodes):
         if (
             n.target is READ
@@ -350,15 +371,22 @@ def _check(graph: Graph, tokens, whole, row, alone) -> None:
         _compare(name, got[:, 2:], ref, "of a left-padded row")
 
 
-def _compare(name: str, got: torch.Tensor, ref: torch.Tensor, how: str) -> None:
+def _compare(
+    name: str,
+    got: torch.Tensor,
+    ref: torch.Tensor,
+    how: str,
+    against: str = "the whole sequence's",
+    why: str = WHY,
+) -> None:
     diff = float((got - ref).abs().max())
     # a cache computes the same sums in other chunks: in bf16 and fp16 their rounding alone
     # differs by a few units of the dtype's precision (a broken cache differs by the scale)
     tolerance = max(TOLERANCE, 4 * torch.finfo(ref.dtype).eps) if ref.is_floating_point() else 0
     if not diff <= tolerance * max(1.0, float(ref.abs().max())):
         raise PassError(
-            f"decode form: {name} {how} differs from the whole sequence's by {diff:.2e} on the "
-            f"example tokens: {WHY}"
+            f"decode form: {name} {how} differs from {against} by {diff:.2e} on the "
+            f"example tokens: {why}"
         )
 
 
@@ -499,6 +527,33 @@ def first_call(graph: Graph) -> Graph:
     )
     refresh_shapes(result)
     return result
+
+
+def one_token_sites(graph: Graph) -> int:
+    """How many nodes of `graph` (from `eager(…, one_token=True)`) call a one-token kernel."""
+    return sum(bool(n.meta.get("archfx_one_token")) for n in graph.gm.graph.nodes)
+
+
+def check_one_token(general: Graph, single: Graph) -> None:
+    """The one-token graph's step after a prefill gives the general graph's outputs (the
+    example's first row; ≤ 1e-4 × max |output|)."""
+    ids = general.inputs.tensors[0][:1]
+    outs = []
+    with torch.no_grad():
+        for last in (general, single):
+            stream = MemoryStream(general)
+            stream(ids)
+            stream.module = last.gm
+            outs.append(stream(ids[:, -1:]))
+    for name, ref, got in zip(general.output_names, *outs, strict=False):
+        _compare(
+            name,
+            got,
+            ref,
+            "of a one-token step by its kernels",
+            "the general graph's",
+            "a one-token kernel does not compute the ops it replaced",
+        )
 
 
 def positions(mask: torch.Tensor, q: int) -> torch.Tensor:

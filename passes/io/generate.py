@@ -34,7 +34,16 @@ import torch
 
 from archfx.ir import Graph, PassError
 
-from ..engines.decode import PAST, MemoryStream, decode_form, eager, last_position, positions
+from ..engines.decode import (
+    PAST,
+    MemoryStream,
+    check_one_token,
+    decode_form,
+    eager,
+    last_position,
+    one_token_sites,
+    positions,
+)
 
 
 @dataclass
@@ -84,11 +93,16 @@ class Session:
         except PassError as exc:
             warnings.warn(f"{exc}: the prefill computes every position's outputs", stacklevel=2)
             self.decoder = form
-        self.onnx = self.ort = self.compiled = None
+        self.onnx = self.ort = self.compiled = self.one_token = None
         if runtime != "onnx":
             self.eager = eager(self.decoder)
             if runtime == "compile":
                 self.compiled = torch.compile(self.eager.gm, dynamic=True)
+            else:
+                single = eager(self.decoder, one_token=True)
+                if one_token_sites(single):
+                    check_one_token(self.eager, single)
+                    self.one_token = single
         else:
             from archfx.ir.lower import ort_session
 
@@ -111,7 +125,7 @@ class Session:
     def stream(self):
         """A fresh cache: a callable (new tokens, their attention mask) → last logits."""
         if self.ort is None:
-            return _TorchStep(self.eager, self.compiled)
+            return _TorchStep(self.eager, self.compiled, self.one_token)
         return _OrtStep(self.ort, self.decoder.device)
 
 
@@ -242,10 +256,20 @@ def _chooser(temperature, top_k, top_p, seed):
 
 
 class _TorchStep:
-    """One call of the decode form in PyTorch: the last position's logits."""
+    """One call of the decode form in PyTorch: the last position's logits; a step of one token
+    of one sequence runs the graph with one-token kernels when there is one."""
 
-    def __init__(self, decoder: Graph, compiled: Callable | None):
-        self.stream = MemoryStream(decoder, module=compiled)
+    def __init__(self, decoder: Graph, compiled: Callable | None, one_token: Graph | None):
+        general = decoder.gm if compiled is None else compiled
+        if one_token is not None:
+            single = one_token.gm
+
+            def module(ids, *rest):
+                return (single if ids.shape == (1, 1) else general)(ids, *rest)
+
+        else:
+            module = general
+        self.stream = MemoryStream(decoder, module=module)
 
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -33,8 +33,9 @@ import torch
 from torch import fx
 
 from archfx.ir import PassError
-from archfx.ir.ops import aten
+from archfx.ir.ops import aten, is_call
 
+from ..engines.decode import ONE_TOKEN
 from ..engines.residual import (
     SITES_RETHREADED,
     Emitter,
@@ -218,6 +219,110 @@ class DDLScheme(Scheme):
             return em.op(aten.permute.default, t, [2, 0, 3, 1])
         t = em.op(aten.unflatten.int, t, 1, [n, self.d])  # [B, dv, d, S]
         return em.op(aten.permute.default, t, [1, 0, 3, 2])
+
+
+# one token of one sequence in eager PyTorch (engines/decode.py, ONE_TOKEN) ----------------------
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _args(node, target, *, count: int | None = None) -> tuple:
+    """`node`'s args when it is a call of `target` without kwargs (and `count` args)."""
+    if not is_call(node, {target}) or node.kwargs or count not in (None, len(node.args)):
+        raise _Mismatch
+    return node.args
+
+
+def _param(node) -> fx.Node:
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        raise _Mismatch
+    return node
+
+
+def _one_token_site(new: fx.Node) -> tuple | None:
+    """`(kernel, args)` for a d_v = 1 update in fp32, recognised op by op as `DDLScheme.write`
+    emits it, or None."""
+    if "archfx_ddl" not in new.meta:
+        return None
+    try:
+        base, direction, error = _args(new, aten.addcmul.default)
+        lam = None
+        if is_call(base, {aten.addcmul.default}):  # compat: x + λh, gate (1 − λ)β
+            state, lam, h = _args(base, aten.addcmul.default)
+            gate, k = _args(direction, aten.mul.Tensor)
+            one_minus, beta = _args(gate, aten.mul.Tensor)
+            if _args(one_minus, aten.rsub.Scalar) != (_param(lam), 1.0):
+                raise _Mismatch
+        else:
+            state = base
+            beta, k = _args(direction, aten.mul.Tensor)
+        h_, scale = _args(k, aten.mul.Tensor)
+        norm2, eps2 = _args(_args(scale, aten.rsqrt.default, count=1)[0], aten.add.Tensor)
+        if lam is None:
+            h = h_
+        if h_ is not h or _args(norm2, aten.sum.dim_IntList) != (norm2.args[0], [-1], True):
+            raise _Mismatch
+        if _args(norm2.args[0], aten.mul.Tensor) != (h, h) or not isinstance(eps2, float):
+            raise _Mismatch
+        v, kx = _args(error, aten.sub.Tensor)
+        if _args(kx, aten.sum.dim_IntList) != (kx.args[0], [-1], True):
+            raise _Mismatch
+        if _args(kx.args[0], aten.mul.Tensor) != (k, state):
+            raise _Mismatch
+        sigmoid, two = _args(beta, aten.mul.Tensor)
+        logit = _args(sigmoid, aten.sigmoid.default, count=1)[0]
+        c, w_beta, b_beta = _args(logit, aten.linear.default, count=3)
+        w_beta = _param(_args(w_beta, aten.view.default, count=2)[0])
+        if is_call(v, {aten.linear.default}):  # paper, compat: v = W_v c
+            src, w_v = _args(v, aten.linear.default, count=2)
+            b_v = None
+            if src is not c:
+                raise _Mismatch
+        else:  # code: v = 4σ(W_v x_in + b)
+            sigmoid_v, four = _args(v, aten.mul.Tensor)
+            lin = _args(sigmoid_v, aten.sigmoid.default, count=1)[0]
+            src, w_v, b_v = _args(lin, aten.linear.default, count=3)
+            if four != 4.0:
+                raise _Mismatch
+            _param(b_v)
+        _param(w_v), _param(b_beta)
+        values = [n.meta.get("val") for n in (state, h, c, src, new)]
+        if (
+            two != 2.0
+            or any(x is None or x.dtype != F32 for x in values)
+            or state.meta["val"].shape != new.meta["val"].shape
+        ):
+            raise _Mismatch
+    except _Mismatch:
+        return None
+    return _ddl_one_token, (state, h, c, w_beta, b_beta, src, w_v, b_v, lam, eps2)
+
+
+def _sigmoid(z: float) -> float:
+    return 0.5 * (1.0 + math.tanh(0.5 * z))  # no overflow for any z
+
+
+def _ddl_one_token(state, h, c, w_beta, b_beta, src, w_v, b_v, lam, eps2: float):
+    """The update for one token of one sequence: the same formula in Python floats,
+    X + s·h with s = β r (v − r hᵀX), r = 1/sqrt(‖h‖² + ε²) (k = r h), s ← λ + (1 − λ)s in
+    compat mode (s = 1 exactly at λ = 1)."""
+    d = h.shape[-1]
+    x, hv, cv = state.reshape(d), h.reshape(d), c.reshape(d)
+    r = 1.0 / math.sqrt(torch.dot(hv, hv).item() + eps2)
+    beta = 2.0 * _sigmoid(torch.dot(cv, w_beta).item() + b_beta.item())
+    v = torch.dot(src.reshape(d), w_v.reshape(d)).item()
+    if b_v is not None:  # value=code: v = 4σ(W_v x_in + b)
+        v = 4.0 * _sigmoid(v + b_v.item())
+    s = beta * r * (v - r * torch.dot(hv, x).item())
+    if lam is not None:
+        lam_ = lam.item()
+        s = lam_ + (1.0 - lam_) * s
+    return torch.add(state, h, alpha=s)
+
+
+ONE_TOKEN.append(_one_token_site)
 
 
 @register
