@@ -72,9 +72,11 @@ RUNTIMES = ("torch", "compile", "onnx")
 class Session:
     """A causal language model ready to generate: its decode form (built and checked once; its
     outputs at the last position only, which is all generation reads) in PyTorch (`torch`:
-    eager; `compile`: torch.compile of it), or exported to ONNX (`onnx`: the file; by default
-    one of the Session's own, deleted with it; checked against PyTorch) and loaded in ONNX
-    Runtime with `threads` intra-op threads."""
+    eager, and `one_token`: the graph with the passes' one-token kernels for steps of one token
+    of one sequence, when some node has one — checked here; `compile`: torch.compile of the
+    eager graph), or exported to ONNX (`onnx`: the file; by default one of the Session's own,
+    deleted with it; checked against PyTorch) and loaded in ONNX Runtime with `threads`
+    intra-op threads."""
 
     def __init__(
         self,

@@ -287,12 +287,13 @@ def _one_token_site(new: fx.Node) -> tuple | None:
             if four != 4.0:
                 raise _Mismatch
             _param(b_v)
-        _param(w_v), _param(b_beta)
+        for p in (w_v, b_beta):
+            _param(p)
         values = [n.meta.get("val") for n in (state, h, c, src, new)]
         if (
             two != 2.0
             or any(x is None or x.dtype != F32 for x in values)
-            or state.meta["val"].shape != new.meta["val"].shape
+            or state.meta["val"].shape != h.meta["val"].shape  # d_v = 1: the stream's shape
         ):
             raise _Mismatch
     except _Mismatch:
