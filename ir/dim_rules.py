@@ -28,6 +28,7 @@ from .ops import (
     aten,
     is_pointwise,
 )
+from .sinkhorn import SINKHORN
 
 
 def apply_rule(d: Dims, node: fx.Node) -> None:
@@ -81,6 +82,11 @@ class _Rules:
         self.same(x, out)
         dim = self.n.args[1] % len(x)
         self.d.reductions.append(Reduction(self.n, "softmax", [x[dim]]))
+
+    def sinkhorn(self, out) -> None:  # [..., n, n] normalised by sums over both n axes
+        x = self.arg_axes(0)
+        self.same(x, out)
+        self.d.reductions.append(Reduction(self.n, "sum", x[-2:]))
 
     def view_as(self, out) -> None:  # x in other's shape
         x, other = (self.ax(a) for a in self.n.args[:2])
@@ -469,6 +475,7 @@ RULES = {  # op → rule(context, the result's axes)
     **dict.fromkeys((aten.layer_norm.default, aten.rms_norm.default), _Rules.norm),
     **{op: (lambda kind: lambda r, out: r.reduce(kind, out))(k) for op, k in REDUCTIONS.items()},
     aten.linalg_vector_norm.default: _vector_norm,
+    SINKHORN: _Rules.sinkhorn,
     **dict.fromkeys((*SOFTMAX, aten.log_softmax.int), _Rules.softmax),
     **dict.fromkeys(VIEWS, lambda r, out: r.reshape(r.arg_axes(0), out, sizes_at=1)),
     **dict.fromkeys((aten.expand.default, aten.broadcast_to.default), _Rules.expand),

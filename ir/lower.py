@@ -29,6 +29,7 @@ from .inputs import Inputs
 from .layout import explicit_reshape_copies
 from .memory import DELTA
 from .ops import aten, is_assert, is_call, is_dropout_identity
+from .sinkhorn import SINKHORN, explicit_sinkhorn
 from .verify import compare, in_fp64
 
 
@@ -283,9 +284,11 @@ def to_onnx(
         t0 = time.perf_counter()
         shapes = _dynamic_shapes(graph)
         gm = graph.gm
-        if any(n.target is torch.ops.aten.reshape.default for n in gm.graph.nodes):
-            gm = copy.deepcopy(gm)  # the exported copy gets explicit layouts; `graph` is untouched
-            if explicit_reshape_copies(gm.graph):
+        if any(n.target in (torch.ops.aten.reshape.default, SINKHORN) for n in gm.graph.nodes):
+            # the exported copy gets explicit layouts and Sinkhorn's ATen chain (ONNX has no
+            # such op); `graph` is untouched
+            gm = copy.deepcopy(gm)
+            if explicit_reshape_copies(gm.graph) | explicit_sinkhorn(gm.graph):
                 gm.recompile()
         sink = io.StringIO()
         try:

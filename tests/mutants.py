@@ -171,12 +171,21 @@ MUTANTS = [
     Mutant(
         "mhc-sinkhorn-ends-on-rows",
         "mhc: Sinkhorn-Knopp normalises rows, then columns (columns exact)",
-        "passes/rewrites/mhc.py",
-        "res = em.op(aten.div.Tensor, res, em.op(aten.sum.dim_IntList, res, [-1], True))\n"
-        "            res = em.op(aten.div.Tensor, res, em.op(aten.sum.dim_IntList, res, [-2], True))",
-        "res = em.op(aten.div.Tensor, res, em.op(aten.sum.dim_IntList, res, [-2], True))\n"
-        "            res = em.op(aten.div.Tensor, res, em.op(aten.sum.dim_IntList, res, [-1], True))",
+        "ir/sinkhorn.py",
+        "a.div_(a.sum(1, keepdim=True))\n        a.div_(a.sum(0, keepdim=True))",
+        "a.div_(a.sum(0, keepdim=True))\n        a.div_(a.sum(1, keepdim=True))",
         ("tests/test_hyper_connections.py::test_mhc_update_oracle_and_doubly_stochastic_mixing",),
+    ),
+    Mutant(
+        "sinkhorn-backward-drops-the-sum-term",
+        "archfx::sinkhorn's backward: a step b = a / s goes back as (∂b − Σ ∂b ⊙ b) / s",
+        "ir/sinkhorn.py",
+        "g = g.sub((g * b).sum(axis, keepdim=True)).div_(s)",
+        "g = g.div(s)",
+        (
+            "tests/test_hyper_connections.py::"
+            "test_the_sinkhorn_op_is_the_chain_it_replaces_with_its_gradient",
+        ),
     ),
     Mutant(
         "mhc-post-gain-not-one",

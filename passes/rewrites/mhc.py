@@ -12,8 +12,8 @@ with coefficients computed per token from x̃ = RMSNorm(vec(x)) (no gain, over a
     H_post = 2σ(α_post · x̃ φ_post + b_post)                  ∈ R^{1×n}
     H_res  = SinkhornKnopp(exp(α_res · mat(x̃ φ_res) + b_res)) ∈ R^{n×n}, doubly stochastic
 
-(`sinkhorn_iters` alternate row and column normalisations, ending on the columns). The model
-reads the mean of the streams. Post-norms between sites act on every stream.
+(`sinkhorn_iters` alternate row and column normalisations, ending on the columns: one graph
+op, `archfx::sinkhorn`, ir/sinkhorn.py). The model reads the mean of the streams. Post-norms between sites act on every stream.
 
 Exactness: at init φ = 0 (α = 0.01, so φ gets gradient), b_pre = logit(1/n), b_post = 0,
 b_res = 0: H_pre = 1/n, H_post = 1 and exp(b_res) is the all-ones matrix, which the first row
@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from archfx.ir.ops import aten
+from archfx.ir.sinkhorn import SINKHORN
 
 from ..engines.residual import (
     SITES_RETHREADED,
@@ -106,14 +107,12 @@ class MHCScheme(Scheme):
         )
         self.post[name] = post
         res = em.op(
-            aten.exp.default,
+            SINKHORN,
             em.op(
                 aten.unflatten.int, logits(2, 2 * n, None, torch.zeros(n * n, dtype=dt)), -1, [n, n]
             ),
+            self.iters,
         )  # [*tok, i, j]
-        for _ in range(self.iters):
-            res = em.op(aten.div.Tensor, res, em.op(aten.sum.dim_IntList, res, [-1], True))
-            res = em.op(aten.div.Tensor, res, em.op(aten.sum.dim_IntList, res, [-2], True))
         unit_in = em.op(
             aten.sum.dim_IntList,
             em.op(aten.mul.Tensor, self._lead(em, pre), state),
