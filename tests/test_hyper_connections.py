@@ -56,6 +56,18 @@ def test_exact_at_init_with_replicated_streams(name):
         assert len(result.graph.structure.blocks) == len(graph.structure.blocks)
 
 
+def test_a_site_whose_tokens_are_flattened_gets_its_own_rank():
+    """OPT runs its MLP on [batch·sequence, d] (a reshape before, a view back after): every
+    scheme's coefficients follow each site's own token axes; DDL's token convolution, which
+    needs the sequence axis, is refused there by name."""
+    graph = captured("family:opt")
+    for text in ["hc(n=2,dynamic=true)", "mhc(n=2)", "altup(k=2)", "ddl(dv=2,value=compat)"]:
+        cert = Pipeline.parse(text).run(graph).records[-1].certificate
+        assert cert.ok and cert.math_diff <= 1e-9 and cert.max_abs_diff <= 1e-5, (text, cert)
+    with pytest.raises(PassError, match="need a .batch, sequence, features. stream; .* rank 2"):
+        Pipeline.parse("ddl(dv=2,value=compat,compressor=tc)").run(graph)
+
+
 def test_readout_sum_absorbs_n_in_the_final_norm_and_is_refused_without_one():
     out = Pipeline.parse("hc(n=4,readout=sum)").run(captured("tiny-llama"))
     assert out.records[-1].certificate.math_diff <= 1e-9

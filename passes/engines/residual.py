@@ -112,6 +112,12 @@ class Unit:
         return self.consumers | between(self.input, self.replaces)
 
     @property
+    def rank(self) -> int:
+        """The rank of the stream entering the unit: 3 for (batch, sequence, features), less
+        where the model flattens the tokens around a sublayer (OPT's MLP: [batch·sequence, d])."""
+        return self.input.meta["val"].dim()
+
+    @property
     def name(self) -> str:
         return f"s{self.stack}.l{self.block.index}" + (
             f".r{self.block.residuals.index(self.site)}" if self.site else ""
@@ -237,10 +243,9 @@ def _scale_eps(norm: Norm, factor: int) -> None:
     raise PassError("readout=sum could not find the final norm's eps to rescale")
 
 
-def stream_of(graph: Graph) -> tuple[int, int, torch.dtype]:
-    """What a scheme is built for: the stream's width, rank and dtype."""
-    x = graph.structure.blocks[0].input.meta["val"]
-    return graph.structure.hidden_size, x.dim(), x.dtype
+def stream_of(graph: Graph) -> tuple[int, torch.dtype]:
+    """What a scheme is built for: the stream's width and dtype (its rank is each unit's)."""
+    return graph.structure.hidden_size, graph.structure.blocks[0].input.meta["val"].dtype
 
 
 def owned_parameters(graph: Graph, owner: str) -> int:

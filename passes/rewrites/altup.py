@@ -45,12 +45,11 @@ OWNER = "altup"
 class AltUpScheme(Scheme):
     granularity = "block"
 
-    def __init__(self, opts: dict, d: int, rank: int, dtype: torch.dtype):
+    def __init__(self, opts: dict, d: int, dtype: torch.dtype):
         self.k, self.schedule, self.active = opts["k"], opts["schedule"], opts["active"]
         self.router = opts["coefficients"] == "router"
         self.readout_kind = opts["readout"]
-        self.d, self.rank, self.dtype = d, rank, dtype
-        self.tok = rank - 1  # token dims of the d-wide stream (batch, sequence, …)
+        self.d, self.dtype = d, dtype
         self.gen = torch.Generator().manual_seed(opts["seed"])
         self.routers: dict[str, str] = {}
 
@@ -64,14 +63,15 @@ class AltUpScheme(Scheme):
         k, name = self.k, unit.name
         if not self.router:
             p = em.param(f"{name}.predict", torch.eye(k, dtype=self.dtype), fresh=True)
-            coef = em.op(aten.view.default, p, [k, k] + [1] * self.rank)
+            coef = em.op(aten.view.default, p, [k, k] + [1] * unit.rank)
         else:  # P = I + reshape(W_p m): the I is the `state +` below
             m = self._route(em, em.op(aten.select.int, state, 0, self._j(unit.index)), name)
             w = em.param(f"{name}.predict", torch.zeros(k * k, k, dtype=self.dtype), fresh=True)
             c = em.op(
                 aten.unflatten.int, em.op(aten.linear.default, m, w), -1, [k, k]
             )  # [*tok, K, K]
-            c = em.op(aten.permute.default, c, [self.tok, self.tok + 1, *range(self.tok)])
+            tok = unit.rank - 1  # token dims of the d-wide stream (batch, sequence, …)
+            c = em.op(aten.permute.default, c, [tok, tok + 1, *range(tok)])
             coef = em.op(aten.unsqueeze.default, c, -1)  # [K, K, *tok, 1]
         mixed = em.op(aten.mul.Tensor, coef, em.op(aten.unsqueeze.default, state, 0))
         xhat = em.op(aten.sum.dim_IntList, mixed, [1])
@@ -85,14 +85,14 @@ class AltUpScheme(Scheme):
         k, name = self.k, unit.name
         if not self.router:
             g = em.param(f"{name}.correct", torch.ones(k, dtype=self.dtype), fresh=True)
-            gain = em.op(aten.view.default, g, [k] + [1] * self.rank)
+            gain = em.op(aten.view.default, g, [k] + [1] * unit.rank)
         else:  # g = 1 + W_c m'
             m = self._route(em, unit_out, name)
             w = em.param(f"{name}.correct", torch.zeros(k, k, dtype=self.dtype), fresh=True)
             c = em.op(aten.add.Tensor, em.op(aten.linear.default, m, w), 1.0)  # [*tok, K]
             gain = em.op(
                 aten.unsqueeze.default,
-                em.op(aten.permute.default, c, [self.tok, *range(self.tok)]),
+                em.op(aten.permute.default, c, [unit.rank - 1, *range(unit.rank - 1)]),
                 -1,
             )
         new = em.op(aten.mul.Tensor, gain, em.op(aten.unsqueeze.default, unit_out, 0))

@@ -55,12 +55,12 @@ F32 = torch.float32
 class DDLScheme(Scheme):
     granularity = "site"
 
-    def __init__(self, opts: dict, d: int, rank: int, dtype: torch.dtype):
+    def __init__(self, opts: dict, d: int, dtype: torch.dtype):
         self.dv, self.value, self.beta0 = opts["dv"], opts["value"], opts["beta0"]
         self.compressor, self.ec, self.eps = opts["compressor"], opts["ec"], opts["eps"]
         self.stream_shaped = self.dv == 1
         self.channels = self.dv
-        self.d, self.rank, self.dtype = d, rank, dtype
+        self.d, self.dtype = d, dtype
         self.gen = torch.Generator().manual_seed(opts["seed"])
         self.compressors: dict[str, list[str]] = {}
 
@@ -71,6 +71,7 @@ class DDLScheme(Scheme):
             return x
         if not self.ec:
             return replicate(em, x, self.dv)
+        _need_sequence(x.meta["val"].dim(), "the embeddings")
         w = torch.zeros(self.d * self.dv, 1, 4, dtype=self.dtype)
         w[:, 0, -1] = 1.0  # identity: each channel starts as the embedding
         conv = self._causal_conv(
@@ -85,6 +86,8 @@ class DDLScheme(Scheme):
     def read(self, em, state, unit):
         if self.dv == 1:
             return state, state
+        if self.compressor == "tc":
+            _need_sequence(unit.rank, f"the stream at {unit.block.path}")
         return state, self._compress(em, state, f"s{unit.stack}.l{unit.block.index}")
 
     def readout(self, em, state, stack):
@@ -205,10 +208,6 @@ class DDLScheme(Scheme):
         self, em: Emitter, x: fx.Node, w: fx.Node, groups: int, grouped_out: bool
     ) -> fx.Node:
         """Depthwise causal convolution (kernel 4) over the token axis of [n, B, S, d] → [dv, B, S, d]."""
-        if self.rank != 3:
-            raise PassError(
-                "the token convolutions (ec, compressor=tc) need a (batch, sequence, features) stream"
-            )
         n = 1 if grouped_out else self.dv
         t = em.op(aten.permute.default, x, [1, 0, 3, 2])  # [B, n, d, S]
         t = em.op(aten.flatten.using_ints, t, 1, 2)  # [B, n·d, S]
@@ -219,6 +218,14 @@ class DDLScheme(Scheme):
             return em.op(aten.permute.default, t, [2, 0, 3, 1])
         t = em.op(aten.unflatten.int, t, 1, [n, self.d])  # [B, dv, d, S]
         return em.op(aten.permute.default, t, [1, 0, 3, 2])
+
+
+def _need_sequence(rank: int, where: str) -> None:
+    if rank != 3:
+        raise PassError(
+            f"the token convolutions (ec, compressor=tc) need a (batch, sequence, features) "
+            f"stream; {where} has rank {rank}"
+        )
 
 
 # one token of one sequence in eager PyTorch (engines/decode.py, ONE_TOKEN) ----------------------

@@ -49,18 +49,18 @@ SCALE = 0.01  # s_α, s_β at init
 class HCScheme(Scheme):
     granularity = "site"
 
-    def __init__(self, opts: dict, d: int, rank: int, dtype: torch.dtype):
+    def __init__(self, opts: dict, d: int, dtype: torch.dtype):
         self.n, self.dynamic, self.readout_kind = opts["n"], opts["dynamic"], opts["readout"]
         self.channels = self.n
-        self.d, self.rank, self.dtype = d, rank, dtype
-        self.tok = rank - 1  # token dims of the d-wide stream
+        self.d, self.dtype = d, dtype
         self.normed: dict[str, fx.Node] = {}  # per site: H̄, for the write's dynamic B
 
     def init(self, em, x, stack):
         return replicate(em, x, self.n)
 
     def read(self, em, state, unit):
-        n, name, ones = self.n, unit.name, [1] * self.rank
+        n, name, rank = self.n, unit.name, unit.rank
+        ones = [1] * rank
         a = torch.zeros(n, dtype=self.dtype)
         a[unit.index % n] = 1.0
         a_m = em.op(aten.view.default, em.param(f"{name}.read", a), [n, *ones])  # [n, 1…]
@@ -75,7 +75,7 @@ class HCScheme(Scheme):
             s_a = em.param(f"{name}.read_scale", torch.tensor(SCALE, dtype=self.dtype))
             a_m = em.op(aten.add.Tensor, a_m, self._tanh(em, hbar, f"{name}.read_dynamic", 1, s_a))
             r = self._tanh(em, hbar, f"{name}.carry_dynamic", n, s_a, fresh=True)  # [i, *tok, j]
-            r = em.op(aten.permute.default, r, [0, self.rank, *range(1, self.rank)])
+            r = em.op(aten.permute.default, r, [0, rank, *range(1, rank)])
             a_r = em.op(aten.add.Tensor, a_r, em.op(aten.unsqueeze.default, r, -1))
         h0 = em.op(aten.sum.dim_IntList, em.op(aten.mul.Tensor, a_m, state), [0])
         carried = em.op(
@@ -90,7 +90,7 @@ class HCScheme(Scheme):
         b = em.op(
             aten.view.default,
             em.param(f"{name}.write", torch.ones(n, dtype=self.dtype)),
-            [n] + [1] * self.rank,
+            [n] + [1] * unit.rank,
         )
         if self.dynamic:
             s_b = em.param(f"{name}.write_scale", torch.tensor(SCALE, dtype=self.dtype))

@@ -70,19 +70,19 @@ NO_IDENTITY_LAYER = (
 class MHCScheme(Scheme):
     granularity = "site"
 
-    def __init__(self, opts: dict, d: int, rank: int, dtype: torch.dtype):
+    def __init__(self, opts: dict, d: int, dtype: torch.dtype):
         self.n, self.iters = opts["n"], opts["sinkhorn_iters"]
         self.alternating = opts["pre"] == "alternating"
         self.channels = self.n
-        self.d, self.rank, self.dtype = d, rank, dtype
-        self.tok = rank - 1  # token dims of the d-wide stream
+        self.d, self.dtype = d, dtype
         self.post: dict[str, object] = {}  # per site: H_post, for the write
 
     def init(self, em, x, stack):
         return replicate(em, x, self.n)
 
     def read(self, em, state, unit):
-        n, name, tok, dt = self.n, unit.name, self.tok, self.dtype
+        n, name, dt = self.n, unit.name, self.dtype
+        tok = unit.rank - 1  # token dims of the d-wide stream
         flat = em.op(
             aten.flatten.using_ints,
             em.op(aten.permute.default, state, [*range(1, tok + 1), 0, tok + 1]),
@@ -115,7 +115,7 @@ class MHCScheme(Scheme):
         )  # [*tok, i, j]
         unit_in = em.op(
             aten.sum.dim_IntList,
-            em.op(aten.mul.Tensor, self._lead(em, pre), state),
+            em.op(aten.mul.Tensor, self._lead(em, pre, tok), state),
             [0],
         )
         coef = em.op(aten.permute.default, res, [tok + 1, tok, *range(tok)])  # [j, i, *tok]
@@ -141,16 +141,16 @@ class MHCScheme(Scheme):
         return torch.logit(w).to(self.dtype)
 
     def write(self, em, state, unit_in, unit_out, unit):
-        post = self._lead(em, self.post.pop(unit.name))
+        post = self._lead(em, self.post.pop(unit.name), unit.rank - 1)
         new = em.op(aten.mul.Tensor, post, em.op(aten.unsqueeze.default, unit_out, 0))
         return em.op(aten.add.Tensor, state, new)
 
     def readout(self, em, state, stack):
         return mean_of_channels(em, state)
 
-    def _lead(self, em, coef):
+    def _lead(self, em, coef, tok: int):
         """[*tok, n] → [n, *tok, 1], to weigh the state's channels."""
-        t = em.op(aten.permute.default, coef, [self.tok, *range(self.tok)])
+        t = em.op(aten.permute.default, coef, [tok, *range(tok)])
         return em.op(aten.unsqueeze.default, t, -1)
 
 

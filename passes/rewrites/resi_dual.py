@@ -35,7 +35,7 @@ class ResiDualScheme(Scheme):
     granularity = "site"
     stream_shaped = True  # the state is the post-LN stream; the accumulator is kept here
 
-    def __init__(self, opts: dict, d: int, rank: int, dtype: torch.dtype):
+    def __init__(self, opts: dict, d: int, dtype: torch.dtype):
         self.kind, self.eps = opts["kind"], opts["eps"]  # the post-norms'
         self.d, self.dtype = d, dtype
         self.acc: dict[int, object] = {}  # per stack: the accumulator after the last site
