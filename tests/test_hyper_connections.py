@@ -166,6 +166,24 @@ def test_the_sinkhorn_op_is_the_chain_it_replaces_with_its_gradient(shape, iters
         first.sum().backward()
 
 
+def test_the_sinkhorn_op_under_torch_compile():
+    """Inductor runs the op and its backward as kernels (the fake and autograd registrations):
+    values and gradient equal eager's; the whole mHC training step is
+    tests/test_lower.py::test_a_compiled_training_step_matches_eager (make test-all)."""
+    x = torch.randn(2, 5, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    grad = torch.randn(2, 5, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def f(x):
+        return SINKHORN(torch.tanh(x), 5) * 3
+
+    want = f(x)
+    got = torch.compile(f, dynamic=False)(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0]
+    )
+
+
 def test_mhc_update_oracle_and_doubly_stochastic_mixing():
     """x ← H_res x + H_postᵀ F(H_pre x) with moved φ, α, biases; H_res = Sinkhorn(exp(·)):
     columns sum to 1 (normalised last), rows only as closely as 20 iterations bring them —
