@@ -14,11 +14,14 @@ column sum adds n slabs of all the tokens, and does the same arithmetic in the s
 the chain: the chain's result, within a rounding of the sums' order (tested against it). Its
 backward, `archfx::sinkhorn_backward(grad, logits, iters)`, recomputes the iterations from the
 logits (nothing else is saved: 2·iters intermediates per token would be) and takes each step
-b = a / s (s = Σ a along the axis) back as ∂a = (∂b − Σ ∂b ⊙ b) / s, then ∂logits = ∂M ⊙ M.
-Under torch.compile both run as opaque kernels. A second derivative is refused.
+b = a / s (s = Σ a along the axis) back as ∂a = (∂b − Σ ∂b ⊙ b) / s, then
+∂logits = ∂M ⊙ M. Under torch.compile both run as opaque kernels. A second derivative is
+refused. The forward divides in place (it keeps nothing); the backward's recomputation keeps
+every step, which its loop reads back.
 
-`explicit_sinkhorn(graph)` rewrites each op into the chain (exp, then per iteration sum, div, sum, div
-over the last two axes): the ONNX export uses it, so the ONNX model computes the same H_res.
+`explicit_sinkhorn(graph)` rewrites each op into the chain (exp, then per iteration sum, div,
+sum, div over the last two axes): the ONNX export uses it, so the ONNX model computes the same
+H_res.
 """
 
 from __future__ import annotations

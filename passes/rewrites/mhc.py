@@ -13,7 +13,8 @@ with coefficients computed per token from x̃ = RMSNorm(vec(x)) (no gain, over a
     H_res  = SinkhornKnopp(exp(α_res · mat(x̃ φ_res) + b_res)) ∈ R^{n×n}, doubly stochastic
 
 (`sinkhorn_iters` alternate row and column normalisations, ending on the columns: one graph
-op, `archfx::sinkhorn`, ir/sinkhorn.py). The model reads the mean of the streams. Post-norms between sites act on every stream.
+op, `archfx::sinkhorn`, ir/sinkhorn.py). The model reads the mean of the streams. Post-norms
+between sites act on every stream.
 
 Exactness: at init φ = 0 (α = 0.01, so φ gets gradient), b_pre = logit(1/n), b_post = 0,
 b_res = 0: H_pre = 1/n, H_post = 1 and exp(b_res) is the all-ones matrix, which the first row
