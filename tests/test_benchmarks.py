@@ -52,3 +52,22 @@ def test_generation_lockstep_steps_every_session_in_turn(tmp_path):
     }
     medians = module.lockstep(sessions, torch.tensor([[5, 17, 33, 2, 9]]), new=6)
     assert set(medians) == set(sessions) and all(0 < s < 1 for s in medians.values())
+
+
+def test_compiled_training_flop_bound_counts_the_mhc_projection():
+    """benchmarks/compiled_training.py's FLOP bound: mHC adds exactly its projection's matmuls,
+    6 · tokens · n·d · (2n + n²) per residual site (forward, and the input and weight gradients),
+    and the plain model's count is unchanged by a scheme without matmuls (hc)."""
+    sys.path.insert(0, str(RUN.parent))
+    from compiled_training import SCHEMES, matmul_flops
+    from paper_tables import build_graph, byte_corpus, settings
+
+    s = settings(smoke=True)
+    x, y = next(byte_corpus().batches(s.batch, s.seq, 0))
+    flops = {
+        name: matmul_flops(build_graph(s.large, s.seq, 0, SCHEMES[name])[0].gm, x, y)
+        for name in ("baseline", "hc(n=4)", "mhc(n=4)")
+    }
+    n, d, sites = 4, s.large.hidden, 2 * s.large.layers
+    assert flops["hc(n=4)"] == flops["baseline"] > 0
+    assert flops["mhc(n=4)"] - flops["baseline"] == sites * 6 * x.numel() * n * d * (2 * n + n * n)
