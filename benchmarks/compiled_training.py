@@ -36,11 +36,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from paper_tables import build_graph, byte_corpus, settings  # noqa: E402
+from paper_tables import build_graph, byte_corpus, loss_of, settings  # noqa: E402
 
 SCHEMES = {
     "baseline": None,
@@ -62,8 +61,7 @@ def step_fn(module, params):
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
 
     def step(x, y):
-        logits = module(x)[0]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = loss_of(module, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -75,8 +73,7 @@ def step_fn(module, params):
 def matmul_flops(module, x, y) -> int:
     """Matrix-multiply FLOPs of one forward and backward (the gradients are dropped after)."""
     with FlopCounterMode(display=False) as counter:
-        logits = module(x)[0]
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+        loss_of(module, x, y).backward()
     for p in module.parameters():
         p.grad = None
     return counter.get_total_flops()
